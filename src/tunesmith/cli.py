@@ -1,0 +1,220 @@
+"""The command table: each subcommand parses its arguments and calls one library function.
+
+argparse rather than typer: `tunesmith train` builds its flags from the typed config at run
+time (every `--section.key` with the help text of its field), which argparse does directly and
+typer's signature-driven model does not; one parser style for every command keeps them alike.
+Imports of heavy libraries happen inside the handlers so `tunesmith --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tunesmith import __version__
+
+
+def _quickstart(args) -> int:
+    from tunesmith.quickstart import quickstart
+
+    quickstart(name=args.name, author=args.author, out=args.out, model=args.model, max_steps=args.max_steps)
+    return 0
+
+
+def _models_list(args) -> int:
+    from tunesmith.models.commands import print_models
+
+    print_models()
+    return 0
+
+
+def _models_pull(args) -> int:
+    from tunesmith.models.commands import pull_with_progress
+
+    pull_with_progress(args.name)
+    return 0
+
+
+def _data_check(args) -> int:
+    from tunesmith.data.doctor import run_check_command
+
+    return run_check_command(args)
+
+
+def _data_convert(args) -> int:
+    from tunesmith.data.convert import run_convert_command
+
+    return run_convert_command(args)
+
+
+def _train(args) -> int:
+    from tunesmith.train.commands import run_train_command
+
+    return run_train_command(args.argv)
+
+
+def _eval(args) -> int:
+    from tunesmith.evaluate.commands import run_eval_command
+
+    return run_eval_command(args)
+
+
+def _generate(args) -> int:
+    from tunesmith.inference import GenerationOptions, generate, render_prompt
+    from tunesmith.models.load import load
+
+    loaded = load(args.model)
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.prompt})
+    prompt = render_prompt(loaded.tokenizer, messages)
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    print(generate(loaded.model, loaded.tokenizer, [prompt], options)[0].text)
+    return 0
+
+
+def _chat(args) -> int:
+    from tunesmith.serve.chat import chat_repl
+
+    return chat_repl(args.model, system=args.system, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature)
+
+
+def _serve(args) -> int:
+    from tunesmith.serve.server import serve
+
+    serve(args.model, host=args.host, port=args.port)
+    return 0
+
+
+def _export(args) -> int:
+    from tunesmith.export.commands import run_export_command
+
+    return run_export_command(args)
+
+
+def _add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with a temperature)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunesmith", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tunesmith {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("quickstart", help="fine-tune the default model on an identity dataset, end to end")
+    p.add_argument("--name", default="Aurora", help="the name the tuned model should answer with")
+    p.add_argument("--author", default="the tunesmith community", help="who made the tuned model")
+    p.add_argument("--out", default=None, help="run directory (default: ./runs/quickstart-NAME)")
+    p.add_argument("--model", default=None, help="base model (default: the embedded default)")
+    p.add_argument("--max-steps", type=int, default=None, help="override the number of training steps")
+    p.set_defaults(func=_quickstart)
+
+    models = sub.add_parser("models", help="list or pull models").add_subparsers(dest="models_command", required=True)
+    p = models.add_parser("list", help="aliases and what is cached (size, path)")
+    p.set_defaults(func=_models_list)
+    p = models.add_parser("pull", help="fetch a model into the cache")
+    p.add_argument("name", help="an alias or a hub id")
+    p.set_defaults(func=_models_pull)
+
+    data = sub.add_parser("data", help="check and convert datasets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("check", help="the data doctor: schema errors with file:line, stats, duplicates, mask preview")
+    p.add_argument("files", nargs="+", help="data files or directories")
+    p.add_argument("--model", default=None, help="tokenizer and chat template for token statistics (default: the default model)")
+    p.add_argument("--max-length", type=int, default=None, help="report what this sequence length truncates or drops")
+    p.add_argument("--truncation", default="truncate_prompt", choices=["drop", "truncate_prompt", "error"],
+                   help="policy for examples over --max-length")
+    p.add_argument("--template", default=None, help="built-in template (chatml, llama3, alpaca, seed) instead of the tokenizer's")
+    p.add_argument("--eval", dest="eval_files", action="append", default=[], help="eval file: check train/eval overlap")
+    p.add_argument("--format", default=None, help="force the input format (alpaca, sharegpt, openai, prompt-completion, text)")
+    p.add_argument("--columns", default=None, help="column mapping, e.g. instruction=question,output=answer")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-tokens", action="store_true", help="skip token statistics (no tokenizer needed)")
+    p.set_defaults(func=_data_check)
+
+    p = data.add_parser("convert", help="convert between data formats")
+    p.add_argument("file", help="input file or directory")
+    p.add_argument("--to", required=True,
+                   choices=["alpaca", "openai", "sharegpt", "prompt-completion", "seed-instruction", "seed-chat"])
+    p.add_argument("--out", required=True, help="output .jsonl file")
+    p.add_argument("--format", default=None, help="force the input format")
+    p.add_argument("--columns", default=None, help="column mapping, e.g. instruction=question,output=answer")
+    p.add_argument("--system-prompt", default=None, help="system prompt for seed-chat (default: the seed's)")
+    p.add_argument("--labels", default=None,
+                   help="seed-instruction labels as instruction,input,output (default: 指令,输入,输出)")
+    p.set_defaults(func=_data_convert)
+
+    p = sub.add_parser("train", help="fine-tune (LoRA, DoRA, rsLoRA, QLoRA, full, freeze); --help lists every option",
+                       add_help=False)
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a model or run, or score existing predictions")
+    p.add_argument("model", nargs="?", default=None, help="model or run directory (omit with --predictions)")
+    p.add_argument("--data", default=None, help="evaluation data; references are the assistant turns")
+    p.add_argument("--predictions", default=None, help="score a predictions.jsonl (prediction, reference[, label])")
+    p.add_argument("--metrics", default=None, help="comma list: rouge,bleu,chrf,exact_match,length,bertscore,classification,perplexity")
+    p.add_argument("--labels", default=None, help="classification labels, comma separated")
+    p.add_argument("--compare", default=None, help="'base' (the run's base model) or another model/run")
+    p.add_argument("--out", default=None, help="report directory (metrics.json, predictions.jsonl, report.md, charts)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--batch-size", type=int, default=8, help="generation batch size")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    p.add_argument("--jieba", action="store_true", help="segment Chinese with jieba for ROUGE (default: characters)")
+    p.add_argument("--bertscore-model", default=None, help="encoder for BERTScore (default: the embedded MiniLM)")
+    _add_generation_flags(p)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("generate", help="answer one prompt")
+    p.add_argument("model", help="alias, model directory, .gguf file or run directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_generation_flags(p)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("chat", help="interactive chat (/reset, /system TEXT, /exit)")
+    p.add_argument("model", help="alias, model directory or run directory")
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_generation_flags(p, max_new_tokens=512)
+    p.set_defaults(func=_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API")
+    p.add_argument("model", help="alias, model directory or run directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("export", help="merged HF weights or a GGUF file")
+    p.add_argument("model", help="run directory or model")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--merge", action="store_true", help="write a merged Hugging Face model directory")
+    mode.add_argument("--gguf", action="store_true", help="write a GGUF file")
+    p.add_argument("--dtype", default="f16", choices=["f32", "f16", "q8_0"], help="GGUF tensor type")
+    p.add_argument("--out", required=True, help="output directory (--merge) or .gguf file (--gguf)")
+    p.set_defaults(func=_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from tunesmith.errors import TunesmithError
+
+        if isinstance(exc, TunesmithError):
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Load a model for inference from an alias, a model directory or a tunesmith run directory.
+
+A run directory is itself loadable by plain transformers/peft: it holds either a peft adapter
+(adapter_config.json) or full weights (config.json), the tokenizer with the chat template used
+in training, and ``tunesmith.json`` naming the base model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tunesmith.models.resolve import resolve
+
+RUN_INFO = "tunesmith.json"
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    path: Path  # what was asked for, resolved
+    base_path: Path  # the base model directory (== path for a plain model)
+    run_info: dict = field(default_factory=dict)
+
+    @property
+    def is_run(self) -> bool:
+        return bool(self.run_info)
+
+
+def read_run_info(path: Path) -> dict:
+    info = Path(path) / RUN_INFO
+    return json.loads(info.read_text()) if info.is_file() else {}
+
+
+def default_dtype(device: str) -> torch.dtype:
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        # Only the pad id is borrowed; padding is always masked by the attention mask and
+        # labels, so EOS itself is still supervised.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load(name_or_run: str | Path, *, dtype: torch.dtype | None = None, device: str | None = None,
+         merge: bool = False) -> Loaded:
+    """Load ``name_or_run`` (alias, model dir, .gguf, or run dir) in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    path = resolve(name_or_run)
+    info = read_run_info(path)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_name = info.get("base_model") or _adapter_base(path)
+        base_path = resolve(base_name)
+        base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype)
+        model = PeftModel.from_pretrained(base, str(path))
+        if merge:
+            model = model.merge_and_unload()
+    else:
+        base_path = resolve(info["base_model"]) if info.get("base_model") else path
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    tokenizer = load_tokenizer(path if (path / "tokenizer_config.json").is_file() else base_path)
+    model.to(device).eval()
+    return Loaded(model=model, tokenizer=tokenizer, path=path, base_path=base_path, run_info=info)
+
+
+def _adapter_base(path: Path) -> str:
+    config = json.loads((path / "adapter_config.json").read_text())
+    return config["base_model_name_or_path"]
