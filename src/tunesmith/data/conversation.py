@@ -7,6 +7,17 @@ from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
 
+# Files whose rows are numbered by line; in the others (JSON arrays, Parquet, saved datasets)
+# the number is the row's 0-based index, shown as file[index].
+LINE_NUMBERED = (".jsonl", ".csv")
+
+
+def location(source: str, line: int) -> str:
+    """Where a row lives, as a person looks for it: ``data.jsonl:12`` or ``data.json[11]``."""
+    if source.endswith(LINE_NUMBERED):
+        return f"{source}:{line}"
+    return f"{source}[{line}]"
+
 
 @dataclass
 class Message:
@@ -44,7 +55,7 @@ class Conversation:
 
     @property
     def where(self) -> str:
-        return f"{self.source}:{self.line}"
+        return location(self.source, self.line)
 
     def prompt_messages(self) -> list[dict]:
         """Everything before the last assistant turn: what a model is asked at evaluation."""

@@ -1,0 +1,320 @@
+"""The typed training configuration: the one source of every option, its default and its help.
+
+A ``Config`` has six sections (model, data, method, train, eval, output), each a dataclass whose
+fields carry their help text. Values come from three layers, later ones winning:
+the defaults here, a YAML file, then overrides (``section.key=value``; the CLI turns
+``--section.key value`` and the short flags in ``FLAG_ALIASES`` into these). Every value is
+typed by its field: YAML strings are parsed the same way as CLI strings (PyYAML reads ``2e-4``
+as a string, so this matters), bools are true/false, lists are comma separated. An unknown key
+is an error that names it and the nearest valid key.
+
+Usage::
+
+    from tunesmith.config import Config, load_config
+    config = load_config("examples/seed_lora.yaml", ["train.max_steps=5", "data.path=train.jsonl"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunesmith.errors import UsageError
+from tunesmith.models.resolve import DEFAULT_MODEL
+
+
+def opt(default: Any, help: str, choices: tuple | None = None):
+    """A config field: its default, its help text (shown by --help) and, optionally, its valid values."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt(DEFAULT_MODEL, "base model: an alias (tunesmith models list), a local model directory or a .gguf file")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, ~30% slower")
+    attn_implementation: str | None = opt(None, "attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice")
+
+
+@dataclass
+class DataConfig:
+    path: list[str] = opt([], "training data files or directories (comma separated); every format `tunesmith data check` reads")
+    eval_path: list[str] = opt([], "evaluation data files; when set, val_size is ignored")
+    format: str | None = opt(None, "force the input format (alpaca, sharegpt, openai, prompt-completion, text); default: detected")
+    columns: str | None = opt(None, "column mapping for alpaca-like files, e.g. instruction=question,output=answer")
+    template: str | None = opt(None, "chat template: chatml, llama3, alpaca, seed; default: the tokenizer's own")
+    system_prompt: str | None = opt(None, "system prompt for conversations that have none (saved with the run and used "
+                                          "by chat/generate); default: whatever the template inserts")
+    max_length: int = opt(1024, "longest training sequence in tokens")
+    truncation: str = opt("truncate_prompt", "what happens to longer examples", ("truncate_prompt", "drop", "error"))
+    packing: bool = opt(True, "pack several examples into each row (block-diagonal attention, no padding); "
+                              "false: length-grouped padded batches")
+    train_on_prompt: bool = opt(False, "also compute the loss on prompt (system/user) tokens")
+    last_turn_only: bool = opt(False, "supervise only the last assistant turn of each conversation")
+    val_size: float = opt(0.0, "held-out validation split: a fraction (<1) or a number of examples (>=1); 0 disables")
+
+
+@dataclass
+class MethodConfig:
+    name: str = opt("lora", "fine-tuning method", ("lora", "dora", "rslora", "qlora", "full", "freeze"))
+    r: int = opt(16, "LoRA rank")
+    alpha: int = opt(32, "LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) for rslora)")
+    dropout: float = opt(0.05, "dropout on the LoRA input")
+    target_modules: list[str] = opt(["all-linear"], "modules that get adapters: names (q_proj,v_proj) or all-linear")
+    trainable_layers: int = opt(2, "freeze: train only the last N transformer layers")
+    train_norm: bool = opt(True, "freeze: also train the final norm")
+    train_lm_head: bool = opt(False, "freeze: also train the output head (tied to the input embeddings in many "
+                                     "small models, which then train too)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = opt(3.0, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = opt(0, "optimizer steps to run; 0: derived from epochs")
+    lr: float = opt(2e-4, "peak learning rate")
+    batch_size: int = opt(4, "rows per micro-batch per process (with packing, each row holds up to max_length tokens)")
+    grad_accum: int = opt(4, "micro-batches per optimizer step; the loss is averaged over every supervised token "
+                             "of the step")
+    scheduler: str = opt("cosine", "learning-rate schedule after warmup", ("cosine", "linear", "constant"))
+    warmup_steps: int = opt(0, "linear warmup steps (wins over warmup_ratio when > 0)")
+    warmup_ratio: float = opt(0.03, "warmup as a fraction of all steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this; 0 disables clipping (the norm is still checked)")
+    precision: str = opt("auto", "auto: bf16 autocast where the CPU/GPU supports it, else fp32; fp16 is CUDA only",
+                         ("auto", "fp32", "bf16", "fp16"))
+    neftune_alpha: float = opt(0.0, "NEFTune: noise scale on input embeddings during training (5 is typical); 0 disables")
+    seed: int = opt(42, "seed for data order, splits, dropout and adapter init; CPU fp32 runs are bit-for-bit repeatable")
+    log_every: int = opt(10, "write a metrics.jsonl line every N steps")
+    resume: str | None = opt(None, "auto: continue from the newest complete checkpoint in output_dir; or a checkpoint path")
+    resume_force: bool = opt(False, "resume even if the config or the data changed since the checkpoint")
+
+
+@dataclass
+class EvalConfig:
+    eval_every: int = opt(0, "compute the validation loss every N steps (and at the end); 0: only at the end")
+    batch_size: int = opt(0, "validation micro-batch size; 0: train.batch_size")
+    early_stopping_patience: int = opt(0, "stop after N evaluations without improvement; 0 disables")
+    load_best: bool = opt(True, "end with the weights of the best validation loss (its checkpoint is always kept)")
+
+
+@dataclass
+class OutputConfig:
+    output_dir: str = opt("runs/train", "run directory: final weights, tokenizer, config, metrics, checkpoints")
+    save_every: int = opt(0, "write a checkpoint every N steps; 0: none except for the best evaluation")
+    save_total_limit: int = opt(2, "checkpoints to keep (the best and the newest are never deleted); 0 keeps all")
+    overwrite: bool = opt(False, "allow writing into an output_dir that already holds a run (without --resume)")
+    tensorboard: bool = opt(False, "also log to TensorBoard under output_dir/tensorboard (needs `pip install tensorboard`)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# Short flags people use most; each sets one dotted key. These spellings are part of the interface.
+FLAG_ALIASES = {
+    "model": "model.name", "data": "data.path", "eval-data": "data.eval_path", "output-dir": "output.output_dir",
+    "method": "method.name", "epochs": "train.epochs", "max-steps": "train.max_steps", "lr": "train.lr",
+    "batch-size": "train.batch_size", "grad-accum": "train.grad_accum", "max-length": "data.max_length",
+    "seed": "train.seed", "save-every": "output.save_every", "resume": "train.resume",
+    "resume-force": "train.resume_force",
+}
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    key: str  # "section.name"
+    type: Any
+    default: Any
+    help: str
+    choices: tuple | None
+
+
+def fields_info() -> list[FieldInfo]:
+    """Every option, in declaration order, for the CLI and for error messages."""
+    out = []
+    for section in dataclasses.fields(Config):
+        section_cls = typing.get_type_hints(Config)[section.name]
+        hints = typing.get_type_hints(section_cls)
+        defaults = section_cls()
+        for f in dataclasses.fields(section_cls):
+            out.append(FieldInfo(f"{section.name}.{f.name}", hints[f.name], getattr(defaults, f.name),
+                                 f.metadata["help"], f.metadata.get("choices")))
+    return out
+
+
+def _field_map() -> dict[str, FieldInfo]:
+    return {info.key: info for info in fields_info()}
+
+
+def unknown_key_error(key: str, where: str = "") -> UsageError:
+    valid = list(_field_map()) + list(FLAG_ALIASES)
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.4) or difflib.get_close_matches(
+        key.split(".")[-1], [k.split(".")[-1] for k in valid], n=1, cutoff=0.5)
+    hint = f"; did you mean {_full_key(near[0])!r}?" if near else ""
+    return UsageError(f"{where}unknown config key {key!r}{hint}")
+
+
+def _full_key(name: str) -> str:
+    if name in FLAG_ALIASES:
+        return FLAG_ALIASES[name]
+    matches = [k for k in _field_map() if k.split(".")[-1] == name]
+    return matches[0] if matches else name
+
+
+def _optional_inner(tp: Any) -> tuple[Any, bool]:
+    """(inner type, allows None) for ``X | None``."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def parse_value(info: FieldInfo, raw: Any) -> Any:
+    """Coerce a YAML value or a CLI string to the field's type, or raise naming the key."""
+    tp, nullable = _optional_inner(info.type)
+    try:
+        value = _coerce(tp, nullable, raw)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{info.key}: {exc}") from None
+    if info.choices and value is not None and value not in info.choices:
+        raise UsageError(f"{info.key}: {value!r} is not one of {', '.join(info.choices)}")
+    return value
+
+
+def _coerce(tp: Any, nullable: bool, raw: Any) -> Any:
+    if raw is None or (nullable and isinstance(raw, str) and raw.lower() in ("none", "null", "")):
+        if nullable:
+            return None
+        raise ValueError("a value is required (null is not allowed here)")
+    if typing.get_origin(tp) is list:
+        items = raw if isinstance(raw, list) else [s.strip() for s in str(raw).split(",") if s.strip()]
+        return [str(item) for item in items]
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in ("true", "false"):
+            return str(raw).lower() == "true"
+        raise ValueError(f"expected true or false, got {raw!r}")
+    if tp is int:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError(f"expected an integer, got {raw!r}")
+        return int(float(raw)) if isinstance(raw, str) and "e" in raw.lower() else int(raw)
+    if tp is float:
+        if isinstance(raw, bool):
+            raise ValueError(f"expected a number, got {raw!r}")
+        return float(raw)
+    return str(raw)
+
+
+def set_value(config: Config, key: str, raw: Any, where: str = "") -> None:
+    key = FLAG_ALIASES.get(key, key)
+    info = _field_map().get(key)
+    if info is None:
+        raise unknown_key_error(key, where)
+    section, name = key.split(".")
+    setattr(getattr(config, section), name, parse_value(info, raw))
+
+
+def _yaml_line(node: yaml.Node, section: str, key: str | None = None) -> int:
+    """1-based line of ``section`` (or ``section.key``) in a composed YAML document, for error messages."""
+    for k, v in node.value if isinstance(node, yaml.MappingNode) else []:
+        if k.value == section:
+            if key is None:
+                return k.start_mark.line + 1
+            return _yaml_line(v, key)
+    return 0
+
+
+def apply_yaml(config: Config, path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a mapping of sections (model, data, method, train, eval, output)")
+    for section, values in data.items():
+        if section not in _sections():
+            raise unknown_key_error(str(section), f"{path}:{_yaml_line(root, section)}: ")
+        if not isinstance(values, dict):
+            raise UsageError(f"{path}:{_yaml_line(root, section)}: section {section!r} must be a mapping")
+        for key, value in values.items():
+            set_value(config, f"{section}.{key}", value, f"{path}:{_yaml_line(root, section, key)}: ")
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def apply_overrides(config: Config, overrides: typing.Iterable[str]) -> None:
+    """Apply ``section.key=value`` strings (a short flag name works as the key too)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"override {item!r} must look like section.key=value")
+        set_value(config, key.strip().lstrip("-"), value)
+
+
+def validate(config: Config) -> Config:
+    """Cross-field checks that a type alone cannot express."""
+    t, d = config.train, config.data
+    checks = [
+        (bool(d.path), "data.path: no training data given (--data FILE)"),
+        (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
+        (t.max_steps > 0 or t.epochs > 0, "set train.epochs > 0 or train.max_steps > 0"),
+        (t.lr > 0, "train.lr must be > 0"),
+        (d.max_length >= 8, "data.max_length must be >= 8"),
+        (0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
+        (d.val_size >= 0, "data.val_size must be >= 0"),
+        (config.method.r >= 1, "method.r must be >= 1"),
+        (config.method.trainable_layers >= 0, "method.trainable_layers must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``section.key=value`` overrides."""
+    config = Config()
+    if path is not None:
+        apply_yaml(config, path)
+    apply_overrides(config, overrides)
+    return config
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. a run's config.yaml)."""
+    config = Config()
+    for section, values in data.items():
+        for key, value in (values or {}).items():
+            set_value(config, f"{section}.{key}", value)
+    return config

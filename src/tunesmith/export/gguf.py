@@ -1,0 +1,216 @@
+"""Write a Llama-family model (or a LoRA run, merged first) as one GGUF file.
+
+The file follows llama.cpp's conventions so llama.cpp, Ollama and transformers' GGUF loader
+read it: architecture "llama", its hyperparameters under ``llama.*``, tensors named by
+gguf-py's own name map (``token_embd``, ``blk.N.attn_q`` ...), q/k projections permuted to
+llama.cpp's rotary layout, and the tokenizer (byte-level BPE as ``gpt2``: tokens, token types,
+merges, special ids) with the chat template in the metadata. Norms always stay f32; with q8_0,
+a matrix whose rows do not split into 32-value blocks falls back to f16, as llama.cpp does.
+
+Measured round trip (transformers' GGUF loader against the merged HF model, max |logit diff|):
+see tests/export/test_gguf.py for the tolerances and the report for the default model's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tunesmith.errors import TunesmithError, UsageError
+
+DTYPES = ("f32", "f16", "q8_0")
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+def export_gguf(run_or_model, out, dtype: str = "f16") -> Path:
+    """Write ``run_or_model`` (alias, model dir or run dir; LoRA merged) to the GGUF file ``out``."""
+    from tunesmith.models.load import load
+
+    if dtype not in DTYPES:
+        raise UsageError(f"GGUF dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise UsageError(f"--out {out} should be a file name ending in .gguf")
+    loaded = load(run_or_model, dtype=torch.float32, device="cpu", merge=True)
+    check_supported(loaded.model.config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        _write(loaded.model, loaded.tokenizer, partial, dtype, name=Path(loaded.path).name)
+        os.replace(partial, out)  # a half-written file never carries the final name
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
+
+
+def check_supported(config) -> None:
+    arch = getattr(config, "model_type", None)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise TunesmithError(f"GGUF export for architecture {arch!r} is not supported yet "
+                             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}); use `tunesmith export --merge`")
+    unsupported = {
+        "rope scaling": (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default") != "default",
+        "attention bias": getattr(config, "attention_bias", False),
+        "MLP bias": getattr(config, "mlp_bias", False),
+    }
+    for feature, present in unsupported.items():
+        if present:
+            raise TunesmithError(f"GGUF export of a llama model with {feature} is not supported yet")
+
+
+def _write(model, tokenizer, path: Path, dtype: str, name: str) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(name)
+    writer.add_file_type(_FILE_TYPES[dtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_hyperparameters(writer, model.config)
+    add_tokenizer(writer, tokenizer, model.config.vocab_size)
+    add_tensors(writer, model, dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=True)
+    writer.close()
+
+
+_FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
+
+
+def add_hyperparameters(writer, config) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------- tensors
+
+def add_tensors(writer, model, dtype: str) -> None:
+    import gguf
+
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied: llama.cpp reuses token_embd, and a missing output tensor is how readers know
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_name = names.get_name(base)
+        if gguf_name is None:
+            raise TunesmithError(f"no GGUF name for tensor {hf_name!r} of a llama model")
+        data = _rotary_layout(gguf_name, tensor.detach().float().cpu().numpy(), config)
+        data, qtype = _encode(data, dtype)
+        writer.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=qtype)
+
+
+def _rotary_layout(gguf_name: str, weights: np.ndarray, config) -> np.ndarray:
+    """llama.cpp's rotary embedding pairs adjacent dimensions where HF rotates the two halves
+    of each head; its converter permutes q and k rows to match (transformers' loader undoes it)."""
+    if gguf_name.endswith(".attn_q"):
+        return permute_qk(weights, config.num_attention_heads)
+    if gguf_name.endswith(".attn_k"):
+        return permute_qk(weights, config.num_key_value_heads or config.num_attention_heads)
+    return weights
+
+
+def permute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
+    # Same as llama.cpp's convert_hf_to_gguf.LlamaModel.permute.
+    half = weights.shape[0] // n_head // 2
+    return weights.reshape(n_head, 2, half, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def _encode(data: np.ndarray, dtype: str):
+    import gguf
+
+    if data.ndim == 1 or dtype == "f32":
+        return data.astype(np.float32), gguf.GGMLQuantizationType.F32
+    if dtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+        qtype = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.quantize(data, qtype), qtype
+    return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+
+
+# -------------------------------------------------------------------------------------- tokenizer
+
+def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    pre = pre_tokenizer_name(backend)
+    tokens, types = token_table(tokenizer, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]])
+    for setter, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
+                             (writer.add_eos_token_id, tokenizer.eos_token_id),
+                             (writer.add_unk_token_id, tokenizer.unk_token_id),
+                             (writer.add_pad_token_id, tokenizer.pad_token_id)):
+        if token_id is not None:
+            setter(token_id)
+    writer.add_add_bos_token(_adds_bos(tokenizer))
+    writer.add_add_eos_token(False)
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        writer.add_chat_template(template)
+
+
+def pre_tokenizer_name(backend: dict) -> str:
+    """llama.cpp's name for how text is split before the merges (``tokenizer.ggml.pre``)."""
+    if backend["model"].get("type") != "BPE" or backend.get("decoder", {}).get("type") != "ByteLevel":
+        raise TunesmithError("GGUF export supports byte-level BPE tokenizers only "
+                             f"(this one is {backend['model'].get('type')}); SentencePiece is not supported yet")
+    pre = backend.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt2"  # GPT-2's own split regex, inside ByteLevel
+    split = _split_regex(pre)
+    if split is not None:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+        # Reuse transformers' table of llama.cpp names, read in reverse, so both sides agree.
+        for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items():
+            if regex == split:
+                return name
+    raise TunesmithError(f"GGUF export: this tokenizer's pre-tokenizer ({json.dumps(pre)[:200]}) has no "
+                         "llama.cpp equivalent known to tunesmith; not supported yet")
+
+
+def _split_regex(pre: dict) -> str | None:
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    splits = [s for s in steps if s.get("type") == "Split"]
+    return splits[0]["pattern"].get("Regex") if len(splits) == 1 else None
+
+
+def token_table(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Every id's token string and llama.cpp token type (1 normal, 3 control, 4 user-defined, 5 unused)."""
+    vocab = {i: t for t, i in tokenizer.get_vocab().items()}
+    if max(vocab) >= vocab_size:
+        raise TunesmithError(f"the tokenizer has ids up to {max(vocab)} but the model's vocabulary is {vocab_size}")
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in vocab:  # a model vocabulary padded past the tokenizer (llama.cpp's own filler)
+            tokens.append(f"[PAD{i}]")
+            types.append(5)
+        else:
+            tokens.append(vocab[i])
+            types.append((3 if added[i].special else 4) if i in added else 1)
+    return tokens, types
+
+
+def _adds_bos(tokenizer) -> bool:
+    ids = tokenizer("a")["input_ids"]
+    return tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id

@@ -1,0 +1,129 @@
+"""`tunesmith quickstart`: the whole journey on the embedded default model, in minutes on a CPU.
+
+1. fetch the default model (once; later runs read the cache),
+2. write a small identity dataset (English and Chinese) with the chosen name and author,
+   holding some phrasings out for evaluation,
+3. run the data doctor on it,
+4. fine-tune with LoRA (printed as the equivalent `tunesmith train` command),
+5. evaluate base against tuned on the held-out questions,
+6. show both answers side by side, and where everything is.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from tunesmith.models.resolve import DEFAULT_MODEL, resolve
+
+# Settings beyond `tunesmith train`'s defaults: a tiny dataset needs several passes and a
+# higher learning rate than a large one to move a model's self-description.
+QUICKSTART_TRAIN_ARGS = {
+    "--method": "lora",
+    "--epochs": "8",
+    "--lr": "1e-3",
+    "--batch-size": "4",
+    "--grad-accum": "1",
+    "--max-length": "256",
+    "--save-every": "0",
+    "--eval-data": None,  # filled with the held-out file
+}
+
+
+def write_identity_data(out_dir: Path, name: str, author: str) -> tuple[Path, Path]:
+    """Fill the packaged identity questions with ``name`` and ``author``: train and held-out files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for asset in ("identity.jsonl", "identity_eval.jsonl"):
+        text = resources.files("tunesmith.assets").joinpath(asset).read_text(encoding="utf-8")
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        for row in rows:
+            row["output"] = row["output"].format(name=name, author=author)
+        path = out_dir / asset
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def train_args(model: str, train_file: Path, eval_file: Path, run_dir: Path, max_steps: int | None) -> list[str]:
+    args = ["--model", model, "--data", str(train_file), "--output-dir", str(run_dir)]
+    for flag, value in QUICKSTART_TRAIN_ARGS.items():
+        args += [flag, str(eval_file) if flag == "--eval-data" else value]
+    if max_steps:
+        args += ["--max-steps", str(max_steps)]
+    return args
+
+
+def quickstart(name: str = "Aurora", author: str = "the tunesmith community", out: str | None = None,
+               model: str | None = None, max_steps: int | None = None) -> Path:
+    from tunesmith.config import load_config
+    from tunesmith.data.doctor import check_data, print_report
+    from tunesmith.evaluate.pipeline import evaluate
+    from tunesmith.train.loop import finetune
+
+    console = Console()
+    started = time.perf_counter()
+    model = model or DEFAULT_MODEL
+    run_dir = Path(out or f"runs/quickstart-{name.lower()}").resolve()
+    console.rule(f"[bold]tunesmith quickstart[/bold]: teach {model} that it is {name}, made by {author}")
+    console.print(f"model: {resolve(model)}")
+
+    train_file, eval_file = write_identity_data(run_dir.parent / f"{run_dir.name}-data", name, author)
+    console.rule("1. data doctor")
+    report = check_data([str(train_file)], model=model, eval_files=[str(eval_file)])
+    print_report(report, console=console, preview=False)
+    if report.errors:
+        raise SystemExit(1)
+
+    console.rule("2. fine-tune (LoRA)")
+    args = train_args(model, train_file, eval_file, run_dir, max_steps)
+    console.print("equivalent command:\n  [cyan]tunesmith train " + shlex.join(args) + "[/cyan]")
+    result = finetune(load_config(None, args))
+
+    console.rule("3. evaluate base against tuned on held-out questions")
+    evaluation = evaluate(str(result.run_dir), str(eval_file), compare="base", out=str(run_dir / "eval"),
+                          max_new_tokens=64, metrics=["rouge", "chrf", "exact_match", "length"])
+    _print_side_by_side(console, evaluation, name)
+    _print_next_steps(console, result, run_dir, time.perf_counter() - started)
+    return run_dir
+
+
+def _print_side_by_side(console: Console, evaluation, name: str) -> None:
+    tuned, base = evaluation.predictions, evaluation.compare_predictions
+    table = Table(title="held-out questions: base | tuned", show_lines=True)
+    table.add_column("question", ratio=2)
+    table.add_column("base model", ratio=3)
+    table.add_column("tuned model", ratio=3)
+    hits = {"base": 0, "tuned": 0}
+    for t, b in zip(tuned, base):
+        hits["tuned"] += name.lower() in t["prediction"].lower()
+        hits["base"] += name.lower() in b["prediction"].lower()
+        table.add_row(t["prompt_text"] if "prompt_text" in t else _last_user(t["prompt"]), b["prediction"],
+                      t["prediction"])
+    console.print(table)
+    console.print(f"answers naming {name}: base {hits['base']}/{len(base)}, tuned {hits['tuned']}/{len(tuned)}")
+
+
+def _last_user(prompt) -> str:
+    if isinstance(prompt, list):
+        return next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), "")
+    return str(prompt)
+
+
+def _print_next_steps(console: Console, result, run_dir: Path, elapsed: float) -> None:
+    console.rule("done")
+    console.print(f"run:     {run_dir}")
+    console.print(f"adapter: {run_dir / 'adapter_model.safetensors'}")
+    console.print(f"report:  {run_dir / 'eval' / 'report.md'}")
+    console.print(f"time:    {elapsed / 60:.1f} min")
+    console.print("next:")
+    for cmd in (f'tunesmith generate {run_dir} --prompt "Who are you?"', f"tunesmith chat {run_dir}",
+                f"tunesmith serve {run_dir} --port 8000",
+                f"tunesmith export {run_dir} --gguf --dtype q8_0 --out {run_dir.name}.gguf"):
+        console.print(f"  [cyan]{cmd}[/cyan]")

@@ -1,0 +1,187 @@
+"""What a run directory holds besides the weights: metrics.jsonl, loss.png, tunesmith.json, config.yaml, README.md.
+
+Together with the adapter (or full weights) and the tokenizer saved with its chat template,
+these make the folder self-describing: eval, chat, serve and export need only its path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tunesmith import __version__
+
+METRICS = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Appends one JSON object per line; on resume, drops lines logged after the checkpoint's step."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = False):
+        self.path = Path(run_dir) / METRICS
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            kept = [line for line in read_metrics(self.path) if line["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.tb = _tensorboard_writer(Path(run_dir) / "tensorboard") if tensorboard else None
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _tensorboard_writer(path: Path):
+    from tunesmith.errors import UsageError
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError("output.tensorboard is on but tensorboard is not installed: pip install tensorboard") from None
+    return SummaryWriter(str(path))
+
+
+def check_tensorboard() -> None:
+    """Fail before training when TensorBoard logging is asked for but unavailable."""
+    import importlib.util
+
+    from tunesmith.errors import UsageError
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("output.tensorboard is on but tensorboard is not installed: pip install tensorboard")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """loss.png: the train loss per logged step and the eval loss where computed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(Path(run_dir) / METRICS)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean NLL per supervised token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(run_dir) / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def write_run_info(run_dir: Path, config, *, base_model_path: Path, steps: int, data_fingerprint: str,
+                   final_train_loss: float | None, final_eval_loss: float | None) -> dict:
+    """tunesmith.json: what chat, eval, serve and export read to use the run like training did."""
+    info = {
+        "base_model": config.model.name,
+        "base_model_path": str(base_model_path),
+        "method": config.method.name,
+        "template": config.data.template,
+        "system_prompt": config.data.system_prompt,
+        "steps": steps,
+        "data_fingerprint": data_fingerprint,
+        "final_train_loss": _finite_or_none(final_train_loss),
+        "final_eval_loss": _finite_or_none(final_eval_loss),
+        "tunesmith_version": __version__,
+    }
+    (Path(run_dir) / "tunesmith.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    (Path(run_dir) / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    return info
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def write_model_card(run_dir: Path, config, info: dict, *, trainable: int, total: int, n_train: int,
+                     n_eval: int) -> None:
+    """README.md: a short model card with the facts of the run and how to use it."""
+    run = Path(run_dir)
+    eval_loss = info["final_eval_loss"]
+    lines = [
+        f"# {run.name}",
+        "",
+        f"Fine-tuned from `{config.model.name}` with tunesmith {__version__} ({config.method.name}).",
+        "",
+        "| | |", "| --- | --- |",
+        f"| base model | `{config.model.name}` |",
+        f"| method | {_method_summary(config)} |",
+        f"| trainable parameters | {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%) |",
+        f"| training data | {', '.join(f'`{p}`' for p in config.data.path)} ({n_train} examples) |",
+        f"| validation | {n_eval} examples |",
+        f"| template | {config.data.template or 'the tokenizer’s own'} |",
+        f"| system prompt | {config.data.system_prompt or 'the template default'} |",
+        f"| steps | {info['steps']} (lr {config.train.lr}, batch {config.train.batch_size} x "
+        f"{config.train.grad_accum} accumulation, max length {config.data.max_length}) |",
+        f"| final train loss | {_fmt(info['final_train_loss'])} |",
+        f"| final eval loss | {_fmt(eval_loss)} |",
+        f"| data fingerprint | `{info['data_fingerprint'][:16]}` |",
+        "",
+        "![loss](loss.png)",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f"tunesmith generate {run} --prompt \"Hello\"",
+        f"tunesmith chat {run}",
+        f"tunesmith eval {run} --data held_out.jsonl --compare base",
+        f"tunesmith export {run} --merge --out merged/",
+        "```",
+        "",
+        _python_usage(config, run),
+    ]
+    (run / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _method_summary(config) -> str:
+    m = config.method
+    if m.name in ("lora", "dora", "rslora", "qlora"):
+        return f"{m.name} r={m.r} alpha={m.alpha} dropout={m.dropout} on {','.join(m.target_modules)}"
+    if m.name == "freeze":
+        return f"freeze: last {m.trainable_layers} layers trained"
+    return m.name
+
+
+def _python_usage(config, run: Path) -> str:
+    from tunesmith.train.methods import is_adapter
+
+    if is_adapter(config.method.name):
+        body = ("from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+                f"model = AutoPeftModelForCausalLM.from_pretrained(\"{run}\")\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(\"{run}\")")
+    else:
+        body = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f"model = AutoModelForCausalLM.from_pretrained(\"{run}\")\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(\"{run}\")")
+    return f"With plain transformers/peft:\n\n```python\n{body}\n```"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
