@@ -169,7 +169,11 @@ def _field_map() -> dict[str, FieldInfo]:
     return {info.key: info for info in fields_info()}
 
 
-def unknown_key_error(key: str, where: str = "") -> UsageError:
+def unknown_key_error(key: str, where: str = "", valid: list[str] | None = None) -> UsageError:
+    if valid is not None:  # a section name
+        near = difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
+        return UsageError(f"{where}unknown config section {key!r}" + (f"; did you mean {near[0]!r}?" if near else
+                                                                       f"; sections: {', '.join(valid)}"))
     valid = list(_field_map()) + list(FLAG_ALIASES)
     near = difflib.get_close_matches(key, valid, n=1, cutoff=0.4) or difflib.get_close_matches(
         key.split(".")[-1], [k.split(".")[-1] for k in valid], n=1, cutoff=0.5)
@@ -262,7 +266,7 @@ def apply_yaml(config: Config, path: str | Path) -> None:
         raise UsageError(f"{path}: expected a mapping of sections (model, data, method, train, eval, output)")
     for section, values in data.items():
         if section not in _sections():
-            raise unknown_key_error(str(section), f"{path}:{_yaml_line(root, section)}: ")
+            raise unknown_key_error(str(section), f"{path}:{_yaml_line(root, section)}: ", _sections())
         if not isinstance(values, dict):
             raise UsageError(f"{path}:{_yaml_line(root, section)}: section {section!r} must be a mapping")
         for key, value in values.items():

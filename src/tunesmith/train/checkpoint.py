@@ -168,7 +168,7 @@ def find_resume(output_dir: str | Path, spec: str) -> Path:
             raise UsageError(f"--resume {spec}: not a complete checkpoint (no {COMPLETE} marker)")
         return path
     complete = None
-    for step, path, ok in list_checkpoints(output_dir):
+    for _, path, ok in list_checkpoints(output_dir):
         if ok:
             complete = path
         else:

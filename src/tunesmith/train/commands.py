@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tunesmith.config import FLAG_ALIASES, apply_overrides, apply_yaml, fields_info, unknown_key_error, validate
+from tunesmith.config import (
+    FLAG_ALIASES,
+    apply_overrides,
+    apply_yaml,
+    fields_info,
+    unknown_key_error,
+    validate,
+)
 
 _USAGE = "tunesmith train [CONFIG.yaml] [--print-config] [--section.key VALUE ...]"
 _EPILOG = """precedence: --flags > CONFIG.yaml > defaults. Lists are comma separated, bools true/false.

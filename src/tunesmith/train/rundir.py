@@ -82,9 +82,9 @@ def plot_losses(run_dir: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean NLL per supervised token)")
     ax.grid(alpha=0.3)

@@ -1,0 +1,242 @@
+"""Write conversations in another layout: `tunesmith data convert FILE --to FORMAT --out OUT.jsonl`.
+
+Targets: alpaca, openai (messages), sharegpt, prompt-completion, and the seed's two layouts:
+seed-instruction ``{"prompt": "指令: ...\\n输入: ...\\n输出: ", "completion": ...}`` and seed-chat
+(messages with the seed's system prompt). A conversation that a target cannot hold (several
+turns in a single-turn layout, tool calls where there is no place for them, a weight-0 turn) is
+an error naming its row; nothing is dropped or flattened silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from tunesmith.data.conversation import Conversation, Message
+from tunesmith.data.readers import ALPACA_FIELDS, DataError, call_text, read_dataset
+from tunesmith.errors import TunesmithError, UsageError
+
+SEED_LABELS = ("指令", "输入", "输出")
+SEED_SYSTEM_PROMPT = "你是一个有用的AI助手。"
+SHAREGPT_NAMES = {"user": "human", "assistant": "gpt", "tool": "observation", "system": "system"}
+MAX_LISTED = 20
+
+
+class ConversionError(TunesmithError):
+    def __init__(self, target: str, problems: list[str]):
+        listed = "\n".join(f"  {p}" for p in problems[:MAX_LISTED])
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        super().__init__(f"{len(problems)} example(s) cannot be written as {target}:\n{listed}{more}")
+
+
+class _CannotHold(Exception):
+    """This conversation does not fit the target layout (the reason is the message)."""
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def _no_tools(conv: Conversation, target: str) -> None:
+    if conv.tools or any(m.tool_calls or m.role == "tool" for m in conv.messages):
+        raise _CannotHold(f"has tool calls or tool results, which {target} cannot hold (use openai or sharegpt)")
+
+
+def _no_weights(conv: Conversation, target: str) -> None:
+    if any(m.train is False for m in conv.messages):
+        raise _CannotHold(f"has assistant turns with weight 0, which {target} cannot hold (use openai)")
+
+
+def _not_text(conv: Conversation, target: str) -> None:
+    if conv.is_text:
+        raise _CannotHold(f"is plain text (no prompt and response), which {target} cannot hold")
+
+
+def _pairs(conv: Conversation, target: str) -> list[tuple[Message, Message]]:
+    """(user, assistant) turns, strictly alternating, as alpaca's history and the flat layouts need."""
+    _not_text(conv, target)
+    _no_tools(conv, target)
+    _no_weights(conv, target)
+    roles = [m.role for m in conv.messages]
+    if len(roles) % 2 or roles != ["user", "assistant"] * (len(roles) // 2):
+        raise _CannotHold(f"its turns ({', '.join(roles)}) are not user/assistant pairs, which {target} needs")
+    return list(zip(conv.messages[::2], conv.messages[1::2], strict=True))
+
+
+def _single_turn(conv: Conversation, target: str) -> tuple[Message, Message]:
+    pairs = _pairs(conv, target)
+    if len(pairs) > 1:
+        raise _CannotHold(f"has {len(pairs)} rounds; {target} holds one prompt and one response (use openai)")
+    if conv.system:
+        raise _CannotHold(f"has a system prompt, which {target} cannot hold (use openai, sharegpt or alpaca)")
+    return pairs[0]
+
+
+def instruction_and_input(conv: Conversation, user: Message) -> tuple[str, str]:
+    """Alpaca's two fields: as read (when the user turn is still theirs), else the whole turn."""
+    fields = conv.metadata.get(ALPACA_FIELDS) or {}
+    instruction, query = fields.get("instruction", ""), fields.get("input", "")
+    if query and instruction + "\n" + query == user.content:
+        return instruction, query
+    return user.content, ""
+
+
+def _user_metadata(conv: Conversation) -> dict:
+    return {k: v for k, v in conv.metadata.items() if k != ALPACA_FIELDS}
+
+
+# ---------------------------------------------------------------- one writer per target
+
+
+def to_alpaca(conv: Conversation) -> dict:
+    *history, (user, answer) = _pairs(conv, "alpaca")
+    instruction, query = instruction_and_input(conv, user)
+    row = {"instruction": instruction, "input": query, "output": answer.content}
+    if conv.system:
+        row["system"] = conv.system
+    if history:
+        row["history"] = [[q.content, a.content] for q, a in history]
+    if _user_metadata(conv):
+        row["metadata"] = _user_metadata(conv)
+    return row
+
+
+def to_openai(conv: Conversation) -> dict:
+    _not_text(conv, "openai")
+    messages = [{"role": "system", "content": conv.system}] if conv.system else []
+    pending_ids: list[str] = []
+    for index, message in enumerate(conv.messages):
+        out: dict = {"role": message.role, "content": message.content}
+        if message.tool_calls:
+            calls = [_openai_call(call, f"call_{index}_{k}") for k, call in enumerate(message.tool_calls)]
+            pending_ids = [c["id"] for c in calls]
+            out["tool_calls"] = calls
+            if message.content == call_text(message.tool_calls):
+                out["content"] = None  # the call text was only there for templates that read content
+        if message.role == "tool":
+            out["tool_call_id"] = pending_ids.pop(0) if pending_ids else f"call_{index}"
+        if message.name and message.role == "tool":
+            out["name"] = message.name
+        if message.train is not None and message.role == "assistant":
+            out["weight"] = int(message.train)
+        messages.append(out)
+    return _with_extras({"messages": messages}, conv, conv.tools)
+
+
+def _openai_call(call: dict, default_id: str) -> dict:
+    function = call["function"]
+    arguments = function.get("arguments", {})
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"id": call.get("id") or default_id, "type": "function",
+            "function": {"name": function["name"], "arguments": text}}
+
+
+def _with_extras(row: dict, conv: Conversation, tools) -> dict:
+    if tools:
+        row["tools"] = tools
+    if conv.metadata:
+        row["metadata"] = conv.metadata
+    return row
+
+
+def to_sharegpt(conv: Conversation) -> dict:
+    _not_text(conv, "sharegpt")
+    turns = [{"from": "system", "value": conv.system}] if conv.system else []
+    for message in conv.messages:
+        turn = {"from": SHAREGPT_NAMES[message.role], "value": message.content}
+        if message.tool_calls:
+            if message.content and message.content != call_text(message.tool_calls):
+                raise _CannotHold("has an assistant turn with both text and tool calls, which sharegpt's "
+                                  "function_call turn cannot hold (use openai)")
+            turn = {"from": "function_call", "value": call_text(message.tool_calls)}
+        if message.train is not None and message.role == "assistant":
+            turn["weight"] = int(message.train)
+        turns.append(turn)
+    # Tools as a JSON string of bare schemas: the layout glaive and LLaMA-Factory use.
+    tools = json.dumps([t.get("function", t) for t in conv.tools], ensure_ascii=False) if conv.tools else None
+    return _with_extras({"conversations": turns}, conv, tools)
+
+
+def to_prompt_completion(conv: Conversation) -> dict:
+    user, answer = _single_turn(conv, "prompt-completion")
+    return {"prompt": user.content, "completion": answer.content}
+
+
+def to_seed_instruction(conv: Conversation, labels: tuple[str, str, str] = SEED_LABELS) -> dict:
+    """The seed's layout: an input line only when there is an input."""
+    user, answer = _single_turn(conv, "seed-instruction")
+    instruction, query = instruction_and_input(conv, user)
+    head, middle, tail = labels
+    prompt = f"{head}: {instruction}\n" + (f"{middle}: {query}\n" if query else "") + f"{tail}: "
+    return {"prompt": prompt, "completion": answer.content}
+
+
+def to_seed_chat(conv: Conversation) -> dict:
+    """Messages with a system prompt always present (the seed's by default)."""
+    return to_openai(dataclasses.replace(conv, system=conv.system or SEED_SYSTEM_PROMPT))
+
+
+TARGETS = ("alpaca", "openai", "sharegpt", "prompt-completion", "seed-instruction", "seed-chat")
+NO_SYSTEM_TARGETS = ("prompt-completion", "seed-instruction")
+
+
+def convert(conversations, to: str, *, system_prompt: str | None = None,
+            labels: tuple[str, str, str] | None = None) -> list[dict]:
+    """Rows in layout ``to``; every conversation that does not fit is named in one ConversionError.
+
+    ``system_prompt`` replaces each conversation's system prompt; ``labels`` are seed-instruction's
+    three labels (default 指令, 输入, 输出).
+    """
+    if to not in TARGETS:
+        raise UsageError(f"unknown target format {to!r}: choose one of {', '.join(TARGETS)}")
+    if system_prompt and to in NO_SYSTEM_TARGETS:
+        raise UsageError(f"{to} has no place for a system prompt; use seed-chat, openai, sharegpt or alpaca")
+    if labels is not None and (to != "seed-instruction" or len(labels) != 3):
+        raise UsageError("labels are three strings (instruction, input, output) for seed-instruction only")
+    writer = {"alpaca": to_alpaca, "openai": to_openai, "sharegpt": to_sharegpt,
+              "prompt-completion": to_prompt_completion, "seed-chat": to_seed_chat,
+              "seed-instruction": lambda c: to_seed_instruction(c, labels or SEED_LABELS)}[to]
+    rows, problems = [], []
+    for conv in conversations:
+        if system_prompt:
+            conv = dataclasses.replace(conv, system=system_prompt)
+        try:
+            rows.append(writer(conv))
+        except _CannotHold as exc:
+            problems.append(f"{conv.where}: {exc}")
+    if problems:
+        raise ConversionError(to, problems)
+    return rows
+
+
+# ---------------------------------------------------------------- the command
+
+
+def parse_labels(text: str | None) -> tuple[str, str, str] | None:
+    if text is None:
+        return None
+    labels = tuple(part.strip() for part in text.split(","))
+    if len(labels) != 3 or not all(labels):
+        raise UsageError(f"--labels takes three comma-separated labels (instruction,input,output), not {text!r}")
+    return labels  # type: ignore[return-value]
+
+
+def write_rows(rows: list[dict], out: Path) -> None:
+    """JSON lines, or one JSON array when the name ends in .json."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".json":
+        out.write_text(json.dumps(rows, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    else:
+        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def run_convert_command(args) -> int:
+    labels = parse_labels(args.labels)
+    result = read_dataset(args.file, format=args.format, columns=args.columns)
+    if result.errors:
+        raise DataError(result.errors)
+    rows = convert(result.conversations, args.to, system_prompt=args.system_prompt, labels=labels)
+    write_rows(rows, Path(args.out))
+    formats = ", ".join(sorted(set(result.formats.values())))
+    print(f"wrote {len(rows)} {args.to} rows (from {formats}) to {args.out}")
+    return 0

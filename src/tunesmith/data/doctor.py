@@ -1,0 +1,535 @@
+"""The data doctor: `tunesmith data check FILE... [--model M] [--max-length N] [--eval FILE] [--json]`.
+
+It reports, for one or more files: every schema error with file, line and field (never just the
+first); counts; prompt and response lengths in characters and in tokens of the chosen model's
+tokenizer and chat template; what a max length would truncate or drop; the share of supervised
+tokens (examples with none are errors); exact and near duplicates; train/eval overlap; and one
+example rendered through the real template with its loss mask. Only the tokenizer is loaded,
+never the weights. Exit code 0 when clean, 1 on errors (warnings alone do not fail), 2 on usage
+errors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from tunesmith.data.conversation import Conversation
+from tunesmith.data.readers import DataIssue, read_dataset
+from tunesmith.errors import TunesmithError, UsageError
+
+NEAR_DUPLICATE_JACCARD = 0.8  # of character 5-gram sets; rewordings of one example score well above it
+SHINGLE = 5
+SIGNATURE_BANDS, BAND_ROWS = 16, 4  # MinHash LSH: pairs with Jaccard >= ~0.5 meet in some band
+SHINGLE_CHARS = 4000  # texts are compared on their first characters only, to bound the cost
+LONG_CHARS = 4000  # the seed's "long example" threshold, kept as a count
+PREVIEW_CHARS = 2000
+ENCODE_CHUNK = 64
+
+
+@dataclass
+class DataReport:
+    files: list[str]
+    num_examples: int
+    num_valid: int
+    num_turns: int
+    errors: list[DataIssue]
+    warnings: list[DataIssue]
+    duplicates: list[dict]  # {"kind": "exact" | "near", "rows": ["file:line", ...]}
+    overlap: list[dict]  # {"eval": "file:line", "train": ["file:line", ...]}
+    char_lengths: dict  # p50, p90, p99, max, mean of the whole example, plus "prompt" and "response"
+    token_lengths: dict | None  # the same in tokens; None with tokens=False
+    truncated: int = 0
+    dropped: int = 0
+    supervised_token_share: float | None = None
+    zero_supervised: int = 0
+    long_examples: int = 0  # over LONG_CHARS characters, as the seed counted them
+    preview: dict | None = None  # {"source", "segments": [{"text", "supervised"}], "marked": "..[[..]].."}
+    formats: dict = field(default_factory=dict)
+    model: str | None = None
+    template: str | None = None
+    max_length: int | None = None
+    truncation: str = "truncate_prompt"
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["errors"] = [e.to_dict() for e in self.errors]
+        out["warnings"] = [w.to_dict() for w in self.warnings]
+        return out
+
+
+# ---------------------------------------------------------------- lengths
+
+
+def length_stats(values) -> dict:
+    if len(values) == 0:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0, "mean": 0.0}
+    array = np.asarray(values)
+    p50, p90, p99 = np.percentile(array, [50, 90, 99], method="nearest")
+    return {"p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(array.max()),
+            "mean": round(float(array.mean()), 1)}
+
+
+def char_lengths(convs: list[Conversation]) -> tuple[dict, int]:
+    """Prompt (system, user and tool text) and response (assistant text) lengths in characters."""
+    prompt = [len(c.system or "") + sum(len(m.content) for m in c.messages if m.role != "assistant") for c in convs]
+    response = [sum(len(m.content) for m in c.messages if m.role == "assistant") for c in convs]
+    total = [p + r for p, r in zip(prompt, response, strict=True)]
+    stats = {**length_stats(total), "prompt": length_stats(prompt), "response": length_stats(response)}
+    return stats, sum(t > LONG_CHARS for t in total)
+
+
+# ---------------------------------------------------------------- duplicates and overlap
+
+
+def conversation_text(conv: Conversation) -> str:
+    return "\n".join([conv.system or ""] + [f"{m.role}: {m.content}" for m in conv.messages])
+
+
+def normalize(text: str) -> str:
+    """Lowercase, punctuation and whitespace collapsed: what 'the same text' means to a reader."""
+    return " ".join(re.sub(r"[^\w]+", " ", text.lower()).split())
+
+
+class _Groups:
+    """Union-find over example indices."""
+
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        self.parent[self.find(i)] = self.find(j)
+
+
+def _shingles(text: str) -> np.ndarray:
+    text = text[:SHINGLE_CHARS]
+    grams = {text[i:i + SHINGLE] for i in range(max(1, len(text) - SHINGLE + 1))}
+    return np.unique(np.array([hash(g) for g in grams], dtype=np.int64).view(np.uint64))
+
+
+def _minhash(shingles: list[np.ndarray]) -> np.ndarray:
+    """MinHash signatures by multiply-shift hashing; hand-written with numpy (a few lines) rather than
+    adding a dependency such as datasketch."""
+    rng = np.random.default_rng(0)
+    multipliers = rng.integers(1, 2**63, size=SIGNATURE_BANDS * BAND_ROWS, dtype=np.uint64) | np.uint64(1)
+    with np.errstate(over="ignore"):
+        return np.stack([((multipliers[:, None] * s[None, :]) >> np.uint64(32)).min(axis=1) for s in shingles])
+
+
+def _near_pairs(texts: list[str]) -> list[tuple[int, int]]:
+    """Pairs whose shingle sets have Jaccard similarity >= NEAR_DUPLICATE_JACCARD (LSH candidates, then exact)."""
+    shingles = [_shingles(t) for t in texts]
+    signatures = _minhash(shingles)
+    candidates = set()
+    for band in range(SIGNATURE_BANDS):
+        buckets = defaultdict(list)
+        for i, row in enumerate(signatures[:, band * BAND_ROWS:(band + 1) * BAND_ROWS]):
+            buckets[row.tobytes()].append(i)
+        for members in buckets.values():
+            candidates.update((a, b) for k, a in enumerate(members) for b in members[k + 1:])
+    return [(a, b) for a, b in sorted(candidates) if _jaccard(shingles[a], shingles[b]) >= NEAR_DUPLICATE_JACCARD]
+
+
+def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (len(a) + len(b) - inter)
+
+
+def find_duplicates(convs: list[Conversation]) -> list[dict]:
+    """Groups of exact duplicates (identical text) and near duplicates (normalized text identical or
+    nearly so), each naming its rows."""
+    raw = [conversation_text(c).strip() for c in convs]
+    normalized = [normalize(t) for t in raw]
+    groups = _Groups(len(convs))
+    first_seen: dict[str, int] = {}
+    for i, text in enumerate(normalized):
+        groups.union(i, first_seen.setdefault(text, i))
+    for a, b in _near_pairs(normalized):
+        groups.union(a, b)
+    members = defaultdict(list)
+    for i in range(len(convs)):
+        members[groups.find(i)].append(i)
+    found = []
+    for rows in (m for m in members.values() if len(m) > 1):
+        kind = "exact" if len({raw[i] for i in rows}) == 1 else "near"
+        found.append({"kind": kind, "rows": [convs[i].where for i in rows]})
+    return sorted(found, key=lambda g: g["rows"][0])
+
+
+def duplicate_warnings(groups: list[dict], convs: list[Conversation]) -> list[DataIssue]:
+    by_where = {c.where: c for c in convs}
+    issues = []
+    for group in groups:
+        first, *others = group["rows"]
+        for where in others:
+            conv = by_where[where]
+            issues.append(DataIssue(conv.source, conv.line, "(duplicate)",
+                                    f"{group['kind']} duplicate of {first}", "warning"))
+    return issues
+
+
+def find_overlap(train: list[Conversation], evals: list[Conversation]) -> list[dict]:
+    """Eval examples whose prompt (or whole text) also appears in training, after normalization."""
+    seen = defaultdict(list)
+    for conv in train:
+        for key in _overlap_keys(conv):
+            seen[key].append(conv.where)
+    found = []
+    for conv in evals:
+        hits = sorted({w for key in _overlap_keys(conv) for w in seen.get(key, [])})
+        if hits:
+            found.append({"eval": conv.where, "train": hits})
+    return found
+
+
+def _overlap_keys(conv: Conversation) -> set[str]:
+    keys = {"all:" + normalize(conversation_text(conv))}
+    if not conv.is_text:
+        prompt = conv.prompt_messages()
+        keys.add("prompt:" + normalize("\n".join(f"{m['role']}: {m['content']}" for m in prompt)))
+    return keys
+
+
+# ---------------------------------------------------------------- tokens
+
+
+@dataclass
+class TokenTally:
+    prompt: list[int] = field(default_factory=list)
+    response: list[int] = field(default_factory=list)
+    supervised: int = 0
+    total: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    zero_supervised: int = 0
+    issues: list[DataIssue] = field(default_factory=list)
+    first: tuple | None = None  # (conv, encoded) for the mask preview
+
+
+def load_check_tokenizer(model: str | None, template: str | None):
+    """The tokenizer (never the weights) with the chat template training would use."""
+    from tunesmith.data.templates import apply_template
+    from tunesmith.models import DEFAULT_MODEL, resolve
+    from tunesmith.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve(model or DEFAULT_MODEL))
+    apply_template(tokenizer, template)
+    return tokenizer
+
+
+def encode_each(convs: list[Conversation], tokenizer, options, on_chunk=None):
+    """(conv, Encoded or DataIssue) for every conversation, in chunks; a conversation the template
+    refuses becomes an error at its row instead of stopping the check."""
+    from tunesmith.data.tokenize import encode, encode_all
+
+    for begin in range(0, len(convs), ENCODE_CHUNK):
+        chunk = convs[begin:begin + ENCODE_CHUNK]
+        try:
+            yield from zip(chunk, encode_all(chunk, tokenizer, options, progress=False).examples, strict=True)
+        except UsageError:
+            raise
+        except TunesmithError:
+            for conv in chunk:
+                yield conv, _encode_or_issue(encode, conv, tokenizer, options)
+        if on_chunk:
+            on_chunk(len(chunk))
+
+
+def _encode_or_issue(encode, conv: Conversation, tokenizer, options):
+    try:
+        return encode(conv, tokenizer, options)
+    except UsageError:
+        raise
+    except TunesmithError as exc:
+        message = str(exc).removeprefix(f"{conv.where}: ").removeprefix("messages: ")
+        return DataIssue(conv.source, conv.line, "messages", message)
+
+
+def tally_tokens(convs: list[Conversation], tokenizer, max_length: int | None, truncation: str,
+                 on_chunk=None) -> TokenTally:
+    from tunesmith.data.tokenize import EncodeOptions, encode
+
+    whole = EncodeOptions()
+    policy = EncodeOptions(max_length=max_length, truncation=truncation) if max_length else None
+    tally = TokenTally()
+    for conv, encoded in encode_each(convs, tokenizer, whole, on_chunk):
+        if isinstance(encoded, DataIssue):
+            tally.issues.append(encoded)
+            continue
+        tally.first = tally.first or _preview_candidate(conv, encoded)
+        tally.prompt.append(len(encoded.input_ids) - encoded.num_supervised)
+        tally.response.append(encoded.num_supervised)
+        if policy and len(encoded.input_ids) > max_length:
+            encoded = _apply_policy(conv, encoded, tokenizer, policy, tally, encode)
+            if encoded is None:
+                continue
+        _count_supervision(conv, encoded, tally)
+    return tally
+
+
+def _preview_candidate(conv: Conversation, encoded) -> tuple | None:
+    return (conv, encoded) if len(encoded.input_ids) * 4 <= PREVIEW_CHARS * 2 else None
+
+
+def _apply_policy(conv, encoded, tokenizer, policy, tally: TokenTally, encode):
+    """What training will see of an example longer than max_length."""
+    if policy.truncation == "error":
+        tally.issues.append(DataIssue(conv.source, conv.line, "(length)", f"{len(encoded.input_ids)} tokens is "
+                                      f"longer than max_length {policy.max_length} (truncation policy 'error')"))
+        return None
+    limited = encode(conv, tokenizer, policy)
+    if limited is None:
+        tally.dropped += 1
+    else:
+        tally.truncated += 1
+    return limited
+
+
+def _count_supervision(conv: Conversation, encoded, tally: TokenTally) -> None:
+    tally.supervised += encoded.num_supervised
+    tally.total += len(encoded.input_ids)
+    if encoded.num_supervised == 0:
+        tally.zero_supervised += 1
+        tally.issues.append(DataIssue(conv.source, conv.line, "messages",
+                                      "no supervised tokens: this example teaches the model nothing"))
+
+
+def mask_preview(conv: Conversation, encoded, tokenizer) -> dict:
+    """The rendered example as runs of tokens that are / are not in the loss."""
+    from tunesmith.data.tokenize import IGNORE
+
+    segments: list[dict] = []
+    run: list[int] = []
+    flags = [label != IGNORE for label in encoded.labels]
+    for i, token in enumerate(encoded.input_ids):
+        run.append(token)
+        if i + 1 == len(flags) or flags[i + 1] != flags[i]:
+            segments.append({"text": tokenizer.decode(run, skip_special_tokens=False), "supervised": flags[i]})
+            run = []
+    marked = "".join(f"[[{s['text']}]]" if s["supervised"] else s["text"] for s in segments)
+    return {"source": conv.where, "segments": segments, "marked": marked}
+
+
+def system_prompt_warning(convs: list[Conversation], tokenizer) -> DataIssue | None:
+    """Templates such as SmolLM2's insert their own system prompt when an example has none."""
+    missing = [c for c in convs if not c.is_text and not c.system]
+    if not missing or not tokenizer.chat_template:
+        return None
+    probe = tokenizer.apply_chat_template([{"role": "user", "content": "ping"}], tokenize=False)
+    if "system" not in probe.lower():
+        return None
+    return DataIssue(missing[0].source, -1, "system", f"{len(missing)} example(s) have no system prompt, so the "
+                     "chat template inserts its default one; set a system prompt to decide it explicitly",
+                     "warning")
+
+
+# ---------------------------------------------------------------- the check
+
+
+def check_data(files, *, model: str | None = None, max_length: int | None = None,
+               truncation: str = "truncate_prompt", template: str | None = None, eval_files=(),
+               format: str | None = None, columns: str | dict | None = None, tokens: bool = True,
+               progress: bool = False) -> DataReport:
+    """Check ``files`` (and optionally ``eval_files``) and return the full report."""
+    started = time.perf_counter()
+    files = [str(f) for f in ([files] if isinstance(files, str) else files)]
+    if max_length is not None and max_length < 2:
+        raise UsageError(f"--max-length must be at least 2, not {max_length}")
+    read = read_dataset(files, format=format, columns=columns)
+    convs = read.conversations
+    report = DataReport(files=files, num_examples=read.num_rows, num_valid=len(convs),
+                        num_turns=sum(len(c.messages) for c in convs), errors=read.errors, warnings=read.warnings,
+                        duplicates=find_duplicates(convs), overlap=[], char_lengths={}, token_lengths=None,
+                        formats=read.formats, max_length=max_length, truncation=truncation, template=template)
+    report.char_lengths, report.long_examples = char_lengths(convs)
+    report.warnings += duplicate_warnings(report.duplicates, convs)
+    if eval_files:
+        _check_overlap(report, convs, list(eval_files), format, columns)
+    if tokens:
+        _add_token_stats(report, convs, model, progress)
+    report.elapsed_s = round(time.perf_counter() - started, 2)
+    return report
+
+
+def _check_overlap(report: DataReport, convs, eval_files: list[str], format, columns) -> None:
+    evals = read_dataset(eval_files, format=format, columns=columns)
+    report.errors += evals.errors
+    report.warnings += evals.warnings
+    report.overlap = find_overlap(convs, evals.conversations)
+    for hit in report.overlap:
+        conv = next(c for c in evals.conversations if c.where == hit["eval"])
+        report.warnings.append(DataIssue(conv.source, conv.line, "(overlap)",
+                                         f"also in the training data at {', '.join(hit['train'][:3])}", "warning"))
+
+
+def _add_token_stats(report: DataReport, convs: list[Conversation], model: str | None, progress: bool) -> None:
+    tokenizer = load_check_tokenizer(model, report.template)
+    report.model = str(model or _default_model())
+    with _progress(progress, len(convs)) as advance:
+        tally = tally_tokens(convs, tokenizer, report.max_length, report.truncation, advance)
+    total = [p + r for p, r in zip(tally.prompt, tally.response, strict=True)]
+    report.token_lengths = {**length_stats(total), "prompt": length_stats(tally.prompt),
+                            "response": length_stats(tally.response)}
+    report.truncated, report.dropped, report.zero_supervised = tally.truncated, tally.dropped, tally.zero_supervised
+    report.supervised_token_share = round(tally.supervised / tally.total, 4) if tally.total else None
+    report.errors += tally.issues
+    first = tally.first or next(((c, e) for c, e in encode_each(convs[:1], tokenizer, _whole_options())
+                                 if not isinstance(e, DataIssue)), None)
+    report.preview = mask_preview(*first, tokenizer) if first else None
+    warning = system_prompt_warning(convs, tokenizer)
+    report.warnings += [warning] if warning else []
+
+
+def _whole_options():
+    from tunesmith.data.tokenize import EncodeOptions
+
+    return EncodeOptions()
+
+
+def _default_model() -> str:
+    from tunesmith.models import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+class _progress:
+    """A rich progress bar with an ETA on stderr, shown only on a terminal."""
+
+    def __init__(self, enabled: bool, total: int):
+        from rich.console import Console
+        from rich.progress import Progress
+
+        console = Console(stderr=True)
+        self.bar = Progress(*Progress.get_default_columns(), console=console, transient=True,
+                            disable=not (enabled and console.is_terminal))
+        self.task = self.bar.add_task("tokenizing", total=total)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return lambda n: self.bar.advance(self.task, n)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run_check_command(args) -> int:
+    report = check_data(args.files, model=args.model, max_length=args.max_length, truncation=args.truncation,
+                        template=args.template, eval_files=args.eval_files, format=args.format,
+                        columns=args.columns, tokens=not args.no_tokens, progress=not args.json)
+    if args.json:
+        print(json.dumps(report.to_dict(), ensure_ascii=False))
+    else:
+        print_report(report)
+    return 0 if report.ok else 1
+
+
+# ---------------------------------------------------------------- the terminal view
+
+LISTED_ERRORS, LISTED_WARNINGS, LISTED_GROUPS, PREVIEW_SEGMENT_CHARS = 50, 20, 10, 600
+
+
+def print_report(report: DataReport, console=None) -> None:
+    from rich.console import Console
+
+    console = console or Console(highlight=False)
+    formats = ", ".join(f"{path} ({fmt})" for path, fmt in report.formats.items())
+    console.print(f"[bold]data check[/bold] {formats}")
+    console.print(f"examples {report.num_examples}, valid {report.num_valid}, turns {report.num_turns}")
+    _print_issues(console, "errors", report.errors, LISTED_ERRORS, "red")
+    # Duplicates and overlap are listed as groups below rather than once per row.
+    grouped = ("(duplicate)", "(overlap)")
+    _print_issues(console, "warnings", [w for w in report.warnings if w.field not in grouped], LISTED_WARNINGS, "yellow")
+    console.print(_lengths_table(report))
+    _print_tokens(console, report)
+    _print_duplicates(console, report)
+    _print_preview(console, report.preview)
+    verdict = "[green]clean[/green]" if report.ok else f"[red]{len(report.errors)} error(s)[/red]"
+    console.print(f"{verdict}, {len(report.warnings)} warning(s), checked in {report.elapsed_s:.1f} s")
+
+
+def _print_issues(console, title: str, issues: list[DataIssue], limit: int, color: str) -> None:
+    from rich.markup import escape
+
+    if not issues:
+        return
+    console.print(f"[{color}]{title} ({len(issues)})[/{color}]")
+    for issue in issues[:limit]:
+        console.print(f"  {escape(str(issue))}")
+    if len(issues) > limit:
+        console.print(f"  ... and {len(issues) - limit} more (--json lists them all)")
+
+
+def _lengths_table(report: DataReport):
+    from rich.table import Table
+
+    table = Table(title="lengths", title_justify="left")
+    table.add_column("")
+    for column in ("p50", "p90", "p99", "max", "mean"):
+        table.add_column(column, justify="right")
+    for unit, stats in (("chars", report.char_lengths), ("tokens", report.token_lengths)):
+        for part in ("prompt", "response", None):
+            if stats:
+                row = stats[part] if part else stats
+                table.add_row(f"{unit} {part or 'total'}", *(str(row[k]) for k in ("p50", "p90", "p99", "max", "mean")))
+    return table
+
+
+def _print_tokens(console, report: DataReport) -> None:
+    if report.token_lengths is None:
+        console.print("token statistics skipped (--no-tokens)")
+        return
+    share = report.supervised_token_share
+    console.print(f"tokenizer {report.model}, template {report.template or 'its own'}; supervised tokens "
+                  f"{share:.1%} of all" if share is not None else "no tokens")
+    if report.max_length:
+        console.print(f"max length {report.max_length} ({report.truncation}): {report.truncated} truncated, "
+                      f"{report.dropped} dropped")
+
+
+def _print_duplicates(console, report: DataReport) -> None:
+    for title, groups in (("duplicate groups", report.duplicates), ("train/eval overlap", report.overlap)):
+        if not groups:
+            continue
+        console.print(f"[yellow]{title} ({len(groups)})[/yellow]")
+        for group in groups[:LISTED_GROUPS]:
+            rows = group["rows"] if "rows" in group else [group["eval"], *group["train"]]
+            console.print(f"  {group.get('kind', 'overlap')}: {', '.join(rows[:6])}" + (" ..." if len(rows) > 6 else ""))
+
+
+def _print_preview(console, preview: dict | None) -> None:
+    from rich.markup import escape
+    from rich.text import Text
+
+    if not preview:
+        return
+    console.print(f"[bold]mask preview[/bold] {escape(preview['source'])}: [black on green]\\[\\[highlighted]][/black on green]"
+                  " = supervised (in the loss); the rest is context")
+    text = Text()
+    for segment in preview["segments"]:
+        shown = _elide(segment["text"], PREVIEW_SEGMENT_CHARS)
+        text.append(f"[[{shown}]]" if segment["supervised"] else shown,
+                    style="black on green" if segment["supervised"] else "dim")
+    console.print(text)
+
+
+def _elide(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit // 2] + " ... " + text[-limit // 2:]

@@ -1,0 +1,111 @@
+"""Batches without wasted padding: packed rows, or padded batches of similar lengths.
+
+Packing concatenates whole examples into rows of at most ``max_length`` tokens. Three things
+keep the examples independent, and the packed-vs-unpacked loss test proves it:
+
+- position_ids restart at 0 for each example (rotary positions as if it were alone);
+- a 4D block-diagonal causal mask ``[B, 1, L, L]`` (True = may attend): transformers 5 passes a
+  4D mask through to the attention unchanged, and position_ids alone do not isolate examples
+  under sdpa or eager attention on CPU. loss.model_inputs adapts it per attention kernel;
+- the first label of every example is ignored, so no token is predicted from the end of the
+  previous example.
+
+``segment_ids`` (1, 2, ... per example in a row, 0 on padding) come along for per-example sums.
+"""
+
+from __future__ import annotations
+
+import random
+from bisect import bisect_left, insort
+from collections.abc import Sequence
+
+import torch
+
+from tunesmith.data.tokenize import IGNORE, Encoded
+from tunesmith.errors import UsageError
+
+
+def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing of example indices into rows of total length <= max_length.
+
+    Longest first, each into the row it fills most tightly; deterministic (ties by index).
+    """
+    too_long = [i for i, n in enumerate(lengths) if n > max_length]
+    if too_long:
+        raise UsageError(f"{len(too_long)} examples are longer than the packing length {max_length} "
+                         f"(first: index {too_long[0]}, {lengths[too_long[0]]} tokens); truncate them first")
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted so bisect finds the tightest fit
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        need = lengths[index]
+        slot = bisect_left(free, (need, -1))
+        if slot == len(free):
+            rows.append([index])
+            insort(free, (max_length - need, len(rows) - 1))
+        else:
+            room, row = free.pop(slot)
+            rows[row].append(index)
+            insort(free, (room - need, row))
+    return rows
+
+
+def collate_packed(rows: Sequence[Sequence[Encoded]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Tensors for packed rows: input_ids, labels, position_ids, segment_ids [B, L] and a 4D mask [B, 1, L, L]."""
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segment_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        at = 0
+        for k, example in enumerate(row, start=1):
+            n = len(example.input_ids)
+            input_ids[b, at:at + n] = torch.tensor(example.input_ids)
+            labels[b, at + 1:at + n] = torch.tensor(example.labels[1:])  # never predicted across examples
+            position_ids[b, at:at + n] = torch.arange(n)
+            segment_ids[b, at:at + n] = k
+            at += n
+        position_ids[b, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "attention_mask": block_causal_mask(segment_ids), "segment_ids": segment_ids}
+
+
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, L] boolean: a token sees earlier tokens of its own segment (padding is segment 0,
+    causal among itself, so no row of the mask is empty and softmax never sees only -inf)."""
+    width = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    return (causal & torch.ones_like(same))[:, None]
+
+
+def collate_padded(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, labels (IGNORE on padding) and a 2D attention mask."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for b, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[b, :n] = torch.tensor(example.input_ids)
+        labels[b, :n] = torch.tensor(example.labels)
+        attention_mask[b, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Batches of similar lengths (little padding), in a deterministic shuffled order.
+
+    Examples are shuffled, sorted by length within windows of 50 batches, cut into batches,
+    and the batches shuffled again: similar lengths together without a fixed long-to-short order.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for begin in range(0, len(order), window):
+        group = sorted(order[begin:begin + window], key=lambda i: -lengths[i])
+        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches

@@ -1,0 +1,100 @@
+"""The supervised loss: negative log-likelihood over supervised tokens only.
+
+Labels follow the Hugging Face convention: ``labels`` is aligned with ``input_ids`` and the
+token at position t+1 is predicted from the hidden state at position t (the shift happens here).
+
+Efficiency: the transformer body runs on every token, but the output head (the vocabulary
+projection, ~20% of a small model's compute) runs only where the next label is supervised, and
+the cross-entropy runs in chunks of ``CHUNK_TOKENS`` rows, recomputed in backward, so the fp32
+[tokens x vocab] logits are never held at once. This path needs an unwrapped model (a plain HF
+causal LM or a peft PeftModel); a wrapper such as DistributedDataParallel, whose forward must be
+called, goes through its forward with ``logits_to_keep`` (logits still only where supervised).
+
+The loss is a sum and a count: the mean (sum / count) is token-weighted, so it does not depend on
+how examples are grouped into batches or how much padding there is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from tunesmith.data.tokenize import IGNORE
+
+CHUNK_TOKENS = 1024
+
+
+def supervised_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """(sum of NLL over supervised tokens, number of supervised tokens)."""
+    nll, _ = _supervised_nll(model, batch)
+    return nll.sum(), nll.numel()
+
+
+def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position NLL [B, L] aligned with ``labels`` (0 where not supervised) and the supervised mask."""
+    nll, select = _supervised_nll(model, batch)
+    per_position = torch.zeros(select.shape, dtype=nll.dtype, device=nll.device)
+    mask = torch.zeros_like(select)
+    mask[:, 1:] = select[:, :-1]
+    per_position[mask] = nll
+    return per_position, mask
+
+
+def _supervised_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL of every supervised next token (row-major order) and where they are predicted from [B, L]."""
+    labels = batch["labels"]
+    select = torch.zeros_like(labels, dtype=torch.bool)
+    select[:, :-1] = labels[:, 1:] != IGNORE
+    targets = labels[:, 1:][select[:, :-1]]
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(hf_model, "get_output_embeddings"):  # a distributed wrapper: its forward must run
+        logits = model(**model_inputs(model, batch), logits_to_keep=select).logits
+        return F.cross_entropy(logits.float(), targets, reduction="none"), select
+    hidden = hf_model.get_decoder()(**model_inputs(hf_model, batch)).last_hidden_state[select]
+    return _chunked_nll(hf_model.get_output_embeddings(), hf_model.config, hidden, targets), select
+
+
+def _chunked_nll(head, config, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = _adjust_logits(config, head(h).float())
+        return F.cross_entropy(logits, y, reduction="none")
+
+    if hidden.shape[0] <= CHUNK_TOKENS or not torch.is_grad_enabled():
+        return torch.cat([piece(hidden[s:s + CHUNK_TOKENS], targets[s:s + CHUNK_TOKENS])
+                          for s in range(0, max(hidden.shape[0], 1), CHUNK_TOKENS)])
+    # Recompute each chunk's logits in backward instead of keeping them all alive.
+    return torch.cat([checkpoint(piece, hidden[s:s + CHUNK_TOKENS], targets[s:s + CHUNK_TOKENS], use_reentrant=False)
+                      for s in range(0, hidden.shape[0], CHUNK_TOKENS)])
+
+
+def _adjust_logits(config, logits: torch.Tensor) -> torch.Tensor:
+    """The few post-head transforms some causal LMs apply in their forward (Gemma 2/3, Cohere, Granite)."""
+    if getattr(config, "logit_scale", None):
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def model_inputs(model, batch: dict) -> dict:
+    """The forward arguments for ``batch``, with a packed 4D mask shaped for the model's attention kernel.
+
+    sdpa takes the boolean mask; eager adds the mask to the scores, so it gets 0 / -inf floats;
+    flash-attention takes no mask and finds the packed examples from the restarting position_ids.
+    """
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.ndim == 4:
+        config = getattr(getattr(model, "module", model), "config", None)  # DDP keeps the model in .module
+        kernel = getattr(config, "_attn_implementation", None) or "sdpa"
+        if "flash" in kernel:
+            mask = None
+        elif kernel != "sdpa":
+            dtype = next(model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    inputs["attention_mask"] = mask
+    return inputs

@@ -1,0 +1,531 @@
+"""The training loop: ``finetune(config) -> TrainResult``, readable top to bottom.
+
+Features and trade-offs:
+
+- Data: conversations are read, given the run's chat template and system prompt, tokenized with
+  assistant-only labels (cached on disk), split into train/validation, and laid out per epoch by
+  a seed: packed rows (block-diagonal attention, no padding) or length-grouped padded batches.
+  The layout is a pure function of (seed, epoch), so resuming only needs (epoch, index).
+- Loss: the sum of token NLLs over an optimizer step's micro-batches divided by the number of
+  supervised tokens in the whole step (across micro-batches and processes). Every supervised
+  token weighs the same however examples fall into micro-batches, so 1 process x 2 micro-batches
+  and 2 processes x 1 micro-batch give the same gradient.
+- Multi-process: accelerate (DDP, FSDP, DeepSpeed). Each optimizer step takes a window of
+  ``grad_accum * processes`` micro-batches; process r takes every r-th one. Only process 0
+  writes files; every process saves its own RNG state in checkpoints.
+- Precision: fp32 master weights; bf16 autocast where the CPU/GPU has native bf16, fp16 with
+  loss scaling on CUDA only when asked. ``train.precision fp32`` is bit-for-bit repeatable on CPU.
+- Safety: a non-finite loss or gradient norm stops the run before the optimizer step, naming
+  the step, so no weights (and no checkpoint) ever hold NaN.
+- Evaluation every ``eval.eval_every`` steps; an improvement writes a checkpoint so the best is
+  kept on disk (rotation never deletes it) and loaded at the end; early stopping with patience.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import Config, validate
+from tunesmith.errors import TunesmithError, UsageError
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_train_loss: float | None
+    final_eval_loss: float | None
+    tokens: int  # tokens processed (non-padding), all processes
+    supervised_tokens: int
+    elapsed_s: float
+    stopped_early: bool = False
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that resume needs; saved as state.json in each checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0  # next micro-batch of this epoch's layout
+    epoch_seed: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    last_eval_loss: float | None = None
+    recent_losses: list[float] = field(default_factory=list)  # since the last metrics line
+
+
+class TrainingDiverged(TunesmithError):
+    pass
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class Data:
+    train: list  # tokenize.Encoded
+    val: list
+    fingerprint: str
+    n_train_conversations: int
+
+
+def _read(paths: list[str], config: Config) -> list:
+    from tunesmith.data.readers import load_conversations
+
+    convs = load_conversations(paths, format=config.data.format, columns=config.data.columns)
+    if config.data.system_prompt is not None:
+        for conv in convs:
+            if not conv.system and not conv.is_text:
+                conv.system = config.data.system_prompt
+    return convs
+
+
+def _split(convs: list, val_size: float, seed: int) -> tuple[list, list]:
+    """A seeded hold-out: a fraction (<1) or a count (>=1) of the conversations."""
+    if val_size <= 0:
+        return convs, []
+    n_val = int(val_size) if val_size >= 1 else max(1, round(len(convs) * val_size))
+    if n_val >= len(convs):
+        raise UsageError(f"data.val_size={val_size} leaves no training data ({len(convs)} conversations)")
+    order = list(range(len(convs)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_val])
+    return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
+
+
+def _encode(convs: list, tokenizer, config: Config, what: str) -> list:
+    from tunesmith.data.cache import encode_cached
+    from tunesmith.data.tokenize import EncodeOptions
+
+    d = config.data
+    options = EncodeOptions(max_length=d.max_length, truncation=d.truncation, train_on_prompt=d.train_on_prompt,
+                            last_turn_only=d.last_turn_only)
+    from accelerate import PartialState
+
+    result = encode_cached(convs, tokenizer, options, config.data.template, progress=PartialState().is_main_process)
+    examples = [e for e in result.examples if any(label != -100 for label in e.labels)]
+    if result.dropped or result.truncated:
+        _print(f"{what}: {result.truncated} examples truncated, {result.dropped} dropped "
+               f"(longer than max_length={d.max_length}, truncation={d.truncation})")
+    if not examples:
+        raise UsageError(f"{what}: no example with a supervised token is left after tokenization")
+    return examples
+
+
+def prepare_data(config: Config, tokenizer) -> Data:
+    convs = _read(config.data.path, config)
+    if config.data.eval_path:
+        train_convs, val_convs = convs, _read(config.data.eval_path, config)
+    else:
+        train_convs, val_convs = _split(convs, config.data.val_size, config.train.seed)
+    train = _encode(train_convs, tokenizer, config, "training data")
+    val = _encode(val_convs, tokenizer, config, "validation data") if val_convs else []
+    return Data(train, val, _data_fingerprint(train, val), len(train_convs))
+
+
+def _data_fingerprint(train: list, val: list) -> str:
+    """A hash of the token ids and labels: covers the data, the template, the tokenizer and max_length."""
+    digest = hashlib.sha256()
+    for part, examples in (("train", train), ("val", val)):
+        digest.update(part.encode())
+        for e in examples:
+            digest.update(json.dumps([e.input_ids, e.labels]).encode())
+    return digest.hexdigest()
+
+
+def epoch_layout(examples: list, config: Config, epoch_seed: int) -> list[list[list[int]]]:
+    """Micro-batches for one epoch: each a list of rows, each row a list of example indices."""
+    from tunesmith.data.packing import length_grouped_batches, pack_rows
+
+    rng = random.Random(epoch_seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    lengths = [len(examples[i].input_ids) for i in order]
+    if config.data.packing:
+        rows = [[order[j] for j in row] for row in pack_rows(lengths, config.data.max_length)]
+        rng.shuffle(rows)
+        size = config.train.batch_size
+        return [rows[i:i + size] for i in range(0, len(rows), size)]
+    batches = length_grouped_batches(lengths, config.train.batch_size, seed=epoch_seed)
+    return [[[order[j]] for j in batch] for batch in batches]
+
+
+def _collate(examples: list, batch: list[list[int]], packing: bool, pad_id: int) -> dict:
+    from tunesmith.data.packing import collate_packed, collate_padded
+
+    if packing:
+        return collate_packed([[examples[i] for i in row] for row in batch], pad_id)
+    return collate_padded([examples[row[0]] for row in batch], pad_id)
+
+
+def _supervised_count(examples: list, batch: list[list[int]]) -> int:
+    return sum(sum(label != -100 for label in examples[i].labels) for row in batch for i in row)
+
+
+def _token_count(examples: list, batch: list[list[int]]) -> int:
+    return sum(len(examples[i].input_ids) for row in batch for i in row)
+
+
+def windows(layout: list, per_step: int, processes: int) -> list[list]:
+    """Group micro-batches into optimizer steps; a last, short window needs one micro-batch per process."""
+    groups = [layout[i:i + per_step] for i in range(0, len(layout), per_step)]
+    return [g for g in groups if len(g) >= processes]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+# ---------------------------------------------------------------- setup
+
+
+def _print(*args) -> None:
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(*args, file=sys.stderr, flush=True)
+
+
+def _mixed_precision(precision: str) -> str:
+    """Accelerate's mixed_precision for ``train.precision``; fp32 master weights in every case."""
+    cuda = torch.cuda.is_available()
+    if precision == "fp16":
+        if not cuda:
+            raise UsageError("train.precision fp16 needs CUDA (fp16 autocast on CPU is slow and unscaled); use bf16 or fp32")
+        return "fp16"
+    if precision == "bf16":
+        return "bf16"
+    if precision == "auto":
+        native = torch.cuda.is_bf16_supported() if cuda else torch.cpu._is_avx512_bf16_supported()
+        return "bf16" if native else "no"
+    return "no"
+
+
+def _prepare_output_dir(config: Config) -> Path:
+    out = Path(config.output.output_dir)
+    has_run = (out / "tunesmith.json").is_file() or (out / "checkpoints").is_dir()
+    if has_run and not config.train.resume and not config.output.overwrite:
+        raise UsageError(f"{out} already holds a run; pass --resume auto to continue it, "
+                         "--output.overwrite true to replace it, or another --output-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# Keys that do not change what is learned: a resume may differ in them without --resume-force.
+_NOT_IN_FINGERPRINT = {"output", "train.resume", "train.resume_force", "train.log_every", "eval.batch_size"}
+
+
+def _config_fingerprint(config: Config) -> dict:
+    flat = {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
+    kept = {k: v for k, v in flat.items() if k not in _NOT_IN_FINGERPRINT and k.split(".")[0] not in _NOT_IN_FINGERPRINT}
+    return {"config": hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest(), "config_values": kept}
+
+
+def _add_neftune(model, alpha: float) -> None:
+    """NEFTune (Jain et al. 2023): uniform noise of scale alpha/sqrt(length*dim) on input embeddings, training only."""
+
+    def hook(module, inputs, output):
+        if not module.training:
+            return output
+        magnitude = alpha / math.sqrt(output.size(-2) * output.size(-1))
+        return output + torch.empty_like(output).uniform_(-magnitude, magnitude)
+
+    model.get_input_embeddings().register_forward_hook(hook)
+
+
+def _load_model(config: Config, base_path: Path):
+    from tunesmith.train.methods import apply_method, count_parameters, load_base_model
+
+    model = load_base_model(base_path, config.method, config.model.attn_implementation)
+    model = apply_method(model, config.method, config.model.gradient_checkpointing)
+    total, trainable = count_parameters(model)
+    _print(f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / total:.3f}%)")
+    if config.train.neftune_alpha > 0:
+        _add_neftune(model, config.train.neftune_alpha)
+    return model, total, trainable
+
+
+def _optimizer_and_schedule(model, config: Config, total_steps: int):
+    from transformers import get_scheduler
+
+    t = config.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+# ---------------------------------------------------------------- steps
+
+
+def _move(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train_step(accelerator, model, data: Data, window: list, packing: bool, pad_id: int) -> tuple[float, int, int]:
+    """Forward/backward over this process's share of one step's window.
+
+    Returns (this process's summed NLL, the window's supervised tokens, the window's tokens);
+    gradients end up as d(sum NLL over the window / supervised tokens in the window).
+    """
+    from tunesmith.loss import supervised_loss
+
+    supervised = sum(_supervised_count(data.train, b) for b in window)
+    tokens = sum(_token_count(data.train, b) for b in window)
+    mine = window[accelerator.process_index::accelerator.num_processes]
+    nll_sum = 0.0
+    for i, batch in enumerate(mine):
+        # Gradients are synchronised once, on the last micro-batch; DDP averages over processes,
+        # so each process scales its share back up by the number of processes.
+        sync = nullcontext() if i == len(mine) - 1 else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            nll, _ = supervised_loss(model, _move(_collate(data.train, batch, packing, pad_id), accelerator.device))
+            accelerator.backward(nll.float() * (accelerator.num_processes / supervised))
+        nll_sum += nll.detach().float().item()
+    return nll_sum, supervised, tokens
+
+
+@torch.no_grad()
+def evaluate_loss(accelerator, model, examples: list, config: Config, pad_id: int) -> float:
+    """Mean NLL per supervised token over ``examples``, split across processes, in a fixed order."""
+    from tunesmith.loss import supervised_loss
+
+    size = config.eval.batch_size or config.train.batch_size
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    batches = [[[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for batch in batches[accelerator.process_index::accelerator.num_processes]:
+        with accelerator.autocast():
+            nll, n = supervised_loss(model, _move(_collate(examples, batch, False, pad_id), accelerator.device))
+        totals += torch.tensor([nll.float().item(), float(n)], dtype=torch.float64, device=accelerator.device)
+    model.train()
+    totals = accelerator.reduce(totals, reduction="sum")
+    return (totals[0] / totals[1]).item()
+
+
+def _check_finite(loss: float, grad_norm: float, step: int, lr: float) -> None:
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise TrainingDiverged(
+            f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+            f"(loss={loss}, grad_norm={grad_norm}, lr={lr:.3g}); stopped before the optimizer step, "
+            "no checkpoint was written for it. Lower train.lr, or check the data.")
+
+
+# ---------------------------------------------------------------- the run
+
+
+def finetune(config: Config) -> TrainResult:
+    """Fine-tune ``config.model.name`` on ``config.data.path``; write a self-describing run directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from tunesmith.data.templates import apply_template
+    from tunesmith.models.load import load_tokenizer
+    from tunesmith.models.resolve import resolve
+    from tunesmith.train import checkpoint as ckpt
+    from tunesmith.train.methods import check_available
+    from tunesmith.train.rundir import MetricsLog, check_tensorboard
+
+    started = time.perf_counter()
+    validate(config)
+    check_available(config.method)  # before any model is loaded
+    if config.output.tensorboard:
+        check_tensorboard()
+    accelerator = Accelerator(mixed_precision=_mixed_precision(config.train.precision))
+    out = _prepare_output_dir(config)
+    set_seed(config.train.seed)
+
+    base_path = resolve(config.model.name)
+    tokenizer = load_tokenizer(base_path)
+    apply_template(tokenizer, config.data.template)
+    with accelerator.main_process_first():  # the first process fills the tokenization cache
+        data = prepare_data(config, tokenizer)
+    _print(f"data: {len(data.train)} training examples, {len(data.val)} validation examples")
+
+    per_step = config.train.grad_accum * accelerator.num_processes
+    steps_per_epoch = len(windows(epoch_layout(data.train, config, epoch_seed(config.train.seed, 0)),
+                                  per_step, accelerator.num_processes))
+    if steps_per_epoch == 0:
+        raise UsageError(f"not enough training data for one step on {accelerator.num_processes} processes")
+    t = config.train
+    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+
+    model, n_total, n_trainable = _load_model(config, base_path)
+    optimizer, scheduler = _optimizer_and_schedule(model, config, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per optimizer step, ours
+
+    fingerprint = {**_config_fingerprint(config), "data": data.fingerprint}
+    state = TrainState(epoch_seed=epoch_seed(t.seed, 0))
+    if t.resume:
+        path = ckpt.find_resume(out, t.resume)
+        ckpt.check_fingerprint(path, fingerprint, t.resume_force)
+        state = TrainState(**ckpt.load_checkpoint(path, accelerator, model, optimizer, scheduler))
+        _print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, micro-batch {state.batch_index})")
+
+    log = MetricsLog(out, resume_step=state.step if t.resume else None,
+                     tensorboard=config.output.tensorboard) if accelerator.is_main_process else None
+    model.train()
+    pad_id = tokenizer.pad_token_id
+    stopped_early = False
+    progress = _progress(total_steps, state.step, accelerator.is_main_process)
+    layout = epoch_layout(data.train, config, state.epoch_seed)
+    step_windows = windows(layout[state.batch_index:], per_step, accelerator.num_processes)
+    step_started = time.perf_counter()
+
+    with progress:  # closes the bar on any exit, a diverged step included
+        while state.step < total_steps:
+            if not step_windows:  # the epoch is over: lay out the next one
+                state.epoch += 1
+                state.epoch_seed, state.batch_index = epoch_seed(t.seed, state.epoch), 0
+                layout = epoch_layout(data.train, config, state.epoch_seed)
+                step_windows = windows(layout, per_step, accelerator.num_processes)
+            window = step_windows.pop(0)
+            nll_local, supervised, tokens = train_step(accelerator, model, data, window, config.data.packing, pad_id)
+            state.batch_index += len(window)
+            state.step += 1
+
+            loss = accelerator.reduce(torch.tensor(nll_local, dtype=torch.float64, device=accelerator.device),
+                                      reduction="sum").item() / supervised
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+            grad_norm = float(grad_norm) if grad_norm is not None else 0.0
+            lr = scheduler.get_last_lr()[0]
+            _check_finite(loss, grad_norm, state.step, lr)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            state.tokens += tokens
+            state.supervised_tokens += supervised
+            state.recent_losses.append(loss)
+            elapsed = time.perf_counter() - step_started
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{state.tokens / max(elapsed, 1e-9):.0f}",
+                                 refresh=False)
+
+            record = {"step": state.step, "epoch": state.epoch, "loss": None, "lr": lr, "grad_norm": grad_norm,
+                      "tokens": state.tokens, "supervised_tokens": state.supervised_tokens}
+            evaluated, improved = _maybe_evaluate(accelerator, model, data, config, state, total_steps, pad_id)
+            if evaluated:
+                record["eval_loss"] = state.last_eval_loss
+            if state.step % max(t.log_every, 1) == 0 or evaluated or state.step == total_steps:
+                record["loss"] = sum(state.recent_losses) / len(state.recent_losses)
+                state.recent_losses = []
+                if log:
+                    log.write(record)
+            stop = evaluated and config.eval.early_stopping_patience > 0 and (
+                state.evals_since_best >= config.eval.early_stopping_patience)
+            save_every = config.output.save_every
+            if (save_every > 0 and state.step % save_every == 0) or (improved and config.eval.load_best):
+                path = ckpt.save_checkpoint(accelerator, model, optimizer, scheduler, asdict(state), config.to_yaml(),
+                                            fingerprint, out)
+                if accelerator.is_main_process:
+                    best = [ckpt.checkpoints_dir(out) / f"step-{state.best_step}"] if state.best_step else []
+                    ckpt.rotate(out, config.output.save_total_limit, keep={path, *best})
+                _test_hook_after_checkpoint(state.step)
+            if stop:
+                _print(f"early stopping at step {state.step}: no improvement in {state.evals_since_best} evaluations")
+                stopped_early = True
+                break
+    if log:
+        log.close()
+
+    final_eval = state.last_eval_loss
+    if config.eval.load_best and state.best_step is not None and state.best_step != state.step:
+        _load_best(accelerator, model, ckpt.checkpoints_dir(out) / f"step-{state.best_step}")
+        final_eval = state.best_eval_loss
+        _print(f"loaded the best checkpoint (step {state.best_step}, eval loss {final_eval:.4f})")
+    final_train = _final_train_loss(out, state)
+    _save_run(accelerator, model, tokenizer, config, out, base_path=base_path, state=state, data=data,
+              final_train=final_train, final_eval=final_eval, n_total=n_total, n_trainable=n_trainable)
+    tokens = state.tokens
+    accelerator.end_training()
+    return TrainResult(run_dir=out, steps=state.step, final_train_loss=final_train, final_eval_loss=final_eval,
+                       tokens=tokens, supervised_tokens=state.supervised_tokens,
+                       elapsed_s=time.perf_counter() - started, stopped_early=stopped_early)
+
+
+def _maybe_evaluate(accelerator, model, data: Data, config: Config, state: TrainState, total_steps: int,
+                    pad_id: int) -> tuple[bool, bool]:
+    """Evaluate on the validation set when due; returns (evaluated, improved)."""
+    every = config.eval.eval_every
+    due = state.step == total_steps or (every > 0 and state.step % every == 0)
+    if not data.val or not due:
+        return False, False
+    loss = evaluate_loss(accelerator, model, data.val, config, pad_id)
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"step {state.step}: non-finite validation loss ({loss})")
+    state.last_eval_loss = loss
+    improved = state.best_eval_loss is None or loss < state.best_eval_loss
+    if improved:
+        state.best_eval_loss, state.best_step, state.evals_since_best = loss, state.step, 0
+    else:
+        state.evals_since_best += 1
+    return True, improved
+
+
+def _load_best(accelerator, model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    accelerator.unwrap_model(model).load_state_dict(load_file(path / "weights.safetensors"), strict=False)
+
+
+def _final_train_loss(out: Path, state: TrainState) -> float | None:
+    """The mean train loss of the last metrics line (last log window)."""
+    from tunesmith.train.rundir import read_metrics
+
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("loss") is not None]
+    return rows[-1]["loss"] if rows else None
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def _save_run(accelerator, model, tokenizer, config: Config, out: Path, *, base_path: Path, state: TrainState,
+              data: Data, final_train, final_eval, n_total: int, n_trainable: int) -> None:
+    """Final weights (adapter or full), tokenizer with its template, run info, card and loss plot."""
+    from tunesmith.train.checkpoint import assert_finite
+    from tunesmith.train.rundir import plot_losses, write_model_card, write_run_info
+
+    unwrapped = accelerator.unwrap_model(model)
+    assert_finite(unwrapped, state.step)
+    state_dict = accelerator.get_state_dict(model)  # gathers shards under FSDP/DeepSpeed; every process calls it
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        info = write_run_info(out, config, base_model_path=base_path, steps=state.step,
+                              data_fingerprint=data.fingerprint, final_train_loss=final_train,
+                              final_eval_loss=final_eval)
+        write_model_card(out, config, info, trainable=n_trainable, total=n_total,
+                         n_train=data.n_train_conversations, n_eval=len(data.val))
+        plot_losses(out)
+    accelerator.wait_for_everyone()
+
+
+def _test_hook_after_checkpoint(step: int) -> None:
+    """TUNESMITH_TEST_KILL_AFTER_CHECKPOINT=N: SIGKILL this process right after checkpoint N (resume tests)."""
+    import os
+
+    if os.environ.get("TUNESMITH_TEST_KILL_AFTER_CHECKPOINT") == str(step):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

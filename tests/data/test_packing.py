@@ -1,0 +1,182 @@
+"""Packing, padded batches and the supervised loss on the tiny Llama: no cross-contamination."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tunesmith import loss as loss_module
+from tunesmith.data.conversation import Conversation, Message
+from tunesmith.data.packing import collate_packed, collate_padded, length_grouped_batches, pack_rows
+from tunesmith.data.tokenize import IGNORE, EncodeOptions, encode_all
+from tunesmith.errors import UsageError
+from tunesmith.loss import supervised_loss, token_nll
+
+PAD = 3
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over lazy dog 你好 世界 machine learning".split()
+    convs = [Conversation([Message("user", " ".join(rng.choices(words, k=rng.randint(2, 30)))),
+                           Message("assistant", " ".join(rng.choices(words, k=rng.randint(1, 25)))),
+                           Message("user", "more"), Message("assistant", " ".join(rng.choices(words, k=3)))])
+             for _ in range(9)]
+    return encode_all(convs, tokenizer, EncodeOptions(), progress=False).examples
+
+
+def tiny_model(path, attn="sdpa"):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).eval()
+
+
+def lora_model(path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)  # init_lora_weights=False: random B, so the adapter really changes the outputs
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False)
+    return get_peft_model(tiny_model(path), config).eval()
+
+
+def unpacked_losses(model, examples) -> list[float]:
+    with torch.no_grad():
+        return [token_nll(model, collate_padded([e], PAD))[0].sum().item() for e in examples]
+
+
+def packed_losses(model, examples, batch) -> list[float]:
+    with torch.no_grad():
+        nll, mask = token_nll(model, batch)
+    rows = pack_rows([len(e.input_ids) for e in examples], 160)
+    out = {}
+    for b, row in enumerate(rows):
+        for k, index in enumerate(row, start=1):
+            out[index] = nll[b][batch["segment_ids"][b] == k].sum().item()
+    return [out[i] for i in range(len(examples))]
+
+
+def packed_batch(examples):
+    rows = pack_rows([len(e.input_ids) for e in examples], 160)
+    assert 1 < len(rows) < len(examples)
+    return collate_packed([[examples[i] for i in row] for row in rows], PAD)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_losses_equal_unpacked(tiny_model_dir, examples, attn):
+    model = tiny_model(tiny_model_dir, attn)
+    expected = unpacked_losses(model, examples)
+    assert packed_losses(model, examples, packed_batch(examples)) == pytest.approx(expected, abs=1e-4)
+
+
+def test_packed_losses_equal_unpacked_with_lora(tiny_model_dir, examples):
+    model = lora_model(tiny_model_dir)
+    expected = unpacked_losses(model, examples)
+    assert expected != pytest.approx(unpacked_losses(tiny_model(tiny_model_dir), examples), abs=1e-3)
+    assert packed_losses(model, examples, packed_batch(examples)) == pytest.approx(expected, abs=1e-4)
+
+
+def test_without_the_block_mask_examples_contaminate_each_other(tiny_model_dir, examples):
+    model = tiny_model(tiny_model_dir)
+    batch = packed_batch(examples)
+    batch["attention_mask"] = (batch["segment_ids"] > 0).long()  # what a plain padding collator would pass
+    packed = packed_losses(model, examples, batch)
+    assert packed != pytest.approx(unpacked_losses(model, examples), abs=1e-4)
+
+
+def test_packed_labels_never_cross_examples(examples):
+    batch = packed_batch(examples)
+    starts = torch.zeros_like(batch["segment_ids"], dtype=torch.bool)
+    starts[:, 1:] = batch["segment_ids"][:, 1:] != batch["segment_ids"][:, :-1]
+    starts[:, 0] = True
+    assert (batch["labels"][starts] == IGNORE).all()
+    assert (batch["position_ids"][starts & (batch["segment_ids"] > 0)] == 0).all()
+    assert (batch["labels"][batch["segment_ids"] == 0] == IGNORE).all()
+    assert int((batch["labels"] != IGNORE).sum()) == sum(sum(x != IGNORE for x in e.labels[1:]) for e in examples)
+
+
+def test_supervised_loss_equals_the_dense_hf_loss(tiny_model_dir, examples):
+    model = tiny_model(tiny_model_dir)
+    batch = collate_padded(examples[:5], PAD)
+    with torch.no_grad():
+        total, count = supervised_loss(model, batch)
+        dense = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert count == int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert (total / count).item() == pytest.approx(dense.item(), abs=1e-5)
+
+
+def test_chunked_loss_and_gradients_match_unchunked(tiny_model_dir, examples, monkeypatch):
+    batch = collate_padded(examples[:5], PAD)
+    grads = []
+    for chunk in (10_000, 7):  # 7 tokens a chunk: many chunks, recomputed in backward
+        monkeypatch.setattr(loss_module, "CHUNK_TOKENS", chunk)
+        model = lora_model(tiny_model_dir).train()
+        total, count = supervised_loss(model, batch)
+        (total / count).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and any("lm_head" in name for name in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_padding_does_not_change_the_loss(tiny_model_dir, examples):
+    model = tiny_model(tiny_model_dir)
+    with torch.no_grad():
+        together = supervised_loss(model, collate_padded(examples[:4], PAD))
+        alone = [supervised_loss(model, collate_padded([e], PAD)) for e in examples[:4]]
+    assert together[1] == sum(n for _, n in alone)
+    assert together[0].item() == pytest.approx(sum(t.item() for t, _ in alone), abs=1e-4)
+
+
+def test_collate_padded_with_pad_equal_to_eos(examples):
+    eos = 2
+    batch = collate_padded(examples[:3], eos)
+    for b, example in enumerate(examples[:3]):
+        n = len(example.input_ids)
+        assert batch["labels"][b, n - 1] == eos  # the end token stays supervised
+        assert (batch["labels"][b, n:] == IGNORE).all() and (batch["attention_mask"][b, n:] == 0).all()
+
+
+# ---------------------------------------------------------------------------- bin packing and grouping
+
+def next_fit_rows(lengths, max_length) -> int:
+    rows, room = 0, 0
+    for n in lengths:
+        if n > room:
+            rows, room = rows + 1, max_length
+        room -= n
+    return rows
+
+
+def test_pack_rows_best_fit_decreasing():
+    rng = random.Random(1)
+    lengths = [rng.randint(5, 300) for _ in range(500)]
+    rows = pack_rows(lengths, 512)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
+    assert len(rows) < next_fit_rows(lengths, 512)
+    assert len(rows) <= sum(lengths) // 512 + 3  # close to the lower bound
+    assert pack_rows(lengths, 512) == rows
+
+
+def test_pack_rows_refuses_overlong_examples():
+    with pytest.raises(UsageError, match="index 1, 600 tokens"):
+        pack_rows([10, 600], 512)
+
+
+def test_length_grouped_batches():
+    rng = random.Random(2)
+    lengths = [rng.randint(1, 1000) for _ in range(1000)]
+    batches = length_grouped_batches(lengths, 8, seed=3)
+    assert sorted(i for batch in batches for i in batch) == list(range(1000))
+    assert batches == length_grouped_batches(lengths, 8, seed=3) != length_grouped_batches(lengths, 8, seed=4)
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    shuffled = list(range(1000))
+    rng.shuffle(shuffled)
+    assert padding(batches) < padding([shuffled[i:i + 8] for i in range(0, 1000, 8)]) / 5

@@ -1,0 +1,110 @@
+"""Batched, left-padded, length-sorted greedy generation gives the one-at-a-time outputs (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunesmith.inference import GenerationOptions, generate, render_prompt, stop_token_ids
+
+QUESTIONS = [
+    "hi",
+    "What is the capital of France?",
+    "Who are you? " * 5,
+    "你好，世界！你是谁？",
+    "Explain machine learning in one sentence.",
+    "fox",
+    "The quick brown fox jumps over the lazy dog. " * 4,
+    "weather",
+]
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    from tunesmith.models.load import load
+
+    return load(str(tiny_model_dir), dtype=torch.float32, device="cpu")
+
+
+def _prompts(tokenizer) -> list[str]:
+    return [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+def _boost_end_of_turn(model, factor: float) -> None:
+    """Make <|im_end|> (id 2) likelier, so sequences in one batch stop at different steps."""
+    with torch.no_grad():
+        model.lm_head.weight[2] *= factor
+
+
+def _assert_same(batched, single):
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert [g.completion_tokens for g in batched] == [g.completion_tokens for g in single]
+    assert [g.finish_reason for g in batched] == [g.finish_reason for g in single]
+
+
+def test_batched_equals_sequential_long_outputs(tiny):
+    prompts = _prompts(tiny.tokenizer)
+    options = GenerationOptions(max_new_tokens=40)
+    batched = generate(tiny.model, tiny.tokenizer, prompts, options, batch_size=8)
+    single = generate(tiny.model, tiny.tokenizer, prompts, options, batch_size=1)
+    _assert_same(batched, single)
+    assert sum(g.completion_tokens for g in batched) > 20 * len(prompts)  # long answers, not early stops
+    assert len({g.text for g in batched}) > 1  # the prompts really steer the outputs
+
+
+def test_batched_equals_sequential_when_sequences_stop_at_different_steps(tiny):
+    _boost_end_of_turn(tiny.model, 3.0)
+    prompts = _prompts(tiny.tokenizer)
+    options = GenerationOptions(max_new_tokens=30)
+    single = generate(tiny.model, tiny.tokenizer, prompts, options, batch_size=1)
+    for batch_size in (3, 8):
+        _assert_same(generate(tiny.model, tiny.tokenizer, prompts, options, batch_size=batch_size), single)
+    counts = [g.completion_tokens for g in single]
+    assert len(set(counts)) >= 3, counts  # finished sequences wait in the batch while others go on
+    assert {g.finish_reason for g in single} == {"stop", "length"}
+
+
+def test_stops_exactly_where_the_end_of_turn_token_is_generated(tiny):
+    """Swap the output rows of EOS and a token the model picks mid-answer: the answer now ends there."""
+    prompt = _prompts(tiny.tokenizer)[1]
+    ids = tiny.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        baseline = tiny.model.generate(input_ids=ids, max_new_tokens=20, do_sample=False, eos_token_id=[],
+                                       pad_token_id=3)[0, ids.shape[1]:].tolist()
+    cut_token = baseline[6]
+    assert not set(baseline[:7]) & set(stop_token_ids(tiny.model, tiny.tokenizer))  # nothing else stops it first
+    expected = baseline[:baseline.index(cut_token)]
+    with torch.no_grad():
+        head = tiny.model.lm_head.weight
+        head[[2, cut_token]] = head[[cut_token, 2]].clone()
+    result = generate(tiny.model, tiny.tokenizer, [prompt], GenerationOptions(max_new_tokens=20))[0]
+    assert result.completion_tokens == len(expected) < 20 and result.finish_reason == "stop"
+    assert result.text == tiny.tokenizer.decode(expected, skip_special_tokens=True).strip()
+    assert result.prompt_tokens == ids.shape[1]
+
+
+def test_results_come_back_in_input_order_with_callbacks(tiny):
+    prompts = _prompts(tiny.tokenizer)
+    seen, advanced = {}, []
+    options = GenerationOptions(max_new_tokens=5)
+    results = generate(tiny.model, tiny.tokenizer, prompts, options, batch_size=3,
+                       on_result=lambda i, g: seen.__setitem__(i, g), progress=advanced.append)
+    assert sorted(seen) == list(range(len(prompts)))
+    assert [seen[i] for i in range(len(prompts))] == results
+    assert sum(advanced) == len(prompts) and len(advanced) == 3
+    assert all(g.latency_s > 0 for g in results)
+    one = generate(tiny.model, tiny.tokenizer, [prompts[2]], options)[0]
+    assert one.text == results[2].text
+
+
+def test_stop_strings_cut_the_text(tiny):
+    prompt = _prompts(tiny.tokenizer)[1]
+    full = generate(tiny.model, tiny.tokenizer, [prompt], GenerationOptions(max_new_tokens=30))[0]
+    assert len(full.text) > 4
+    stop = full.text[3:5]
+    cut = generate(tiny.model, tiny.tokenizer, [prompt], GenerationOptions(max_new_tokens=30, stop=[stop]))[0]
+    assert cut.text == full.text[:full.text.find(stop)].strip() and cut.finish_reason == "stop"
+
+
+def test_empty_prompt_list(tiny):
+    assert generate(tiny.model, tiny.tokenizer, [], GenerationOptions()) == []

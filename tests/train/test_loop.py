@@ -1,0 +1,138 @@
+"""The training loop on the tiny model: learning, the run directory, methods, safety stops."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.train.helpers import read_losses, tiny_config
+from tunesmith.errors import UsageError
+from tunesmith.train.loop import TrainingDiverged, finetune
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits
+
+
+def test_lora_30_steps_learns_and_loads_with_plain_peft(tiny_model_dir, chat_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.models.load import load
+
+    run = tmp_path / "run"
+    result = finetune(tiny_config(tiny_model_dir, chat_file, run, train__max_steps=30, data__val_size=8,
+                                  eval__eval_every=10))
+    losses = read_losses(run)
+    assert result.steps == 30 and len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    assert result.final_eval_loss is not None and result.supervised_tokens > 0
+
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.yaml",
+                 "metrics.jsonl", "loss.png", "README.md", "tunesmith.json"):
+        assert (run / name).is_file(), name
+    info = json.loads((run / "tunesmith.json").read_text())
+    assert info["base_model"] == str(tiny_model_dir) and info["method"] == "lora" and info["steps"] == 30
+    assert len(info["data_fingerprint"]) == 64 and math.isfinite(info["final_train_loss"])
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids = [5, 17, 42, 99, 2, 7, 11]
+    base_logits = _logits(base, ids)
+    plain = PeftModel.from_pretrained(base, str(run)).eval()
+    ours = load(run, dtype=torch.float32, device="cpu")
+    diff = (_logits(plain, ids) - _logits(ours.model, ids)).abs().max().item()
+    assert diff < 1e-5
+    assert (_logits(plain, ids) - base_logits).abs().max().item() > 1e-3  # the adapter is not a no-op
+    assert ours.tokenizer.chat_template  # the template used in training travels with the run
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "rslora", "full", "freeze"])
+def test_methods_train_the_right_parameters(method, tiny_model_dir, chat_file, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / method
+    result = finetune(tiny_config(tiny_model_dir, chat_file, run, method__name=method, train__max_steps=2,
+                                  method__trainable_layers=1))
+    assert result.steps == 2 and math.isfinite(result.final_train_loss)
+    assert "trainable" in capsys.readouterr().err  # the parameter counts are printed, as in the seed
+    if method in ("lora", "dora", "rslora"):
+        adapter = json.loads((run / "adapter_config.json").read_text())
+        assert adapter["use_dora"] is (method == "dora") and adapter["use_rslora"] is (method == "rslora")
+        assert any("lora_magnitude" in k for k in load_file(run / "adapter_model.safetensors")) is (method == "dora")
+        return
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    tuned = AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    if method == "full":
+        assert any("layers.0." in k for k in changed) and any("layers.1." in k for k in changed)
+    else:  # freeze: only the last layer (and the final norm) moved
+        assert changed and all("layers.1." in k or k == "model.norm.weight" for k in changed), changed
+
+
+def test_qlora_on_cpu_fails_before_loading_a_model(chat_file, tmp_path):
+    from tunesmith.config import load_config
+
+    # A model name that does not exist: reaching the loader would raise a different error.
+    config = load_config(None, ["method.name=qlora", "model.name=no-such-model", f"data.path={chat_file}",
+                                f"output.output_dir={tmp_path / 'q'}"])
+    with pytest.raises(UsageError, match="qlora needs a CUDA GPU"):
+        finetune(config)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_saves_no_nan(tiny_model_dir, chat_file, tmp_path):
+    run = tmp_path / "nan"
+    config = tiny_config(tiny_model_dir, chat_file, run, train__lr=1e30, train__warmup_steps=0,
+                         train__max_grad_norm=0, output__save_every=1, train__scheduler="constant")
+    with pytest.raises(TrainingDiverged, match=r"step \d+: non-finite") as info:
+        finetune(config)
+    step = int(str(info.value).split()[1].rstrip(":"))
+    assert step >= 2
+    saved = sorted((run / "checkpoints").glob("step-*"))
+    assert [p.name for p in saved][-1] == f"step-{step - 1}"  # nothing for the diverged step
+    for path in saved:
+        for tensor in load_file(path / "weights.safetensors").values():
+            assert torch.isfinite(tensor).all()
+
+
+def test_eval_keeps_and_loads_the_best_and_stops_early(tiny_model_dir, chat_file, tmp_path):
+    run = tmp_path / "es"
+    # A learning rate this high makes the validation loss rise after a few steps.
+    config = tiny_config(tiny_model_dir, chat_file, run, train__max_steps=40, data__val_size=8, eval__eval_every=2,
+                         eval__early_stopping_patience=2, train__lr=0.3, train__scheduler="constant",
+                         output__save_total_limit=1, method__name="full")
+    result = finetune(config)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    best_step, best = min(evals, key=lambda e: e[1])
+    assert result.stopped_early and result.steps < 40 and result.steps == evals[-1][0]
+    assert result.final_eval_loss == pytest.approx(best)
+    assert (run / "checkpoints" / f"step-{best_step}" / "COMPLETE").is_file()  # rotation kept the best
+
+    from tunesmith.models.load import load
+    from tunesmith.train.loop import evaluate_loss, prepare_data
+
+    loaded = load(run, dtype=torch.float32, device="cpu")
+    data = prepare_data(config, loaded.tokenizer)
+
+    class Single:  # the few Accelerator members evaluate_loss uses, for one process
+        process_index, num_processes, device = 0, 1, torch.device("cpu")
+
+        def autocast(self):
+            return torch.autocast("cpu", enabled=False)
+
+        def reduce(self, tensor, reduction):
+            return tensor
+
+    assert evaluate_loss(Single(), loaded.model, data.val, config, 3) == pytest.approx(best, rel=1e-5)
+
+
+def test_existing_run_is_not_overwritten(tiny_model_dir, chat_file, tmp_path):
+    run = tmp_path / "once"
+    finetune(tiny_config(tiny_model_dir, chat_file, run, train__max_steps=1))
+    with pytest.raises(UsageError, match="already holds a run"):
+        finetune(tiny_config(tiny_model_dir, chat_file, run, train__max_steps=1))
