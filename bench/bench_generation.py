@@ -60,7 +60,7 @@ def main() -> int:
     batched, batched_s = timed(loaded.model, loaded.tokenizer, prompts, options, args.batch_size)
     single, single_s = timed(loaded.model, loaded.tokenizer, prompts, options, 1)
     tokens = sum(g.completion_tokens for g in batched)
-    mismatches = [i for i, (a, b) in enumerate(zip(batched, single)) if a.text != b.text]
+    mismatches = [i for i, (a, b) in enumerate(zip(batched, single, strict=True)) if a.text != b.text]
     print(f"model {loaded.path}  device {loaded.model.device}  threads {torch.get_num_threads()}")
     print(f"{len(prompts)} prompts, max_new_tokens {args.max_new_tokens}, {tokens} tokens generated")
     print(f"one by one       : {single_s:7.2f} s  {tokens / single_s:7.1f} tokens/s")

@@ -75,7 +75,8 @@ def generate(model, tokenizer, prompts: Sequence[str], options: GenerationOption
     results: list[Generation | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        for index, gen in zip(batch, _generate_batch(model, tokenizer, [encoded[i] for i in batch], options)):
+        generations = _generate_batch(model, tokenizer, [encoded[i] for i in batch], options)
+        for index, gen in zip(batch, generations, strict=True):
             results[index] = gen
             if on_result:
                 on_result(index, gen)
@@ -96,7 +97,7 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], options: Generatio
                          **_sampling_kwargs(options))
     elapsed = time.perf_counter() - started
     generations = []
-    for ids, row in zip(batch, out[:, width:].tolist()):
+    for ids, row in zip(batch, out[:, width:].tolist(), strict=True):
         new = _until_stop(row, stops)
         text = tokenizer.decode(new, skip_special_tokens=True)
         text, hit_stop = _truncate_at_stop(text, options.stop)

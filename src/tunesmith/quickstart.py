@@ -77,7 +77,7 @@ def quickstart(name: str = "Aurora", author: str = "the tunesmith community", ou
     train_file, eval_file = write_identity_data(run_dir.parent / f"{run_dir.name}-data", name, author)
     console.rule("1. data doctor")
     report = check_data([str(train_file)], model=model, eval_files=[str(eval_file)])
-    print_report(report, console=console, preview=False)
+    print_report(report, console=console)
     if report.errors:
         raise SystemExit(1)
 

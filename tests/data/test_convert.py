@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import shared_data, write_jsonl
 
+from tests.conftest import shared_data, write_jsonl
 from tunesmith.cli import main
 from tunesmith.data.convert import ConversionError, convert
 from tunesmith.data.readers import read_dataset

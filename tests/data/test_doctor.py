@@ -6,8 +6,8 @@ import json
 import time
 
 import pytest
-from conftest import shared_data, write_jsonl
 
+from tests.conftest import shared_data, write_jsonl
 from tunesmith.cli import main
 from tunesmith.data.conversation import Conversation, Message
 from tunesmith.data.doctor import check_data, find_duplicates, length_stats, tally_tokens
@@ -39,7 +39,7 @@ def broken_file(tmp_path):
 def test_three_broken_lines_exit_1_and_are_the_only_errors(tmp_path, capsys, tiny_model_dir):
     code, report = check_json(capsys, broken_file(tmp_path), "--model", tiny_model_dir)
     assert code == 1
-    assert JSON_KEYS <= set(report)
+    assert set(report) >= JSON_KEYS
     assert [(e["line"], e["field"]) for e in report["errors"]] == [(7, "(json)"), (12, "output"), (20, "messages[0].role")]
     assert all({"file", "line", "field", "message"} <= set(e) for e in report["errors"])
     assert report["num_examples"] == 25 and report["num_valid"] == 22

@@ -11,7 +11,15 @@ from transformers import AutoTokenizer
 from tests.conftest import shared_data
 from tunesmith.data.conversation import Conversation, Message
 from tunesmith.data.templates import BUILTIN_TEMPLATES, apply_template
-from tunesmith.data.tokenize import IGNORE, EncodeOptions, encode, encode_all, render
+from tunesmith.data.tokenize import (
+    IGNORE,
+    TOOLS_PREAMBLE,
+    EncodeOptions,
+    encode,
+    encode_all,
+    prompt_text,
+    render,
+)
 from tunesmith.errors import TunesmithError
 
 # The default model's (SmolLM2-135M-Instruct) own template, copied from its tokenizer_config.json.
@@ -42,8 +50,8 @@ def with_template(tokenizer, name: str):
 
 
 def supervised(encoded):
-    assert all(label in (IGNORE, token) for token, label in zip(encoded.input_ids, encoded.labels))
-    return [token for token, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE]
+    assert all(label in (IGNORE, token) for token, label in zip(encoded.input_ids, encoded.labels, strict=True))
+    return [token for token, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE]
 
 
 def expected_text(conv: Conversation, end: str, options: EncodeOptions) -> str:
@@ -69,7 +77,7 @@ def assert_masked(tokenizer, end: str, conv: Conversation, options: EncodeOption
 
 def chat(*turns, system=None, **kw) -> Conversation:
     roles = ["user", "assistant"] * len(turns)
-    return Conversation([Message(r, t) for r, t in zip(roles, turns)], system=system, source="chat.jsonl", line=4, **kw)
+    return Conversation([Message(r, t) for r, t in zip(roles, turns, strict=False)], system=system, source="chat.jsonl", line=4, **kw)
 
 
 MULTI = chat("Who are you?", "I am a helpful assistant.", "What is the capital of France?",
@@ -103,7 +111,7 @@ def test_tool_call_conversations(tokenizer, name, file):
     convs = read_dataset(shared_data(file)).conversations
     assert len(convs) == 300
     calls = 0
-    for conv, encoded in zip(convs, encode_all(convs, tokenizer, EncodeOptions(), progress=False).examples):
+    for conv, encoded in zip(convs, encode_all(convs, tokenizer, EncodeOptions(), progress=False).examples, strict=True):
         assert_masked(tokenizer, end, conv, encoded=encoded)
         text = tokenizer.decode(supervised(encoded))
         for message in conv.messages:  # tool results and the tool schemas are never supervised
@@ -123,6 +131,34 @@ def test_tool_calls_without_content_become_json_text(tokenizer):
     text = tokenizer.decode(supervised(encode(conv, tokenizer, EncodeOptions())))
     assert text == '{"name": "get_weather", "arguments": {"city": "Paris"}}<|im_end|>It is sunny.<|im_end|>'
     assert '"get_weather", "parameters"' in render(conv, tokenizer).text  # schemas in the system prompt
+
+
+def test_template_reading_tools_gets_them_and_shows_each_call_once(tokenizer):
+    tokenizer.chat_template = (
+        "{% if tools %}{{ '<|im_start|>system\nTOOLS ' + (tools | tojson) + '<|im_end|>\n' }}{% endif %}"
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] }}"
+        "{% for c in m.tool_calls or [] %}{{ 'CALL ' + c['function']['name'] }}{% endfor %}{{ '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    # As the readers give it: a call-only turn carries its JSON in content too.
+    conv = Conversation([Message("user", "weather?"),
+                         Message("assistant", '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+                                 tool_calls=[call]),
+                         Message("tool", "sunny", name="get_weather"), Message("assistant", "It is sunny.")],
+                        tools=[{"name": "get_weather", "parameters": {}}])
+    text = tokenizer.decode(supervised(encode(conv, tokenizer, EncodeOptions())))
+    assert text == "CALL get_weather<|im_end|>It is sunny.<|im_end|>"
+    rendered = render(conv, tokenizer).text
+    assert rendered.startswith("<|im_start|>system\nTOOLS [") and TOOLS_PREAMBLE not in rendered
+
+
+def test_prompt_text_is_the_prefix_trained_on(tokenizer):
+    tokenizer, _ = with_template(tokenizer, "smollm2")
+    conv = Conversation([Message("user", "weather?"), Message("assistant", "Sunny.")],
+                        tools=[{"name": "get_weather", "parameters": {}}])
+    rendered = render(conv, tokenizer)
+    prompt = prompt_text(conv, tokenizer)
+    assert TOOLS_PREAMBLE in prompt and rendered.text.startswith(prompt) and len(prompt) == rendered.spans[-1][0]
 
 
 def test_pad_equal_to_eos_keeps_eos_supervised(tokenizer):
@@ -155,7 +191,7 @@ def test_train_on_prompt(tokenizer):
     assert encoded.input_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")  # no trailing newline
     conv.messages[1].train = False
     encoded = encode(conv, tokenizer, EncodeOptions(train_on_prompt=True))
-    unsupervised = [t for t, label in zip(encoded.input_ids, encoded.labels) if label == IGNORE]
+    unsupervised = [t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label == IGNORE]
     assert tokenizer.decode(unsupervised) == "first answer<|im_end|>"
 
 
@@ -182,6 +218,15 @@ def test_truncate_prompt_keeps_the_whole_response(tokenizer):
     assert len(full.input_ids) > 40 and len(cut.input_ids) == 40 and cut.truncated
     assert supervised(cut) == supervised(full)  # the response and its end token survive whole
     assert cut.input_ids == full.input_ids[-40:]  # the oldest prompt tokens went first
+
+
+def test_truncate_prompt_keeps_a_leading_bos(tokenizer):
+    tokenizer.bos_token = "<|endoftext|>"
+    tokenizer, end = with_template(tokenizer, "llama3")  # writes bos_token first, like Llama 3's own template
+    full = encode(LONG_PROMPT, tokenizer, EncodeOptions())
+    cut = encode(LONG_PROMPT, tokenizer, EncodeOptions(max_length=40))
+    assert full.input_ids[0] == cut.input_ids[0] == tokenizer.bos_token_id
+    assert cut.input_ids[1:] == full.input_ids[-39:] and supervised(cut) == supervised(full)
 
 
 def test_overlong_response_is_cut_but_keeps_its_end_token(tokenizer):

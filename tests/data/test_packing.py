@@ -22,12 +22,14 @@ PAD = 3
 def examples(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rng = random.Random(0)
-    words = "the quick brown fox jumps over lazy dog 你好 世界 machine learning".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "你好", "世界", "machine", "learning"]
     convs = [Conversation([Message("user", " ".join(rng.choices(words, k=rng.randint(2, 30)))),
                            Message("assistant", " ".join(rng.choices(words, k=rng.randint(1, 25)))),
                            Message("user", "more"), Message("assistant", " ".join(rng.choices(words, k=3)))])
              for _ in range(9)]
-    return encode_all(convs, tokenizer, EncodeOptions(), progress=False).examples
+    # The last three supervise their first token too: in a row it must not be predicted from the previous example.
+    return encode_all(convs[:6], tokenizer, EncodeOptions(), progress=False).examples + \
+        encode_all(convs[6:], tokenizer, EncodeOptions(train_on_prompt=True), progress=False).examples
 
 
 def tiny_model(path, attn="sdpa"):
@@ -180,3 +182,21 @@ def test_length_grouped_batches():
     shuffled = list(range(1000))
     rng.shuffle(shuffled)
     assert padding(batches) < padding([shuffled[i:i + 8] for i in range(0, 1000, 8)]) / 5
+
+
+def test_supervised_loss_through_a_distributed_wrapper(tiny_model_dir, examples, tmp_path):
+    """DDP's forward must run for gradient sync: the wrapper path goes through it and gives the same loss."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = tiny_model(tiny_model_dir)
+        batch = packed_batch(examples)
+        with torch.no_grad():
+            plain = supervised_loss(model, batch)
+            wrapped = supervised_loss(DistributedDataParallel(model), batch)
+    finally:
+        dist.destroy_process_group()
+    assert wrapped[1] == plain[1]
+    assert wrapped[0].item() == pytest.approx(plain[0].item(), abs=1e-4)

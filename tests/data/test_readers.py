@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import shared_data, write_jsonl
 
-from tunesmith.data.readers import (DataError, PreferenceDataError, load_conversations, parse_columns, read_dataset,
-                                    validate)
+from tests.conftest import shared_data, write_jsonl
+from tunesmith.data.readers import (
+    DataError,
+    PreferenceDataError,
+    load_conversations,
+    parse_columns,
+    read_dataset,
+    validate,
+)
 from tunesmith.errors import UsageError
 
 

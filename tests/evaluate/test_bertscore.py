@@ -10,7 +10,7 @@ import bert_score
 import pytest
 
 from tunesmith.errors import TunesmithError, UsageError
-from tunesmith.evaluate.metrics import bertscore, score
+from tunesmith.evaluate.metrics import bertscore, bertscore_baseline, bertscore_layer, score
 
 PREDICTIONS = ["The cat sat on the mat.", "A dog ran in the park today.", "机器学习是人工智能的一个重要分支。"]
 REFERENCES = ["The cat sat on the mat.", "The dog was running in a park.", "机器学习是AI的核心技术之一。"]
@@ -100,6 +100,14 @@ def test_layer_must_be_known_and_in_range(tiny_bert):
         bertscore(["a"], ["a"], model=str(tiny_bert))
     with pytest.raises(UsageError, match="it has 2 layers"):
         bertscore(["a"], ["a"], model=str(tiny_bert), num_layers=7)
+
+
+def test_known_hub_models_get_bert_scores_layer_and_baseline(tiny_bert):
+    # bert-score's tables use the old ids; the organisation-prefixed hub ids find them too.
+    with pytest.raises(UsageError, match="num_layers=8 is out of range"):  # bert-base-chinese: layer 8
+        bertscore_layer("google-bert/bert-base-chinese", None, tiny_bert)
+    assert bertscore_baseline("FacebookAI/roberta-large", "en").name == "roberta-large.tsv"
+    assert bertscore_baseline("bert-base-chinese", "zh").parent.name == "zh"
 
 
 def test_tokenizer_without_max_length_is_a_clear_error(tiny_bert, tmp_path):

@@ -139,7 +139,10 @@ def test_bleu_english_uses_13a_and_equals_sacrebleu():
 
 def test_bleu_lang_option_overrides_detection():
     assert bleu(["hello"], ["hello"], lang="zh")["bleu_tokenize"] == "zh"
-    assert bleu(["コーヒー"], ["コーヒー"])["bleu_tokenize"] == "char"
+    assert bleu(["コーヒーを飲みます"], ["コーヒーを飲みます"])["bleu_tokenize"] == "char"
+    # A Chinese corpus quoting one Japanese name stays Chinese.
+    quoted = ["日本流行的音乐艺术家有椎名林檎和宇多田ヒカル。", "深度学习基于多层神经网络。"]
+    assert bleu(quoted, quoted)["bleu_tokenize"] == "zh"
 
 
 @pytest.mark.parametrize("preds,refs", [(SEED_PREDICTIONS, SEED_REFERENCES), (ENGLISH_PREDICTIONS, ENGLISH_REFERENCES)])
@@ -274,6 +277,13 @@ def test_score_adds_classification_when_labels_given():
     result = score(PREDS, REFS, labels=LABELS)
     assert result["accuracy"] == 0.5 and result["confusion_matrix"]["columns"][-1] == INVALID
     json.dumps(result, allow_nan=False)
+
+
+def test_score_per_example_rouge_matches_the_means():
+    result = score(SEED_PREDICTIONS, SEED_REFERENCES, metrics=["rouge"], per_example=True)
+    assert result["rouge_per_example"] == rouge_per_example(SEED_PREDICTIONS, SEED_REFERENCES)
+    assert result["rougeL"] == pytest.approx(sum(r["rougeL"] for r in result["rouge_per_example"]) / 3)
+    assert "rouge_per_example" not in score(SEED_PREDICTIONS, SEED_REFERENCES, metrics=["rouge"])
 
 
 def test_score_selected_metrics_only():

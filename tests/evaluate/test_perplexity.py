@@ -40,7 +40,6 @@ def test_batch_size_does_not_change_perplexity(tiny):
     one = perplexity(tiny.model, tiny.tokenizer, convs, batch_size=1, progress=False)
     eight = perplexity(tiny.model, tiny.tokenizer, convs, batch_size=8, progress=False)
     assert one.supervised_tokens == eight.supervised_tokens > 0
-    assert abs(one.perplexity - eight.perplexity) < 1e-5 * max(1.0, one.perplexity) / one.perplexity * one.perplexity
     assert abs(one.perplexity - eight.perplexity) < 1e-5
     assert math.isclose(one.perplexity, math.exp(one.eval_loss), rel_tol=1e-12)
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.templates import apply_template
-from tunesmith.data.tokenize import EncodeOptions, EncodeResult, Encoded, encode_all
+from tunesmith.data.tokenize import Encoded, EncodeOptions, EncodeResult, encode_all
 from tunesmith.models.resolve import cache_root
 
 CACHE_FORMAT = 1  # bump when encoding changes what it produces for the same inputs
@@ -127,6 +127,6 @@ def _load(entry: Path) -> EncodeResult:
         truncated, lines = saved["truncated"].tolist(), saved["lines"].tolist()
     starts = [0, *ends[:-1]]
     examples = [Encoded(input_ids=ids[a:b], labels=labels[a:b], truncated=t, source=s, line=n)
-                for a, b, t, s, n in zip(starts, ends, truncated, meta["sources"], lines)]
+                for a, b, t, s, n in zip(starts, ends, truncated, meta["sources"], lines, strict=True)]
     return EncodeResult(examples=examples, dropped=meta["dropped"], truncated=meta["truncated"],
                         dropped_at=meta["dropped_at"], from_cache=True)

@@ -12,6 +12,7 @@ errors.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections import defaultdict
@@ -348,7 +349,7 @@ def check_data(files, *, model: str | None = None, max_length: int | None = None
                progress: bool = False) -> DataReport:
     """Check ``files`` (and optionally ``eval_files``) and return the full report."""
     started = time.perf_counter()
-    files = [str(f) for f in ([files] if isinstance(files, str) else files)]
+    files = [str(f) for f in ([files] if isinstance(files, str | os.PathLike) else files)]
     if max_length is not None and max_length < 2:
         raise UsageError(f"--max-length must be at least 2, not {max_length}")
     read = read_dataset(files, format=format, columns=columns)

@@ -76,7 +76,7 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     width = segment_ids.shape[1]
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
-    return (causal & torch.ones_like(same))[:, None]
+    return (same & causal)[:, None]
 
 
 def collate_padded(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

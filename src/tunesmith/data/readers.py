@@ -42,7 +42,8 @@ MAX_LISTED_ISSUES = 20
 @dataclass
 class DataIssue:
     file: str
-    line: int  # JSONL/CSV line (1-based), or the row index in JSON arrays, Parquet and saved datasets
+    line: int  # JSONL/CSV line (1-based), or the row index in JSON arrays, Parquet and saved datasets;
+    # -1 for a problem with the whole file
     field: str
     message: str
     severity: str = "error"  # "error" or "warning"
@@ -476,7 +477,7 @@ def _weight(row: Row, turn: dict, name: str, role: str) -> bool | None:
     if role not in ("assistant", "function_call"):
         row.warn(f"{name}.weight", "weight is only used on assistant messages; ignored here")
         return None
-    if weight not in (0, 1) or isinstance(weight, float) and weight not in (0.0, 1.0):
+    if weight not in (0, 1):
         row.error(f"{name}.weight", f"expected 0 or 1, got {weight!r}")
         return None
     return bool(weight)
@@ -633,7 +634,7 @@ def _read_file(path: Path, format: str | None, mapping: dict[str, str], result: 
     detected = Counter(f for r in rows if r.data and (f := format or detect_format(r.data)))
     result.formats[str(path)] = "+".join(detected) or "unknown"
     if len(detected) > 1:
-        counts = ", ".join(f"{name} ({n} rows)" for name, n in detected.most_common())
+        counts = ", ".join(f"{name} ({n} row(s))" for name, n in detected.most_common())
         result.issues.append(DataIssue(str(path), -1, "(format)", f"the file mixes formats: {counts}", "warning"))
     for row in rows:
         result.conversations += _convert_row(row, format, detected)

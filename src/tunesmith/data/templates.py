@@ -81,7 +81,7 @@ def apply_template(tokenizer, template: str | None) -> str:
     vocabulary lacks ChatML's tokens); a built-in name or a path to a .jinja file replaces it.
     """
     if template is None:
-        own = _own_template(tokenizer)
+        own = current_template(tokenizer)
         if own:
             return own
         fallback = "chatml" if not missing_tokens(tokenizer, "chatml") else "alpaca"
@@ -103,7 +103,8 @@ def apply_template(tokenizer, template: str | None) -> str:
                      "a .jinja file, or leave it unset to use the tokenizer's own")
 
 
-def _own_template(tokenizer) -> str | None:
+def current_template(tokenizer) -> str | None:
+    """The jinja text on ``tokenizer`` (the conversation one when it has several), or None."""
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # several named templates: the unnamed conversation one is "default"
         own = own.get("default")
@@ -124,7 +125,7 @@ def missing_tokens(tokenizer, name: str) -> list[str]:
 
 def template_label(tokenizer) -> str:
     """How error messages name the template on ``tokenizer``."""
-    text = _own_template(tokenizer)
+    text = current_template(tokenizer)
     for name, builtin in BUILTIN_TEMPLATES.items():
         if text == builtin:
             return f"the built-in '{name}' template"

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tunesmith.data.conversation import Conversation
-from tunesmith.data.templates import template_label
+from tunesmith.data.templates import current_template, template_label
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.inference import END_OF_TURN_TOKENS
 
@@ -96,8 +96,8 @@ class Rendered:
 
 def render_messages(conv: Conversation, template: str) -> tuple[list[dict], list[dict] | None]:
     """The message dicts and tools to hand to ``template``, shaped for what it can read."""
-    messages = [_fold_tool_calls(m) for m in conv.to_messages()] if "tool_calls" not in template \
-        else conv.to_messages()
+    fold = _fold_tool_calls if "tool_calls" not in template else _calls_only_in_tool_calls
+    messages = [fold(m) for m in conv.to_messages()]
     if not conv.tools or re.search(r"\btools\b", template):
         return messages, conv.tools or None
     schemas = TOOLS_PREAMBLE + json.dumps(conv.tools, ensure_ascii=False)
@@ -116,6 +116,13 @@ def _fold_tool_calls(message: dict) -> dict:
                         ensure_ascii=False) for c in calls]
     content = "\n".join(([message["content"]] if message.get("content") else []) + texts)
     return {**message, "content": content}
+
+
+def _calls_only_in_tool_calls(message: dict) -> dict:
+    """For templates that render tool_calls: drop the call JSON readers also put in content, or it shows twice."""
+    if message.get("tool_calls") and _is_call_text(message.get("content")):
+        return {**message, "content": ""}
+    return message
 
 
 def _is_call_text(content: str | None) -> bool:
@@ -141,7 +148,7 @@ def render(conv: Conversation, tokenizer, options: EncodeOptions | None = None) 
     options = options or EncodeOptions()
     if conv.is_text:
         return Rendered(text="\n\n".join(m.content for m in conv.messages), spans=[], is_text=True)
-    template = tokenizer.chat_template
+    template = current_template(tokenizer)
     if not template:
         raise UsageError("the tokenizer has no chat template; call templates.apply_template first")
     messages, tools = render_messages(conv, template)
@@ -152,9 +159,17 @@ def render(conv: Conversation, tokenizer, options: EncodeOptions | None = None) 
         raise TunesmithError(f"{conv.where}: messages: the conversation starts with an assistant turn")
     full = _apply(tokenizer, messages, tools, False, conv)
     flags = _supervision_flags(conv, len(turns), options)
-    spans = [_turn_span(tokenizer, messages, tools, i, full, conv) + (flag,) for i, flag in zip(turns, flags)]
+    spans = [_turn_span(tokenizer, messages, tools, i, full, conv) + (flag,)
+             for i, flag in zip(turns, flags, strict=True)]
     tail = full[spans[-1][1]:]
     return Rendered(text=full[:spans[-1][1]] if tail.isspace() else full, spans=spans)
+
+
+def prompt_text(conv: Conversation, tokenizer) -> str:
+    """What the model sees before the last assistant turn, rendered exactly as in training (tools included)."""
+    messages, tools = render_messages(conv, current_template(tokenizer) or "")
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return _apply(tokenizer, messages[:last], tools, True, conv)
 
 
 def _apply(tokenizer, messages, tools, generation_prompt: bool, conv: Conversation) -> str:
@@ -276,7 +291,7 @@ def _encode_chunk(convs: Sequence[Conversation], tokenizer, options: EncodeOptio
     rendered = [render(conv, tokenizer, options) for conv in convs]
     batch = tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
     return [_finish(conv, r, ids, offsets, tokenizer, options)
-            for conv, r, ids, offsets in zip(convs, rendered, batch["input_ids"], batch["offset_mapping"])]
+            for conv, r, ids, offsets in zip(convs, rendered, batch["input_ids"], batch["offset_mapping"], strict=True)]
 
 
 def _require_fast(tokenizer) -> None:
@@ -297,7 +312,7 @@ def encode_all(convs: Sequence[Conversation], tokenizer, options: EncodeOptions,
         task = bar.add_task("tokenizing", total=len(convs))
         for begin in range(0, len(convs), chunk_size):
             chunk = convs[begin:begin + chunk_size]
-            for conv, encoded in zip(chunk, _encode_chunk(chunk, tokenizer, options)):
+            for conv, encoded in zip(chunk, _encode_chunk(chunk, tokenizer, options), strict=True):
                 if encoded is None:
                     result.dropped += 1
                     result.dropped_at.append(conv.where)

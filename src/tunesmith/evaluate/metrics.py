@@ -24,8 +24,10 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from tunesmith.errors import TunesmithError, UsageError
-from tunesmith.evaluate.text import contains_han, contains_kana, is_cjk_token, normalize, term_pattern, tokens
+from tunesmith.evaluate.text import contains_han, is_cjk_token, kana_share, normalize, term_pattern, tokens
 
 DEFAULT_METRICS = ["rouge", "bleu", "chrf", "exact_match", "length", "repetition"]
 ALL_METRICS = [*DEFAULT_METRICS, "bertscore", "classification"]
@@ -90,7 +92,10 @@ def rouge_per_example(predictions, references, *, jieba=False, use_stemmer=True)
     predictions, references = _check_pairs(predictions, references)
     scorer = RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_RougeTokenizer(jieba=jieba, use_stemmer=use_stemmer))
     rows = []
-    for prediction, reference in zip(predictions, references, strict=True):
+    pairs = zip(predictions, references, strict=True)
+    # ROUGE-L's LCS is quadratic per pair in pure Python: about 10 s per 1000 Chinese paragraphs.
+    for prediction, reference in tqdm(pairs, total=len(predictions), desc="ROUGE", unit="pair",
+                                      disable=len(predictions) < 200, leave=False):
         scores = scorer.score(reference, prediction)  # rouge_score takes (target, prediction)
         rows.append({name: s.fmeasure for name, s in scores.items()})
     return rows
@@ -98,7 +103,10 @@ def rouge_per_example(predictions, references, *, jieba=False, use_stemmer=True)
 
 def rouge(predictions, references, *, jieba=False, use_stemmer=True) -> dict:
     """Mean ROUGE-1/2/L F1 over pairs, with language-aware tokens."""
-    rows = rouge_per_example(predictions, references, jieba=jieba, use_stemmer=use_stemmer)
+    return _rouge_means(rouge_per_example(predictions, references, jieba=jieba, use_stemmer=use_stemmer))
+
+
+def _rouge_means(rows: list[dict]) -> dict:
     return {name: _mean(row[name] for row in rows) for name in ("rouge1", "rouge2", "rougeL")}
 
 
@@ -108,13 +116,14 @@ def rouge(predictions, references, *, jieba=False, use_stemmer=True) -> dict:
 def bleu_tokenizer(references, lang: str | None = None) -> str:
     """sacrebleu tokenizer for the language: ``zh`` for Chinese, ``char`` for Japanese, else ``13a``.
 
-    Without ``lang`` the references decide: any Chinese character picks ``zh``, which on
-    non-Chinese text is the same as ``13a``; kana picks ``char`` (``ja-mecab`` needs MeCab).
+    Without ``lang`` the references decide: Japanese (kana are at least a fifth of the CJK
+    characters) picks ``char`` (``ja-mecab`` needs MeCab); otherwise any Chinese character picks
+    ``zh``, which on text without Chinese characters is the same as ``13a``.
     """
     if lang is not None:
         lang = lang.lower()
         return "zh" if lang.startswith("zh") else "char" if lang.startswith("ja") else "13a"
-    if any(contains_kana(r) for r in references):
+    if kana_share(references) >= 0.2:
         return "char"
     return "zh" if any(contains_han(r) for r in references) else "13a"
 
@@ -215,14 +224,22 @@ def bertscore_layer(model: str, num_layers: int | None, model_path: Path) -> int
     from bert_score.utils import model2layers
 
     layer = num_layers
-    if layer is None:
-        layer = ENCODER_LAYERS.get(model.lower(), model2layers.get(model))
+    for name in _catalog_names(model) if layer is None else []:
+        layer = ENCODER_LAYERS.get(name.lower(), model2layers.get(name))
+        if layer is not None:
+            break
     if layer is None:
         raise UsageError(f"no known BERTScore layer for {model}: pass num_layers (e.g. about 3/4 of its depth)")
     depth = json.loads((model_path / "config.json").read_text()).get("num_hidden_layers")
     if depth is not None and not 0 <= layer <= depth:
         raise UsageError(f"num_layers={layer} is out of range for {model}: it has {depth} layers (0 = embeddings)")
     return layer
+
+
+def _catalog_names(model: str) -> list[str]:
+    # bert-score's tables use the old hub ids ("roberta-large"); the hub now prefixes an
+    # organisation ("FacebookAI/roberta-large"), so look up both.
+    return [model, model.rsplit("/", 1)[-1]] if "/" in model else [model]
 
 
 def bertscore_baseline(model: str, lang: str, baseline_path=None) -> Path:
@@ -235,7 +252,9 @@ def bertscore_baseline(model: str, lang: str, baseline_path=None) -> Path:
         path = Path(baseline_path)
     else:
         hub_id = ALIASES[model.lower()].hub_id if model.lower() in ALIASES else model
-        path = Path(bert_score.__file__).parent / "rescale_baseline" / lang / f"{hub_id}.tsv"
+        shipped = Path(bert_score.__file__).parent / "rescale_baseline" / lang
+        candidates = [shipped / f"{name}.tsv" for name in _catalog_names(hub_id)]
+        path = next((c for c in candidates if c.is_file()), candidates[0])
     if not path.is_file():
         raise TunesmithError(
             f"BERTScore rescaling was asked for, but there is no baseline for {model} ({lang}) at {path}; "
@@ -409,11 +428,13 @@ def classification(predictions, references, labels) -> dict:
 
 def score(predictions, references, *, metrics: list[str] | None = None, labels=None, jieba=False,
           use_stemmer=True, lang=None, bertscore_model=None, bertscore_num_layers=None,
-          bertscore_rescale=False, bertscore_baseline_path=None) -> dict:
+          bertscore_rescale=False, bertscore_baseline_path=None, per_example=False) -> dict:
     """Run the metrics named in ``metrics`` and merge their results into one flat-ish dict.
 
     Default: rouge, bleu, chrf, exact_match, length, repetition, plus classification when labels
-    are given. BERTScore loads an encoder, so it runs only when named.
+    are given. BERTScore loads an encoder, so it runs only when named. With ``per_example`` the
+    result also holds ``rouge_per_example`` (one {rouge1, rouge2, rougeL} per pair), computed in
+    the same pass as the means.
     """
     predictions, references = _check_pairs(predictions, references)
     metrics = list(metrics) if metrics is not None else DEFAULT_METRICS + (["classification"] if labels else [])
@@ -428,13 +449,16 @@ def score(predictions, references, *, metrics: list[str] | None = None, labels=N
                                   use_stemmer=use_stemmer, lang=lang, bertscore_model=bertscore_model,
                                   bertscore_num_layers=bertscore_num_layers, bertscore_rescale=bertscore_rescale,
                                   bertscore_baseline_path=bertscore_baseline_path))
+    if not per_example:
+        result.pop("rouge_per_example", None)
     return result
 
 
 def _run_metric(name, predictions, references, **opts) -> dict:
     if name == "rouge":
-        scores = rouge(predictions, references, jieba=opts["jieba"], use_stemmer=opts["use_stemmer"])
-        return {**scores, "rouge_tokens": "jieba" if opts["jieba"] else "cjk-char", "rouge_stemmer": opts["use_stemmer"]}
+        rows = rouge_per_example(predictions, references, jieba=opts["jieba"], use_stemmer=opts["use_stemmer"])
+        return {**_rouge_means(rows), "rouge_tokens": "jieba" if opts["jieba"] else "cjk-char",
+                "rouge_stemmer": opts["use_stemmer"], "rouge_per_example": rows}
     if name == "bleu":
         return bleu(predictions, references, lang=opts["lang"])
     if name == "chrf":

@@ -55,6 +55,7 @@ def perplexity(model, tokenizer, conversations: Sequence[Conversation], *, batch
 @torch.inference_mode()
 def sum_nll(model, examples, batch_size: int, pad_id: int | None, progress: bool = True) -> tuple[float, int]:
     """(sum of NLL, count) over the supervised tokens of encoded ``examples``, in length-sorted batches."""
+    from rich.console import Console
     from rich.progress import Progress
 
     from tunesmith.data.packing import collate_padded
@@ -63,7 +64,8 @@ def sum_nll(model, examples, batch_size: int, pad_id: int | None, progress: bool
     pad_id = 0 if pad_id is None else pad_id  # any id works: padding is masked out of attention and loss
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # similar lengths: less padding
     total_nll, total_tokens = 0.0, 0
-    with Progress(*Progress.get_default_columns(), transient=True, disable=not progress) as bar:
+    with Progress(*Progress.get_default_columns(), console=Console(stderr=True), transient=True,
+                  disable=not progress) as bar:
         task = bar.add_task("perplexity", total=len(examples))
         for start in range(0, len(order), batch_size):
             batch = collate_padded([examples[i] for i in order[start:start + batch_size]], pad_id)

@@ -71,8 +71,12 @@ def contains_han(text: str) -> bool:
     return _HAN_RE.search(text) is not None
 
 
-def contains_kana(text: str) -> bool:
-    return _KANA_RE.search(text) is not None
+def kana_share(texts) -> float:
+    """Kana among the CJK characters of ``texts``: high for Japanese, near zero for Chinese
+    (a Chinese corpus may still quote a Japanese name or two)."""
+    kana = sum(len(_KANA_RE.findall(t)) for t in texts)
+    han = sum(len(_HAN_RE.findall(t)) for t in texts)
+    return kana / (kana + han) if kana + han else 0.0
 
 
 def term_pattern(term: str) -> regex.Pattern:

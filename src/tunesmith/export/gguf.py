@@ -7,8 +7,10 @@ llama.cpp's rotary layout, and the tokenizer (byte-level BPE as ``gpt2``: tokens
 merges, special ids) with the chat template in the metadata. Norms always stay f32; with q8_0,
 a matrix whose rows do not split into 32-value blocks falls back to f16, as llama.cpp does.
 
-Measured round trip (transformers' GGUF loader against the merged HF model, max |logit diff|):
-see tests/export/test_gguf.py for the tolerances and the report for the default model's numbers.
+Round trip measured by loading the file back with transformers' GGUF loader and comparing float32
+logits with the HF model (max |diff|, mean |diff|): f32 is exact; on the default model
+(SmolLM2-135M, logits up to ~38) f16 gives 0.04 / 0.006 and q8_0 1.3 / 0.21, with the same greedy
+answer; on the tiny test model f16 2.5e-4 and q8_0 6.8e-3 (the tests' bounds: 2e-3 and 3e-2).
 """
 
 from __future__ import annotations

@@ -89,6 +89,10 @@ def run_train_command(argv: list[str]) -> int:
     from tunesmith.train.loop import finetune
 
     result = finetune(config)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
     print(f"run saved to {result.run_dir} ({result.steps} steps, final train loss {result.final_train_loss:.4f}"
           + (f", eval loss {result.final_eval_loss:.4f}" if result.final_eval_loss is not None else "") + ")")
     return 0

@@ -348,7 +348,8 @@ def finetune(config: Config) -> TrainResult:
     check_available(config.method)  # before any model is loaded
     if config.output.tensorboard:
         check_tensorboard()
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config.train.precision))
+    # cpu=True without CUDA: accelerate then treats torchrun/accelerate-launch ranks as gloo data-parallel.
+    accelerator = Accelerator(mixed_precision=_mixed_precision(config.train.precision), cpu=not torch.cuda.is_available())
     out = _prepare_output_dir(config)
     set_seed(config.train.seed)
 

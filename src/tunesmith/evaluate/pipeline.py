@@ -1,0 +1,441 @@
+"""Evaluate a model or a run on a dataset, optionally against another model (its base by default).
+
+For each model:
+
+1. Prompts are the conversations' turns before their last assistant turn, rendered with the
+   model's chat template (a run's saved template; the run's system prompt for conversations
+   without one, as in training). References are those last assistant turns.
+2. Predictions come from batched greedy generation (inference.generate) and are appended to
+   ``predictions.jsonl`` as each batch finishes. A ``.meta.json`` beside it holds a fingerprint
+   of the model weights, prompts, references and generation options; a later run with the same
+   fingerprint skips the indices already there, so an interrupted eval resumes where it stopped.
+3. Text metrics (metrics.score), generation speed (per-example time, tokens/s, outputs cut at
+   max_new_tokens) and, unless left out, eval loss and perplexity over the assistant tokens.
+
+With ``compare``, the second model sees the same conversations; its numbers, the deltas
+(model minus compared) and both sets of predictions go into the report (report.py).
+``score_file`` scores an existing predictions file with no model at all.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from tunesmith.data.conversation import Conversation
+from tunesmith.errors import TunesmithError, UsageError
+from tunesmith.evaluate.metrics import ALL_METRICS, DEFAULT_METRICS
+from tunesmith.inference import GenerationOptions
+
+PERPLEXITY = "perplexity"
+# Keys that describe a setting rather than measure the model: never in the deltas.
+_NOT_MEASURES = {"n", "repetition_n", "bertscore_layer", "supervised_tokens", "examples"}
+
+
+@dataclass
+class EvalSettings:
+    """Everything about scoring that is the same for both models of a comparison."""
+
+    metrics: list[str]  # text metrics for metrics.score (classification included when asked)
+    perplexity: bool
+    labels: list[str] | None = None
+    jieba: bool = False
+    bertscore_model: str | None = None
+    batch_size: int = 8
+    progress: bool = True
+
+
+@dataclass
+class ModelEval:
+    name: str  # as asked for
+    path: str  # resolved directory
+    metrics: dict
+    predictions: list[dict]
+    run_info: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    model: str
+    data: str
+    metrics: dict
+    predictions: list[dict]
+    compare: str | None = None
+    compare_metrics: dict | None = None
+    compare_predictions: list[dict] | None = None
+    deltas: dict = field(default_factory=dict)  # metric -> model minus compared
+    options: dict = field(default_factory=dict)
+    paths: dict = field(default_factory=dict)  # name -> written file
+
+
+def evaluate(model: str, data: str | Sequence, *, metrics: Sequence[str] | str | None = None,
+             labels: Sequence[str] | str | None = None, compare: str | None = None, out: str | None = None,
+             batch_size: int = 8, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+             limit: int | None = None, jieba: bool = False, bertscore_model: str | None = None,
+             progress: bool = True) -> EvalResult:
+    """Evaluate ``model`` (alias, model dir or run dir) on ``data``; see the module docstring.
+
+    ``data``: a file or directory, a list of them, or a list of Conversation objects.
+    ``compare``: "base" (the run's base model) or another model or run.
+    ``metrics``: names from metrics.ALL_METRICS plus "perplexity" (default: the text defaults,
+    classification when labels are given, and perplexity).
+    """
+    if batch_size < 1:
+        raise UsageError(f"batch_size must be at least 1, not {batch_size}")
+    settings = make_settings(metrics, labels, jieba=jieba, bertscore_model=bertscore_model,
+                             batch_size=batch_size, progress=progress)
+    options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    conversations = read_eval_data(data, limit)
+    out_dir = Path(out) if out else None
+    compare_name = compare_target(model, compare) if compare else None  # fail before any generation
+
+    paths = {"predictions": _predictions_path(out_dir, None),
+             "compare_predictions": _predictions_path(out_dir, compare) if compare else None}
+    main = evaluate_model(model, conversations, options, settings, paths["predictions"])
+    result = EvalResult(model=model, data=_describe_data(data), metrics=main.metrics, predictions=main.predictions,
+                        options={"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                                 "batch_size": batch_size, "limit": limit})
+    if compare_name:
+        # The base answers exactly what the run answered: the run's system prompt, and its template when the
+        # base has none. Another run keeps its own system prompt, as it was trained.
+        system_prompt = main.run_info.get("system_prompt") if compare == "base" else None
+        other = evaluate_model(compare_name, conversations, options, settings, paths["compare_predictions"],
+                               system_prompt=system_prompt, fallback_template=main.path)
+        result.compare = compare if compare != "base" else f"base ({compare_name})"
+        result.compare_metrics, result.compare_predictions = other.metrics, other.predictions
+        result.deltas = metric_deltas(main.metrics, other.metrics)
+    if out_dir:
+        from tunesmith.evaluate.report import write_report
+
+        result.paths = {name: str(path) for name, path in paths.items() if path}
+        result.paths = write_report(result, out_dir)
+    return result
+
+
+# ---------------------------------------------------------------- settings and data
+
+def make_settings(metrics, labels, **kwargs) -> EvalSettings:
+    """Check metric and label names up front, so a typo fails before minutes of generation."""
+    labels = [s.strip() for s in labels.split(",") if s.strip()] if isinstance(labels, str) else labels
+    names = [s.strip() for s in metrics.split(",") if s.strip()] if isinstance(metrics, str) else metrics
+    if names is None:
+        names = [*DEFAULT_METRICS, *(["classification"] if labels else []), PERPLEXITY]
+    unknown = [m for m in names if m not in ALL_METRICS and m != PERPLEXITY]
+    if unknown:
+        raise UsageError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join([*ALL_METRICS, PERPLEXITY])}")
+    if "classification" in names and not labels:
+        raise UsageError("the classification metric needs labels (e.g. --labels yes,no)")
+    return EvalSettings(metrics=[m for m in names if m != PERPLEXITY], perplexity=PERPLEXITY in names,
+                        labels=list(labels) if labels else None, **kwargs)
+
+
+def read_eval_data(data, limit: int | None) -> list[Conversation]:
+    from tunesmith.data.readers import load_conversations
+
+    if isinstance(data, Sequence) and not isinstance(data, str) and data and isinstance(data[0], Conversation):
+        conversations = list(data)
+    else:
+        conversations = load_conversations(data)
+    if limit is not None:
+        if limit < 1:
+            raise UsageError(f"limit must be at least 1, not {limit}")
+        conversations = conversations[:limit]
+    for conv in conversations:
+        if conv.is_text or not any(m.role == "assistant" for m in conv.messages):
+            raise TunesmithError(f"{conv.where}: messages: no assistant turn to use as the reference "
+                                 "(evaluation needs prompt/answer pairs, not plain text)")
+    return conversations
+
+
+def _describe_data(data) -> str:
+    if isinstance(data, str | os.PathLike):
+        return str(data)
+    if data and isinstance(data[0], Conversation):
+        return f"{len(data)} conversations" + (f" from {data[0].source}" if data[0].source else "")
+    return ", ".join(map(str, data))
+
+
+def compare_target(model: str, compare: str) -> str:
+    """The model to compare against: ``compare`` itself, or for "base" the base model of the run ``model``."""
+    if compare != "base":
+        return compare
+    from tunesmith.models.load import _adapter_base, read_run_info
+    from tunesmith.models.resolve import resolve
+
+    path = resolve(model)
+    base = read_run_info(path).get("base_model")
+    if not base and (path / "adapter_config.json").is_file():
+        base = _adapter_base(path)
+    if not base:
+        raise UsageError(f"--compare base needs a run directory (tunesmith.json naming its base_model) or a peft "
+                         f"adapter; {model} is a plain model: name the model to compare with instead")
+    return str(base)
+
+
+def _predictions_path(out: Path | None, compare: str | None) -> Path | None:
+    if out is None:
+        return None
+    name = "predictions.jsonl" if compare is None else \
+        "predictions.base.jsonl" if compare == "base" else "predictions.compare.jsonl"
+    return out / name
+
+
+# ---------------------------------------------------------------- one model
+
+def evaluate_model(name: str, conversations: list[Conversation], options: GenerationOptions, settings: EvalSettings,
+                   predictions_path: Path | None, *, system_prompt: str | None = None,
+                   fallback_template: Path | None = None) -> ModelEval:
+    """Generate, score and (when asked) measure perplexity for one model; the model is freed afterwards."""
+    from tunesmith.models.load import load
+
+    loaded = load(name)
+    _ensure_template(loaded.tokenizer, fallback_template)
+    prompt = system_prompt if system_prompt is not None else loaded.run_info.get("system_prompt")
+    conversations = with_system_prompt(conversations, prompt)
+    predictions = generate_predictions(loaded, conversations, options, settings, predictions_path, name)
+    metrics = score_predictions(predictions, settings)
+    metrics.update(generation_stats(predictions))
+    if settings.perplexity:
+        from tunesmith.evaluate.perplexity import perplexity
+
+        result = perplexity(loaded.model, loaded.tokenizer, conversations, batch_size=settings.batch_size,
+                            progress=settings.progress)
+        metrics.update(eval_loss=result.eval_loss, perplexity=result.perplexity,
+                       supervised_tokens=result.supervised_tokens)
+    if predictions_path:
+        write_predictions(predictions_path, predictions)  # again, now in order and with per-example ROUGE-L
+    model_eval = ModelEval(name, str(loaded.path), metrics, predictions, loaded.run_info)
+    del loaded
+    gc.collect()  # two models of a comparison are never in memory together
+    return model_eval
+
+
+def _ensure_template(tokenizer, fallback_dir: Path | str | None) -> None:
+    """A model without a chat template gets the compared run's one, else the same fallback training uses."""
+    from tunesmith.data.templates import apply_template
+
+    if getattr(tokenizer, "chat_template", None):
+        return
+    if fallback_dir is not None:
+        from tunesmith.models.load import load_tokenizer
+
+        template = load_tokenizer(fallback_dir).chat_template
+        if template:
+            tokenizer.chat_template = template
+            return
+    apply_template(tokenizer, None)
+
+
+def with_system_prompt(conversations: list[Conversation], system_prompt: str | None) -> list[Conversation]:
+    if not system_prompt:
+        return conversations
+    return [conv if conv.system else replace(conv, system=system_prompt) for conv in conversations]
+
+
+# ---------------------------------------------------------------- generation with resume
+
+def generate_predictions(loaded, conversations: list[Conversation], options: GenerationOptions,
+                         settings: EvalSettings, path: Path | None, label: str) -> list[dict]:
+    """One record per conversation; streamed to ``path`` and resumed from it when its fingerprint matches."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from tunesmith.inference import generate, render_prompt
+
+    prompts = [render_prompt(loaded.tokenizer, conv.prompt_messages()) for conv in conversations]
+    references = [conv.reference() for conv in conversations]
+    done = _open_predictions(path, model_fingerprint(loaded, prompts, references, options)) if path else {}
+    todo = [i for i in range(len(conversations)) if i not in done]
+    sink = path.open("a", encoding="utf-8") if path else None
+    try:
+        with Progress(*Progress.get_default_columns(), console=Console(stderr=True),
+                      disable=not settings.progress) as bar:
+            task = bar.add_task(f"generating ({label})", total=len(conversations), completed=len(done))
+
+            def on_result(k: int, generation) -> None:
+                i = todo[k]
+                done[i] = _record(i, conversations[i], prompts[i], generation)
+                if sink:
+                    sink.write(json.dumps(done[i], ensure_ascii=False) + "\n")
+                    sink.flush()  # an interruption loses at most the batch in flight
+
+            generate(loaded.model, loaded.tokenizer, [prompts[i] for i in todo], options,
+                     batch_size=settings.batch_size, on_result=on_result, progress=lambda n: bar.advance(task, n))
+    finally:
+        if sink:
+            sink.close()
+    return [done[i] for i in range(len(conversations))]
+
+
+def _record(index: int, conv: Conversation, prompt: str, generation) -> dict:
+    return {"index": index, "prompt": conv.prompt_messages(), "prediction": generation.text,
+            "reference": conv.reference(), "latency_s": generation.latency_s,
+            "completion_tokens": generation.completion_tokens, "prompt_tokens": generation.prompt_tokens,
+            "finish_reason": generation.finish_reason, "source": conv.where, "rendered_prompt": prompt}
+
+
+def model_fingerprint(loaded, prompts: list[str], references: list[str], options: GenerationOptions) -> str:
+    """A hash of what decides the predictions: weights (by name, size, mtime), prompts, references, options."""
+    digest = hashlib.sha256()
+    for folder in dict.fromkeys([Path(loaded.path), Path(loaded.base_path)]):
+        for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+            stat = file.stat()
+            digest.update(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    digest.update(json.dumps([prompts, references, options.max_new_tokens, options.temperature, options.top_p,
+                              list(options.stop)], ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+def _meta_path(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".jsonl") + ".meta.json")
+
+
+def _open_predictions(path: Path, fingerprint: str) -> dict[int, dict]:
+    """Records already in ``path`` when it was written with ``fingerprint``; otherwise start it afresh."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = _meta_path(path)
+    same = meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fingerprint
+    done = _read_records(path) if same and path.is_file() else {}
+    if path.is_file() and not same:
+        print(f"note: {path} was written for another model, data or generation options; starting it again",
+              file=sys.stderr)
+    elif done:
+        print(f"resuming: {len(done)} predictions already in {path}", file=sys.stderr)
+    write_predictions(path, list(done.values()))  # drops a line cut short by the interruption
+    meta.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    return done
+
+
+def _read_records(path: Path) -> dict[int, dict]:
+    done = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of an interrupted write; it is generated again
+            continue
+        if isinstance(record, dict) and isinstance(record.get("index"), int):
+            done[record["index"]] = record
+    return done
+
+
+def write_predictions(path: Path, records: list[dict]) -> None:
+    """Atomically (temp file, rename): a crash never leaves a half-written predictions file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for record in sorted(records, key=lambda r: r.get("index", 0)):
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- scoring
+
+def score_predictions(records: list[dict], settings: EvalSettings) -> dict:
+    """Text metrics over the records; adds each record's ROUGE-L for the report's worst examples.
+
+    Classification compares against a record's ``label`` when it has one, else its reference text.
+    """
+    from tunesmith.evaluate.metrics import classification, rouge_per_example, score
+
+    predictions = [r["prediction"] for r in records]
+    references = [r["reference"] for r in records]
+    text_metrics = [m for m in settings.metrics if m != "classification"]
+    result = score(predictions, references, metrics=text_metrics, jieba=settings.jieba,
+                   bertscore_model=settings.bertscore_model)
+    if "classification" in settings.metrics:
+        gold = [r.get("label", r["reference"]) for r in records]
+        result.update(classification(predictions, gold, settings.labels))
+    if "rouge" in text_metrics:
+        for record, row in zip(records, rouge_per_example(predictions, references, jieba=settings.jieba), strict=True):
+            record["rougeL"] = row["rougeL"]
+    return result
+
+
+def generation_stats(records: list[dict]) -> dict:
+    """Speed from the measured per-example times (each one's share of its batch's wall time)."""
+    latencies = [r["latency_s"] for r in records]
+    tokens = sum(r["completion_tokens"] for r in records)
+    total = sum(latencies)
+    return {
+        "generated_tokens": tokens,
+        "generation_time_s": total,
+        "tokens_per_s": tokens / total if total > 0 else None,
+        "latency_mean_s": statistics.fmean(latencies),
+        "latency_p50_s": statistics.median(latencies),
+        "latency_p90_s": _percentile(latencies, 0.9),
+        "truncated_predictions": sum(r.get("finish_reason") == "length" for r in records),
+    }
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def metric_deltas(model: dict, compared: dict) -> dict:
+    """Model minus compared, for every number both have (settings such as n are left out)."""
+    def numeric(value) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    return {key: model[key] - compared[key] for key in model
+            if key not in _NOT_MEASURES and numeric(model[key]) and numeric(compared.get(key))}
+
+
+# ---------------------------------------------------------------- existing predictions
+
+def read_predictions_file(path: str | Path) -> list[dict]:
+    """Records from a JSONL of ``prediction`` and ``reference`` strings (``label`` optional)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"predictions file not found: {path}")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        records.append(_parse_prediction_line(path, number, line, len(records)))
+    if not records:
+        raise TunesmithError(f"{path}: no predictions (expected one JSON object per line)")
+    return records
+
+
+def _parse_prediction_line(path: Path, number: int, line: str, index: int) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TunesmithError(f"{path}:{number}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise TunesmithError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+    for name, required in (("prediction", True), ("reference", True), ("label", False)):
+        if name not in record:
+            if required:
+                raise TunesmithError(f"{path}:{number}: field '{name}': missing")
+        elif not isinstance(record[name], str):
+            raise TunesmithError(f"{path}:{number}: field '{name}': expected a string, got "
+                                 f"{type(record[name]).__name__}")
+    return {"index": index, **{k: v for k, v in record.items() if k != "index"}, "line": number}
+
+
+def score_file(path: str | Path, *, metrics=None, labels=None, out: str | None = None, jieba: bool = False,
+               bertscore_model: str | None = None) -> EvalResult:
+    """Score an existing predictions file (from tunesmith or any other system); no model is loaded."""
+    settings = make_settings(metrics, labels, jieba=jieba, bertscore_model=bertscore_model)
+    if settings.perplexity and metrics is not None:
+        raise UsageError("perplexity needs a model: it cannot be computed from a predictions file")
+    settings.perplexity = False
+    records = read_predictions_file(path)
+    metrics_out = score_predictions(records, settings)
+    if all(isinstance(r.get("latency_s"), int | float) and isinstance(r.get("completion_tokens"), int)
+           for r in records):
+        metrics_out.update(generation_stats(records))
+    result = EvalResult(model=str(path), data=str(path), metrics=metrics_out, predictions=records)
+    if out:
+        from tunesmith.evaluate.report import write_report
+
+        result.paths = write_report(result, Path(out))
+    return result
