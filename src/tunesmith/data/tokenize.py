@@ -64,7 +64,7 @@ class EncodeOptions:
 @dataclass
 class Encoded:
     input_ids: list[int]
-    labels: list[int]  # aligned with input_ids (HF convention); IGNORE where not supervised
+    labels: list[int]  # aligned with input_ids (HF convention); IGNORE where not supervised, always at 0
     truncated: bool = False
     source: str = ""
     line: int = 0
@@ -265,8 +265,17 @@ def _finish(conv: Conversation, rendered: Rendered, ids: list[int], offsets, tok
         offsets = list(offsets) + [(len(rendered.text), len(rendered.text))]
     labels = _labels(ids, offsets, rendered, options.train_on_prompt)
     encoded = Encoded(input_ids=ids, labels=labels, source=conv.source, line=conv.line)
-    if options.max_length is None or len(ids) <= options.max_length:
-        return encoded
+    if options.max_length is not None and len(ids) > options.max_length:
+        encoded = _apply_truncation(encoded, conv, rendered, offsets, tokenizer, options)
+    if encoded is not None:
+        # Nothing precedes the first token, so it is never predicted: every label left is one the loss uses.
+        encoded.labels[0] = IGNORE
+    return encoded
+
+
+def _apply_truncation(encoded: Encoded, conv: Conversation, rendered: Rendered, offsets, tokenizer,
+                      options: EncodeOptions) -> Encoded | None:
+    ids, labels = encoded.input_ids, encoded.labels
     if options.truncation == "error":
         raise TunesmithError(f"{conv.where}: {len(ids)} tokens is longer than max_length {options.max_length} "
                              "(truncation policy 'error')")
