@@ -187,19 +187,20 @@ def test_train_on_prompt(tokenizer):
     tokenizer, _ = with_template(tokenizer, "smollm2")
     conv = chat("a?", "first answer", "b?", "second answer")
     encoded = encode(conv, tokenizer, EncodeOptions(train_on_prompt=True))
-    assert encoded.labels == encoded.input_ids  # everything, including the default system prompt
+    # Everything, including the default system prompt, but the first token: nothing comes before it to predict it.
+    assert encoded.labels[1:] == encoded.input_ids[1:] and encoded.labels[0] == IGNORE
     assert encoded.input_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")  # no trailing newline
     conv.messages[1].train = False
     encoded = encode(conv, tokenizer, EncodeOptions(train_on_prompt=True))
     unsupervised = [t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label == IGNORE]
-    assert tokenizer.decode(unsupervised) == "first answer<|im_end|>"
+    assert tokenizer.decode(unsupervised[1:]) == "first answer<|im_end|>"
 
 
 def test_plain_text_is_fully_supervised_and_ends_with_eos(tokenizer):
     tokenizer, _ = with_template(tokenizer, "chatml")
     conv = Conversation([Message("assistant", "The quick brown fox jumps over the lazy dog.")], is_text=True)
     encoded = encode(conv, tokenizer, EncodeOptions())
-    assert encoded.labels == encoded.input_ids
+    assert encoded.labels[1:] == encoded.input_ids[1:] and encoded.labels[0] == IGNORE
     assert encoded.input_ids[:-1] == tokenizer(conv.messages[0].content, add_special_tokens=False)["input_ids"]
     assert encoded.input_ids[-1] == tokenizer.eos_token_id
     short = encode(conv, tokenizer, EncodeOptions(max_length=5))
@@ -235,7 +236,8 @@ def test_overlong_response_is_cut_but_keeps_its_end_token(tokenizer):
     cut = encode(conv, tokenizer, EncodeOptions(max_length=30))
     assert len(cut.input_ids) == 30 and cut.truncated
     assert cut.input_ids[-1] == cut.labels[-1] == tokenizer.convert_tokens_to_ids(end)
-    assert tokenizer.decode(supervised(cut)).startswith("The quick brown fox")
+    assert tokenizer.decode(cut.input_ids).startswith("The quick brown fox")  # nothing of the prompt is left
+    assert len(supervised(cut)) == 29  # every token but the first, which nothing precedes
 
 
 def test_drop_and_error_policies(tokenizer):

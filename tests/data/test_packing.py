@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tunesmith import loss as loss_module
 from tunesmith.data.conversation import Conversation, Message
 from tunesmith.data.packing import collate_packed, collate_padded, length_grouped_batches, pack_rows
-from tunesmith.data.tokenize import IGNORE, EncodeOptions, encode_all
+from tunesmith.data.tokenize import IGNORE, Encoded, EncodeOptions, encode_all
 from tunesmith.errors import UsageError
 from tunesmith.loss import supervised_loss, token_nll
 
@@ -90,6 +90,8 @@ def test_without_the_block_mask_examples_contaminate_each_other(tiny_model_dir, 
 
 
 def test_packed_labels_never_cross_examples(examples):
+    # Fully supervised rows, first token included: the collator itself must cut every boundary.
+    examples = [Encoded(e.input_ids, list(e.input_ids)) for e in examples]
     batch = packed_batch(examples)
     starts = torch.zeros_like(batch["segment_ids"], dtype=torch.bool)
     starts[:, 1:] = batch["segment_ids"][:, 1:] != batch["segment_ids"][:, :-1]

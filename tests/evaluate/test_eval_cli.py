@@ -28,8 +28,7 @@ def test_eval_run_on_identity_with_compare_base(tiny_run, tmp_path, capsys):
     assert "delta" in printed and f"report: {out / 'report.md'}" in printed.replace("\n", "")
     report = (out / "report.md").read_text(encoding="utf-8")
     header = next(line for line in report.splitlines() if line.startswith("| metric |"))
-    assert [c.strip() for c in header.strip("|").split("|")][2:] == [f"base ({Path(str(tiny_run)).parent.name})"
-                                                                      if False else _base_label(out), "delta"]
+    assert [c.strip() for c in header.strip("|").split("|")][2:] == [_base_label(out), "delta"]
     rouge_row = next(line for line in report.splitlines() if line.startswith("| rougeL |"))
     assert len([c for c in rouge_row.strip("|").split("|")]) == 4  # metric, run, base, delta
     for name in ("predictions.jsonl", "predictions.base.jsonl"):
