@@ -44,11 +44,11 @@ def _assert_same(batched, single):
 
 def test_batched_equals_sequential_long_outputs(tiny):
     prompts = _prompts(tiny.tokenizer)
-    options = GenerationOptions(max_new_tokens=40)
+    options = GenerationOptions(max_new_tokens=32)
     batched = generate(tiny.model, tiny.tokenizer, prompts, options, batch_size=8)
     single = generate(tiny.model, tiny.tokenizer, prompts, options, batch_size=1)
     _assert_same(batched, single)
-    assert sum(g.completion_tokens for g in batched) > 20 * len(prompts)  # long answers, not early stops
+    assert sum(g.completion_tokens for g in batched) > 16 * len(prompts)  # long answers, not early stops
     assert len({g.text for g in batched}) > 1  # the prompts really steer the outputs
 
 

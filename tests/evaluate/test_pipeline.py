@@ -160,3 +160,15 @@ def test_data_without_reference_is_refused(tiny_run, tmp_path):
     path = write_jsonl(tmp_path / "text.jsonl", [{"text": "just text"}])
     with pytest.raises(TunesmithError, match="no assistant turn"):
         evaluate(str(tiny_run), str(path), **FAST)
+
+
+def test_tunesmith_evaluate_is_callable_even_after_submodule_imports(tiny_run):
+    import tunesmith
+    import tunesmith.evaluate.metrics  # binds the package to tunesmith.evaluate
+    from tunesmith.data.conversation import Conversation, Message
+
+    conv = Conversation([Message("user", "hi"), Message("assistant", "Hello!")], source="mem", line=1)
+    result = tunesmith.evaluate(str(tiny_run), [conv], metrics=["exact_match"], **FAST)
+    assert result.predictions[0]["reference"] == "Hello!" and "exact_match" in result.metrics
+    with pytest.raises(UsageError, match="no evaluation data"):
+        tunesmith.evaluate(str(tiny_run), [], **FAST)

@@ -139,7 +139,9 @@ def make_settings(metrics, labels, **kwargs) -> EvalSettings:
 def read_eval_data(data, limit: int | None) -> list[Conversation]:
     from tunesmith.data.readers import load_conversations
 
-    if isinstance(data, Sequence) and not isinstance(data, str) and data and isinstance(data[0], Conversation):
+    if isinstance(data, Sequence) and not isinstance(data, str) and not data:
+        raise UsageError("no evaluation data: pass a file, a list of files or a list of conversations")
+    if isinstance(data, Sequence) and not isinstance(data, str) and isinstance(data[0], Conversation):
         conversations = list(data)
     else:
         conversations = load_conversations(data)
