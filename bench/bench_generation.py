@@ -2,12 +2,16 @@
 
 Usage (the default model must be cached, e.g. TUNESMITH_HOME=/tmp/tshome)::
 
-    TUNESMITH_HOME=/tmp/tshome python bench/bench_generation.py [--prompts 32] [--batch-size 16]
-        [--max-new-tokens 64] [--data ../shared/data/alpaca_en_demo.json]
+    TUNESMITH_HOME=/tmp/tshome python bench/bench_generation.py [--prompts 32] [--batch-size 32]
+        [--max-new-tokens 64] [--threads N] [--data ../shared/data/alpaca_en_demo.json]
 
 Both passes use fp32 greedy decoding through tunesmith.inference.generate; the only
 difference is the batch size. The outputs must be identical; the script prints the wall
 times, generated tokens/s and the speed ratio, and exits non-zero when outputs differ.
+
+On a CPU shared with other busy processes, pass ``--threads 1``: with more intra-op threads than
+free cores, every matmul waits on a descheduled thread and timings swing by 3x or more
+(measured here: batch 1 went from 14.6 to 3.5 tokens/s when going from 1 to 2 threads).
 """
 
 from __future__ import annotations
@@ -48,9 +52,12 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     loaded = load(args.model, dtype=torch.float32)
     prompts = [render_prompt(loaded.tokenizer, m) for m in read_prompts(Path(args.data), args.prompts)]

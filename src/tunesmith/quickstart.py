@@ -26,12 +26,12 @@ from tunesmith.models.resolve import DEFAULT_MODEL, resolve
 # higher learning rate than a large one to move a model's self-description.
 QUICKSTART_TRAIN_ARGS = {
     "--method": "lora",
-    "--epochs": "8",
+    "--epochs": "10",
     "--lr": "1e-3",
-    "--batch-size": "4",
+    "--batch-size": "2",
     "--grad-accum": "1",
     "--max-length": "256",
-    "--save-every": "0",
+    "--output.overwrite": "true",
     "--eval-data": None,  # filled with the held-out file
 }
 
@@ -65,6 +65,7 @@ def quickstart(name: str = "Aurora", author: str = "the tunesmith community", ou
     from tunesmith.config import load_config
     from tunesmith.data.doctor import check_data, print_report
     from tunesmith.evaluate.pipeline import evaluate
+    from tunesmith.train.commands import parse_train_args
     from tunesmith.train.loop import finetune
 
     console = Console()
@@ -84,7 +85,8 @@ def quickstart(name: str = "Aurora", author: str = "the tunesmith community", ou
     console.rule("2. fine-tune (LoRA)")
     args = train_args(model, train_file, eval_file, run_dir, max_steps)
     console.print("equivalent command:\n  [cyan]tunesmith train " + shlex.join(args) + "[/cyan]")
-    result = finetune(load_config(None, args))
+    _, overrides, _ = parse_train_args(args)
+    result = finetune(load_config(None, overrides))
 
     console.rule("3. evaluate base against tuned on held-out questions")
     evaluation = evaluate(str(result.run_dir), str(eval_file), compare="base", out=str(run_dir / "eval"),

@@ -39,6 +39,9 @@ def test_lora_30_steps_learns_and_loads_with_plain_peft(tiny_model_dir, chat_fil
     info = json.loads((run / "tunesmith.json").read_text())
     assert info["base_model"] == str(tiny_model_dir) and info["method"] == "lora" and info["steps"] == 30
     assert len(info["data_fingerprint"]) == 64 and math.isfinite(info["final_train_loss"])
+    card = (run / "README.md").read_text()
+    assert str(tiny_model_dir) in card and "lora r=16" in card and "| steps | 30 " in card
+    assert f"{info['final_eval_loss']:.4f}" in card
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     ids = [5, 17, 42, 99, 2, 7, 11]
@@ -136,3 +139,50 @@ def test_existing_run_is_not_overwritten(tiny_model_dir, chat_file, tmp_path):
     finetune(tiny_config(tiny_model_dir, chat_file, run, train__max_steps=1))
     with pytest.raises(UsageError, match="already holds a run"):
         finetune(tiny_config(tiny_model_dir, chat_file, run, train__max_steps=1))
+
+
+def test_loss_is_token_weighted_over_the_whole_step(tiny_model_dir, chat_file, tmp_path):
+    # The same 4 packed rows per step, as 1 micro-batch of 4 or 4 micro-batches of 1: rows hold
+    # different numbers of supervised tokens, so a per-micro-batch mean would differ.
+    one = finetune(tiny_config(tiny_model_dir, chat_file, tmp_path / "one", train__batch_size=4, train__grad_accum=1,
+                               train__max_steps=4, method__dropout=0))
+    four = finetune(tiny_config(tiny_model_dir, chat_file, tmp_path / "four", train__batch_size=1,
+                                train__grad_accum=4, train__max_steps=4, method__dropout=0))
+    assert one.supervised_tokens == four.supervised_tokens
+    assert read_losses(tmp_path / "four") == pytest.approx(read_losses(tmp_path / "one"), rel=1e-5)
+
+
+def test_padded_batches_and_bf16_autocast_train_too(tiny_model_dir, chat_file, tmp_path):
+    # bf16 after fp32 runs in the same process: accelerate's process-wide state must not refuse it.
+    result = finetune(tiny_config(tiny_model_dir, chat_file, tmp_path / "padded", data__packing=False,
+                                  train__max_steps=3, train__precision="bf16"))
+    assert result.steps == 3 and math.isfinite(result.final_train_loss)
+
+
+def test_tensorboard_when_asked(tiny_model_dir, chat_file, tmp_path):
+    import importlib.util
+
+    config = tiny_config(tiny_model_dir, chat_file, tmp_path / "tb", output__tensorboard=True, train__max_steps=1)
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(UsageError, match="pip install tensorboard"):
+            finetune(config)
+        assert not (tmp_path / "tb").exists()  # refused before anything was written
+    else:
+        finetune(config)
+        assert list((tmp_path / "tb" / "tensorboard").glob("events.*"))
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, chat_file, tmp_path):
+    plain = tmp_path / "plain"
+    finetune(tiny_config(tiny_model_dir, chat_file, plain, train__max_steps=3, method__dropout=0))
+    checkpointed = tmp_path / "gc"
+    finetune(tiny_config(tiny_model_dir, chat_file, checkpointed, train__max_steps=3, method__dropout=0,
+                         model__gradient_checkpointing=True))
+    assert read_losses(checkpointed) == pytest.approx(read_losses(plain), rel=1e-5)
+
+
+def test_fp16_is_refused_on_cpu(tiny_model_dir, chat_file, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on CUDA")
+    with pytest.raises(UsageError, match="fp16 needs CUDA"):
+        finetune(tiny_config(tiny_model_dir, chat_file, tmp_path / "fp16", train__precision="fp16"))

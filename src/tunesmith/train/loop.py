@@ -294,8 +294,9 @@ def train_step(accelerator, model, data: Data, window: list, packing: bool, pad_
         # Gradients are synchronised once, on the last micro-batch; DDP averages over processes,
         # so each process scales its share back up by the number of processes.
         sync = nullcontext() if i == len(mine) - 1 else accelerator.no_sync(model)
-        with sync, accelerator.autocast():
-            nll, _ = supervised_loss(model, _move(_collate(data.train, batch, packing, pad_id), accelerator.device))
+        with sync:
+            with accelerator.autocast():
+                nll, _ = supervised_loss(model, _move(_collate(data.train, batch, packing, pad_id), accelerator.device))
             accelerator.backward(nll.float() * (accelerator.num_processes / supervised))
         nll_sum += nll.detach().float().item()
     return nll_sum, supervised, tokens
@@ -334,6 +335,7 @@ def _check_finite(loss: float, grad_norm: float, step: int, lr: float) -> None:
 def finetune(config: Config) -> TrainResult:
     """Fine-tune ``config.model.name`` on ``config.data.path``; write a self-describing run directory."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     from tunesmith.data.templates import apply_template
@@ -348,6 +350,9 @@ def finetune(config: Config) -> TrainResult:
     check_available(config.method)  # before any model is loaded
     if config.output.tensorboard:
         check_tensorboard()
+    # accelerate keeps its settings in a process-wide singleton that refuses a second, different
+    # mixed_precision; clear them (not the process group) so finetune can run again in one process.
+    AcceleratorState._reset_state()
     # cpu=True without CUDA: accelerate then treats torchrun/accelerate-launch ranks as gloo data-parallel.
     accelerator = Accelerator(mixed_precision=_mixed_precision(config.train.precision), cpu=not torch.cuda.is_available())
     out = _prepare_output_dir(config)
@@ -368,15 +373,18 @@ def finetune(config: Config) -> TrainResult:
     t = config.train
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
 
+    fingerprint = {**_config_fingerprint(config), "data": data.fingerprint}
+    resume_from = ckpt.find_resume(out, t.resume) if t.resume else None
+    if resume_from:  # refuse a changed config or data before the model is loaded
+        ckpt.check_fingerprint(resume_from, fingerprint, t.resume_force)
+
     model, n_total, n_trainable = _load_model(config, base_path)
     optimizer, scheduler = _optimizer_and_schedule(model, config, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per optimizer step, ours
 
-    fingerprint = {**_config_fingerprint(config), "data": data.fingerprint}
     state = TrainState(epoch_seed=epoch_seed(t.seed, 0))
-    if t.resume:
-        path = ckpt.find_resume(out, t.resume)
-        ckpt.check_fingerprint(path, fingerprint, t.resume_force)
+    if resume_from:
+        path = resume_from
         state = TrainState(**ckpt.load_checkpoint(path, accelerator, model, optimizer, scheduler))
         _print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, micro-batch {state.batch_index})")
 
@@ -421,7 +429,8 @@ def finetune(config: Config) -> TrainResult:
                                  refresh=False)
 
             record = {"step": state.step, "epoch": state.epoch, "loss": None, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": state.tokens, "supervised_tokens": state.supervised_tokens}
+                      "tokens": state.tokens, "supervised_tokens": state.supervised_tokens,
+                      "elapsed_s": round(elapsed, 3)}
             evaluated, improved = _maybe_evaluate(accelerator, model, data, config, state, total_steps, pad_id)
             if evaluated:
                 record["eval_loss"] = state.last_eval_loss
