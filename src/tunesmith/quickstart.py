@@ -106,10 +106,13 @@ def _print_side_by_side(console: Console, evaluation, name: str) -> None:
     for t, b in zip(tuned, base):
         hits["tuned"] += name.lower() in t["prediction"].lower()
         hits["base"] += name.lower() in b["prediction"].lower()
-        table.add_row(t["prompt_text"] if "prompt_text" in t else _last_user(t["prompt"]), b["prediction"],
-                      t["prediction"])
+        table.add_row(_last_user(t["prompt"]), _clip(b["prediction"]), _clip(t["prediction"]))
     console.print(table)
     console.print(f"answers naming {name}: base {hits['base']}/{len(base)}, tuned {hits['tuned']}/{len(tuned)}")
+
+
+def _clip(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[:limit].rstrip() + " …"
 
 
 def _last_user(prompt) -> str:
