@@ -103,7 +103,7 @@ def _print_side_by_side(console: Console, evaluation, name: str) -> None:
     table.add_column("base model", ratio=3)
     table.add_column("tuned model", ratio=3)
     hits = {"base": 0, "tuned": 0}
-    for t, b in zip(tuned, base):
+    for t, b in zip(tuned, base, strict=True):
         hits["tuned"] += name.lower() in t["prediction"].lower()
         hits["base"] += name.lower() in b["prediction"].lower()
         table.add_row(_last_user(t["prompt"]), _clip(b["prediction"]), _clip(t["prediction"]))
