@@ -66,7 +66,7 @@ def _generate(args) -> int:
     loaded = load(args.model)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
-    prompt = render_prompt(loaded.tokenizer, messages)
+    prompt = render_prompt(loaded.tokenizer, loaded.with_system(messages))
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     print(generate(loaded.model, loaded.tokenizer, [prompt], options)[0].text)
     return 0

@@ -30,6 +30,17 @@ class Loaded:
     def is_run(self) -> bool:
         return bool(self.run_info)
 
+    @property
+    def system_prompt(self) -> str | None:
+        """The system prompt the run was trained with (None: whatever the template inserts)."""
+        return self.run_info.get("system_prompt")
+
+    def with_system(self, messages: list[dict]) -> list[dict]:
+        """Messages as training rendered them: the run's system prompt when the caller gives none."""
+        if self.system_prompt and not any(m.get("role") == "system" for m in messages):
+            return [{"role": "system", "content": self.system_prompt}, *messages]
+        return list(messages)
+
 
 def read_run_info(path: Path) -> dict:
     info = Path(path) / RUN_INFO

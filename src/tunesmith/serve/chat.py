@@ -41,7 +41,7 @@ def chat_repl(model, *, system: str | None = None, max_new_tokens: int = 512, te
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature)
-    session = Session(system)
+    session = Session(system or loaded.system_prompt)
     print(f"chatting with {loaded.path} ({HELP})", flush=True)
     while (line := _read(interactive)) is not None:
         if line.startswith("/"):

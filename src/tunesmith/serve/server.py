@@ -121,7 +121,8 @@ def create_app(loaded) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     def chat_completions(request: ChatRequest):
-        prompt = render_prompt(engine.tokenizer, [m.as_template_message() for m in request.messages])
+        messages = engine.loaded.with_system([m.as_template_message() for m in request.messages])
+        prompt = render_prompt(engine.tokenizer, messages)
         return engine.respond(prompt, request, chat=True)
 
     @app.post("/v1/completions")
@@ -166,6 +167,7 @@ class Engine:
     """The model behind the API: one request generates at a time."""
 
     def __init__(self, loaded):
+        self.loaded = loaded
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.model_id = loaded.path.name if loaded.path else "tunesmith"
         self.created = int(time.time())
