@@ -87,21 +87,40 @@ def quickstart(name: str = "Aurora", author: str = "the tunesmith community", ou
     console.print("equivalent command:\n  [cyan]tunesmith train " + shlex.join(args) + "[/cyan]")
     _, overrides, _ = parse_train_args(args)
     result = finetune(load_config(None, overrides))
+    console.print(f"trained {result.steps} steps in {result.elapsed_s:.0f} s: train loss "
+                  f"{_fmt(result.final_train_loss)}, held-out eval loss {_fmt(result.final_eval_loss)}")
 
     console.rule("3. evaluate base against tuned on held-out questions")
     evaluation = evaluate(str(result.run_dir), str(eval_file), compare="base", out=str(run_dir / "eval"),
-                          max_new_tokens=64, metrics=["rouge", "chrf", "exact_match", "length"])
+                          max_new_tokens=64, metrics=["rouge", "chrf", "exact_match", "perplexity"])
+    _print_metrics(console, evaluation)
     _print_side_by_side(console, evaluation, name)
     _print_next_steps(console, result, run_dir, time.perf_counter() - started)
     return run_dir
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _print_metrics(console: Console, evaluation) -> None:
+    table = Table(title="held-out metrics")
+    for column in ("metric", "base", "tuned", "delta"):
+        table.add_column(column, justify="right" if column != "metric" else "left")
+    for key in ("rougeL", "chrf", "exact_match", "perplexity"):
+        tuned, base = evaluation.metrics.get(key), evaluation.compare_metrics.get(key)
+        if isinstance(tuned, (int, float)) and isinstance(base, (int, float)):
+            table.add_row(key, f"{base:.3f}", f"{tuned:.3f}", f"{tuned - base:+.3f}")
+    console.print(table)
+
+
 def _print_side_by_side(console: Console, evaluation, name: str) -> None:
     tuned, base = evaluation.predictions, evaluation.compare_predictions
     table = Table(title="held-out questions: base | tuned", show_lines=True)
-    table.add_column("question", ratio=2)
-    table.add_column("base model", ratio=3)
-    table.add_column("tuned model", ratio=3)
+    # fold: Chinese text has no spaces to wrap at, and would otherwise be cut off.
+    table.add_column("question", ratio=2, overflow="fold")
+    table.add_column("base model", ratio=3, overflow="fold")
+    table.add_column("tuned model", ratio=3, overflow="fold")
     hits = {"base": 0, "tuned": 0}
     for t, b in zip(tuned, base, strict=True):
         hits["tuned"] += name.lower() in t["prediction"].lower()
