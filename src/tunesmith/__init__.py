@@ -5,7 +5,12 @@ Every command is a library function one import away::
     from tunesmith import resolve, load, generate, check_data, finetune, evaluate, score
 """
 
+import warnings
 from importlib import import_module
+
+# peft 0.21 still reads the renamed `is_gradient_checkpointing` of transformers 5 on every load;
+# the warning is not actionable for a tunesmith user.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 __version__ = "0.1.0"
 

@@ -58,7 +58,11 @@ def load_base_model(path, method: MethodConfig, attn_implementation: str | None 
 def apply_method(model, method: MethodConfig, gradient_checkpointing: bool = False):
     """Return the model with exactly the parameters of ``method`` trainable."""
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     if is_adapter(method.name):
         return _with_lora(model, method, gradient_checkpointing)
