@@ -99,12 +99,17 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], options: Generatio
     generations = []
     for ids, row in zip(batch, out[:, width:].tolist(), strict=True):
         new = _until_stop(row, stops)
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        text, hit_stop = _truncate_at_stop(text, options.stop)
+        text, hit_stop = _truncate_at_stop(decode_new(tokenizer, new), options.stop)
         finished = hit_stop or len(new) < len(row) or (new and new[-1] in stops)
         generations.append(Generation(text=text.strip(), prompt_tokens=len(ids), completion_tokens=len(new),
                                       latency_s=elapsed / len(batch), finish_reason="stop" if finished else "length"))
     return generations
+
+
+def decode_new(tokenizer, ids: list[int]) -> str:
+    """Decode generated ids; a token limit can cut a multi-byte character (CJK, emoji) in half,
+    which decodes to U+FFFD: drop that half character rather than show garbage."""
+    return tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
 
 
 def _until_stop(row: list[int], stops: list[int]) -> list[int]:

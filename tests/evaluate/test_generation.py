@@ -108,3 +108,12 @@ def test_stop_strings_cut_the_text(tiny):
 
 def test_empty_prompt_list(tiny):
     assert generate(tiny.model, tiny.tokenizer, [], GenerationOptions()) == []
+
+
+def test_half_a_multibyte_character_is_not_shown(tiny_tokenizer):
+    from tunesmith.inference import decode_new
+
+    ids = tiny_tokenizer("好龘", add_special_tokens=False)["input_ids"]
+    assert "\ufffd" in tiny_tokenizer.decode(ids[:-1])  # the rare character spans several byte tokens
+    assert decode_new(tiny_tokenizer, ids[:-1]) == "好"
+    assert decode_new(tiny_tokenizer, ids) == "好龘"
