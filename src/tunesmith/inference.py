@@ -133,5 +133,10 @@ def stream(model, tokenizer, prompt: str, options: GenerationOptions | None = No
                   **_sampling_kwargs(options))
     thread = Thread(target=lambda: torch.inference_mode()(model.generate)(**kwargs), daemon=True)
     thread.start()
-    yield from streamer
+    held = ""  # a trailing U+FFFD may be half a character; show it only once more text follows
+    for piece in streamer:
+        held += piece
+        if ready := held.rstrip("\ufffd"):
+            yield ready
+            held = held[len(ready):]
     thread.join()
