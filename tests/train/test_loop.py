@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.helpers import read_losses, tiny_config
+from tests.train.helpers import chat_rows, read_losses, tiny_config, write_chat
 from tunesmith.errors import UsageError
 from tunesmith.train.loop import TrainingDiverged, finetune
 
@@ -186,3 +186,15 @@ def test_fp16_is_refused_on_cpu(tiny_model_dir, chat_file, tmp_path):
         pytest.skip("fp16 is allowed on CUDA")
     with pytest.raises(UsageError, match="fp16 needs CUDA"):
         finetune(tiny_config(tiny_model_dir, chat_file, tmp_path / "fp16", train__precision="fp16"))
+
+
+def test_examples_without_supervised_tokens_are_reported_not_silently_dropped(tiny_model_dir, tmp_path, capsys):
+    rows = chat_rows(10)
+    # Only the last turn is supervised (last_turn_only), and this row's last turn has weight 0.
+    rows[3]["messages"] += [{"role": "user", "content": "And then?"},
+                            {"role": "assistant", "content": "Nothing more.", "weight": 0}]
+    data = write_chat(tmp_path / "weighted.jsonl", rows)
+    finetune(tiny_config(tiny_model_dir, data, tmp_path / "run", train__max_steps=1, data__last_turn_only=True))
+    out = capsys.readouterr()
+    assert "skipped 1 example(s) with no supervised token" in out.out + out.err
+    assert "weighted.jsonl:4" in out.out + out.err

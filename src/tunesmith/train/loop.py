@@ -117,7 +117,14 @@ def _encode(convs: list, tokenizer, config: Config, what: str) -> list:
     from accelerate import PartialState
 
     result = encode_cached(convs, tokenizer, options, config.data.template, progress=PartialState().is_main_process)
-    examples = [e for e in result.examples if any(label != -100 for label in e.labels)]
+    examples, unsupervised = [], []
+    for e in result.examples:
+        (examples if any(label != -100 for label in e.labels) else unsupervised).append(e)
+    if unsupervised:
+        # Nothing to learn from them (e.g. every assistant turn has weight 0); said, never silent.
+        where = ", ".join(f"{e.source}:{e.line}" for e in unsupervised[:5])
+        _print(f"{what}: skipped {len(unsupervised)} example(s) with no supervised token ({where}"
+               f"{', ...' if len(unsupervised) > 5 else ''}); `tunesmith data check` lists them")
     if result.dropped or result.truncated:
         _print(f"{what}: {result.truncated} examples truncated, {result.dropped} dropped "
                f"(longer than max_length={d.max_length}, truncation={d.truncation})")
