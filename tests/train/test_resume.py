@@ -34,7 +34,7 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_a_straight_run(tiny_mode
 
     run = tmp_path / "killed"
     flags = _flags(tiny_overrides(tiny_model_dir, chat_file, run, **extra))
-    killed = _train_cli(flags, TUNESMITH_TEST_KILL_AFTER_CHECKPOINT="10")
+    killed = _train_cli(flags, TUNESMITH_TEST_KILL="after-checkpoint:10")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert [(s, ok) for s, _, ok in list_checkpoints(run)] == [(5, True), (10, True)]
     assert not (run / "adapter_model.safetensors").exists()
@@ -54,6 +54,23 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_a_straight_run(tiny_mode
     assert len(read_losses(run)) == 20
     ours, theirs = load_file(run / "adapter_model.safetensors"), load_file(straight / "adapter_model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_previous_one(tiny_model_dir, chat_file, tmp_path):
+    extra = {"train__max_steps": 12, "output__save_every": 4}
+    straight = tmp_path / "straight"
+    finetune(tiny_config(tiny_model_dir, chat_file, straight, **extra))
+
+    run = tmp_path / "killed"
+    flags = _flags(tiny_overrides(tiny_model_dir, chat_file, run, **extra))
+    killed = _train_cli(flags, TUNESMITH_TEST_KILL="during-checkpoint:8")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert [(s, ok) for s, _, ok in list_checkpoints(run)] == [(4, True)]  # step 8 never became visible
+    assert find_resume(run, "auto").name == "step-4"
+
+    resumed = _train_cli([*flags, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_losses(run) == read_losses(straight)
 
 
 def test_resume_refuses_a_changed_config_or_data_unless_forced(tiny_model_dir, chat_file, tmp_path):

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import warnings
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, confi
         torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
         if accelerator.is_main_process:
             save_file(trainable_state_dict(unwrapped), tmp / "weights.safetensors")
+            kill_point("during-checkpoint", state["step"])
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
@@ -111,6 +113,13 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, confi
         _publish(tmp, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def kill_point(stage: str, step: int) -> None:
+    """TUNESMITH_TEST_KILL=STAGE:N SIGKILLs this process at STAGE of step N, so tests can prove
+    that a run killed mid-save or right after a save resumes exactly (never set in normal use)."""
+    if os.environ.get("TUNESMITH_TEST_KILL") == f"{stage}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -455,7 +455,7 @@ def finetune(config: Config) -> TrainResult:
                 if accelerator.is_main_process:
                     best = [ckpt.checkpoints_dir(out) / f"step-{state.best_step}"] if state.best_step else []
                     ckpt.rotate(out, config.output.save_total_limit, keep={path, *best})
-                _test_hook_after_checkpoint(state.step)
+                ckpt.kill_point("after-checkpoint", state.step)
             if stop:
                 _print(f"early stopping at step {state.step}: no improvement in {state.evals_since_best} evaluations")
                 stopped_early = True
@@ -536,13 +536,3 @@ def _save_run(accelerator, model, tokenizer, config: Config, out: Path, *, base_
                          n_train=data.n_train_conversations, n_eval=len(data.val))
         plot_losses(out)
     accelerator.wait_for_everyone()
-
-
-def _test_hook_after_checkpoint(step: int) -> None:
-    """TUNESMITH_TEST_KILL_AFTER_CHECKPOINT=N: SIGKILL this process right after checkpoint N (resume tests)."""
-    import os
-
-    if os.environ.get("TUNESMITH_TEST_KILL_AFTER_CHECKPOINT") == str(step):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
