@@ -54,6 +54,15 @@ def test_cached_alias_resolves_offline(tiny_model_dir):
     assert resolve("SmolLM2-360M-Instruct") == target
 
 
+def test_cached_hub_id_resolves_offline_without_a_download(tiny_model_dir):
+    import shutil
+
+    target = models_dir() / "someone--tiny-model"
+    shutil.copytree(tiny_model_dir, target)
+    assert resolve("Someone/Tiny-Model") == target
+    assert res.pull("someone/tiny-model") == target
+
+
 def test_half_written_entry_is_never_loaded(tiny_model_dir):
     """A staging dir left by a killed pull looks like a model but is not the cache entry."""
     import shutil

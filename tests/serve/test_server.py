@@ -259,3 +259,29 @@ def test_generation_is_serialized_across_concurrent_requests(tiny_model_dir):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_messages_the_chat_template_refuses_get_a_400(tiny_model_dir):
+    import uvicorn
+
+    from tunesmith.serve.server import create_app
+
+    loaded = load(tiny_model_dir, dtype=torch.float32, device="cpu")
+    loaded.tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' and loop.index0 % 2 == 1 %}"
+        "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(loaded), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        body = {"model": "m", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
+        status, text = _post(f"http://127.0.0.1:{port}", "/v1/chat/completions", json.dumps(body).encode())
+        assert status == 400
+        error = json.loads(text)["error"]
+        assert "roles must alternate" in error["message"] and error["param"] == "messages"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

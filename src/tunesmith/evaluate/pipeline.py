@@ -243,15 +243,25 @@ def with_system_prompt(conversations: list[Conversation], system_prompt: str | N
 
 # ---------------------------------------------------------------- generation with resume
 
+def _prompt(tokenizer, conv: Conversation) -> str:
+    """The prompt as training rendered it (tool schemas and calls included) when there is a template."""
+    from tunesmith.data.tokenize import prompt_text
+    from tunesmith.inference import render_prompt
+
+    if getattr(tokenizer, "chat_template", None):
+        return prompt_text(conv, tokenizer)
+    return render_prompt(tokenizer, conv.prompt_messages())
+
+
 def generate_predictions(loaded, conversations: list[Conversation], options: GenerationOptions,
                          settings: EvalSettings, path: Path | None, label: str) -> list[dict]:
     """One record per conversation; streamed to ``path`` and resumed from it when its fingerprint matches."""
     from rich.console import Console
     from rich.progress import Progress
 
-    from tunesmith.inference import generate, render_prompt
+    from tunesmith.inference import generate
 
-    prompts = [render_prompt(loaded.tokenizer, conv.prompt_messages()) for conv in conversations]
+    prompts = [_prompt(loaded.tokenizer, conv) for conv in conversations]
     references = [conv.reference() for conv in conversations]
     done = _open_predictions(path, model_fingerprint(loaded, prompts, references, options)) if path else {}
     todo = [i for i in range(len(conversations)) if i not in done]

@@ -89,8 +89,7 @@ def resolve(name_or_path: str | os.PathLike, *, download: bool = True) -> Path:
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {path}")
         return _dequantized_gguf(path)
-    key = name.lower()
-    if key in ALIASES and (hit := cached_path(key)):
+    if hit := cached_path(_cache_name(name)):
         return hit
     if not download:
         raise ModelNotFoundError(f"{name} is not in the cache ({models_dir()}); run `tunesmith models pull {name}`")
@@ -104,13 +103,13 @@ def pull(name: str) -> Path:
     if alias is None and "/" not in name:
         known = ", ".join(sorted(ALIASES))
         raise ModelNotFoundError(f"unknown model {name!r}: not a local path, a .gguf file or an alias ({known})")
-    if alias and (hit := cached_path(key)):
+    if hit := cached_path(_cache_name(name)):
         return hit
     hub_id = alias.hub_id if alias else name
     errors = []
     if not hub_offline():
         try:
-            return _from_hub(hub_id, key if alias else _safe_name(hub_id))
+            return _from_hub(hub_id, _cache_name(name))
         except Exception as exc:  # the hub is one source among several; report it if all fail
             errors.append(f"hub {hub_id}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     else:
@@ -120,8 +119,10 @@ def pull(name: str) -> Path:
     raise ModelNotFoundError(f"could not fetch {name}: " + "; ".join(errors))
 
 
-def _safe_name(hub_id: str) -> str:
-    return hub_id.replace("/", "--").lower()
+def _cache_name(name: str) -> str:
+    """Aliases are cached under their own name, hub ids as owner--name."""
+    key = name.lower()
+    return key if key in ALIASES else key.replace("/", "--")
 
 
 def _from_hub(hub_id: str, cache_name: str) -> Path:

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
@@ -122,7 +123,10 @@ def create_app(loaded) -> FastAPI:
     @app.post("/v1/chat/completions")
     def chat_completions(request: ChatRequest):
         messages = engine.loaded.with_system([m.as_template_message() for m in request.messages])
-        prompt = render_prompt(engine.tokenizer, messages)
+        try:
+            prompt = render_prompt(engine.tokenizer, messages)
+        except TemplateError as exc:  # the chat template's own raise_exception, e.g. roles not alternating
+            raise BadRequest(f"the model's chat template refused these messages: {exc}", "messages") from exc
         return engine.respond(prompt, request, chat=True)
 
     @app.post("/v1/completions")
