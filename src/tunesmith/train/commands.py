@@ -93,6 +93,7 @@ def run_train_command(argv: list[str]) -> int:
 
     if not PartialState().is_main_process:
         return 0
-    print(f"run saved to {result.run_dir} ({result.steps} steps, final train loss {result.final_train_loss:.4f}"
-          + (f", eval loss {result.final_eval_loss:.4f}" if result.final_eval_loss is not None else "") + ")")
+    losses = [f"{what} loss {value:.4f}" for what, value in
+              (("final train", result.final_train_loss), ("eval", result.final_eval_loss)) if value is not None]
+    print(f"run saved to {result.run_dir} ({', '.join([f'{result.steps} steps', *losses])})")
     return 0
