@@ -6,6 +6,7 @@ computed in this process, so a server that garbled, mixed up or truncated answer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -214,11 +215,28 @@ def test_server_survives_a_client_leaving_mid_stream(server, client, reference):
     assert _ask(client, QUESTIONS[3]).choices[0].message.content == reference[QUESTIONS[3]].text
 
 
-def test_generation_is_serialized_across_concurrent_requests(tiny_model_dir):
-    """In-process server whose real model counts how many forward passes overlap."""
+@contextlib.contextmanager
+def in_process_server(loaded):
+    """A real uvicorn server on localhost in a thread, for tests that change the loaded model; yields its port."""
     import uvicorn
 
     from tunesmith.serve.server import create_app
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(loaded), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_generation_is_serialized_across_concurrent_requests(tiny_model_dir):
+    """In-process server whose real model counts how many forward passes overlap."""
 
     loaded = load(tiny_model_dir, dtype=torch.float32, device="cpu")
     counter_lock, active, peak = threading.Lock(), [0], [0]
@@ -235,13 +253,7 @@ def test_generation_is_serialized_across_concurrent_requests(tiny_model_dir):
 
     loaded.model.register_forward_pre_hook(enter)
     loaded.model.register_forward_hook(leave)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(loaded), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.05)
+    with in_process_server(loaded) as port:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
         results = {}
 
@@ -256,32 +268,16 @@ def test_generation_is_serialized_across_concurrent_requests(tiny_model_dir):
             t.join(timeout=120)
         assert len(results) == 6
         assert peak[0] == 1
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_messages_the_chat_template_refuses_get_a_400(tiny_model_dir):
-    import uvicorn
-
-    from tunesmith.serve.server import create_app
-
     loaded = load(tiny_model_dir, dtype=torch.float32, device="cpu")
     loaded.tokenizer.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'user' and loop.index0 % 2 == 1 %}"
         "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}")
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(loaded), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.05)
+    with in_process_server(loaded) as port:
         body = {"model": "m", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
         status, text = _post(f"http://127.0.0.1:{port}", "/v1/chat/completions", json.dumps(body).encode())
         assert status == 400
         error = json.loads(text)["error"]
         assert "roles must alternate" in error["message"] and error["param"] == "messages"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)

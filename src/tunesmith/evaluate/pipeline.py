@@ -353,18 +353,19 @@ def score_predictions(records: list[dict], settings: EvalSettings) -> dict:
 
     Classification compares against a record's ``label`` when it has one, else its reference text.
     """
-    from tunesmith.evaluate.metrics import classification, rouge_per_example, score
+    from tunesmith.evaluate.metrics import classification, score
 
     predictions = [r["prediction"] for r in records]
     references = [r["reference"] for r in records]
     text_metrics = [m for m in settings.metrics if m != "classification"]
     result = score(predictions, references, metrics=text_metrics, jieba=settings.jieba,
-                   bertscore_model=settings.bertscore_model)
+                   bertscore_model=settings.bertscore_model, per_example=True)
+    rows = result.pop("rouge_per_example", None)  # ROUGE is the slowest metric: computed once
     if "classification" in settings.metrics:
         gold = [r.get("label", r["reference"]) for r in records]
         result.update(classification(predictions, gold, settings.labels))
-    if "rouge" in text_metrics:
-        for record, row in zip(records, rouge_per_example(predictions, references, jieba=settings.jieba), strict=True):
+    if rows is not None:
+        for record, row in zip(records, rows, strict=True):
             record["rougeL"] = row["rougeL"]
     return result
 
