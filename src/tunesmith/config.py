@@ -114,7 +114,10 @@ class OutputConfig:
     save_every: int = opt(0, "write a checkpoint every N steps; 0: none except for the best evaluation")
     save_total_limit: int = opt(2, "checkpoints to keep (the best and the newest are never deleted); 0 keeps all")
     overwrite: bool = opt(False, "allow writing into an output_dir that already holds a run (without --resume)")
-    tensorboard: bool = opt(False, "also log to TensorBoard under output_dir/tensorboard (needs `pip install tensorboard`)")
+    report_to: list[str] = opt([], "experiment trackers that also get the config, every metrics row and the final "
+                                   "losses (comma separated): tensorboard, mlflow, wandb, trackio; none by default. "
+                                   "Each needs its library (`pip install tunesmith[NAME]`)")
+    tensorboard: bool = opt(False, "older spelling of report_to=tensorboard (TensorBoard under output_dir/tensorboard)")
 
 
 @dataclass

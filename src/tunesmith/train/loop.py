@@ -350,13 +350,12 @@ def finetune(config: Config) -> TrainResult:
     from tunesmith.models.resolve import resolve
     from tunesmith.train import checkpoint as ckpt
     from tunesmith.train.methods import check_available
-    from tunesmith.train.rundir import MetricsLog, check_tensorboard
+    from tunesmith.train.rundir import MetricsLog, check_trackers
 
     started = time.perf_counter()
     validate(config)
     check_available(config.method)  # before any model is loaded
-    if config.output.tensorboard:
-        check_tensorboard()
+    check_trackers(config.output)  # a tracker asked for but not installed fails before any work
     # accelerate keeps its settings in a process-wide singleton that refuses a second, different
     # mixed_precision; clear them (not the process group) so finetune can run again in one process.
     AcceleratorState._reset_state()
@@ -396,7 +395,7 @@ def finetune(config: Config) -> TrainResult:
         _print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, micro-batch {state.batch_index})")
 
     log = MetricsLog(out, resume_step=state.step if t.resume else None,
-                     tensorboard=config.output.tensorboard) if accelerator.is_main_process else None
+                     config=config) if accelerator.is_main_process else None
     model.train()
     pad_id = tokenizer.pad_token_id
     stopped_early = False
@@ -460,8 +459,6 @@ def finetune(config: Config) -> TrainResult:
                 _print(f"early stopping at step {state.step}: no improvement in {state.evals_since_best} evaluations")
                 stopped_early = True
                 break
-    if log:
-        log.close()
 
     final_eval = state.last_eval_loss
     if config.eval.load_best and state.best_step is not None and state.best_step != state.step:
@@ -469,6 +466,8 @@ def finetune(config: Config) -> TrainResult:
         final_eval = state.best_eval_loss
         _print(f"loaded the best checkpoint (step {state.best_step}, eval loss {final_eval:.4f})")
     final_train = _final_train_loss(out, state)
+    if log:  # the trackers get the final losses, then close
+        log.close(final_train, final_eval)
     _save_run(accelerator, model, tokenizer, config, out, base_path=base_path, state=state, data=data,
               final_train=final_train, final_eval=final_eval, n_total=n_total, n_trainable=n_trainable)
     tokens = state.tokens

@@ -11,14 +11,21 @@ import math
 from pathlib import Path
 
 from tunesmith import __version__
+from tunesmith.errors import UsageError
 
 METRICS = "metrics.jsonl"
 
 
 class MetricsLog:
-    """Appends one JSON object per line; on resume, drops lines logged after the checkpoint's step."""
+    """Appends one JSON object per line; on resume, drops lines logged after the checkpoint's step.
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = False):
+    With ``config.output.report_to`` (or the older ``output.tensorboard``) each row also goes to
+    those experiment trackers, through accelerate's tracker classes: the resolved config as
+    hyperparameters when the log opens, every numeric field of every row at its step, and the
+    final train and eval losses when it closes.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None, config=None):
         self.path = Path(run_dir) / METRICS
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
@@ -26,39 +33,96 @@ class MetricsLog:
         else:
             kept = [line for line in read_metrics(self.path) if line["step"] <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.tb = _tensorboard_writer(Path(run_dir) / "tensorboard") if tensorboard else None
+        self.last_step = resume_step or 0
+        self.trackers = start_trackers(Path(run_dir), config) if config is not None else []
 
     def write(self, record: dict) -> None:
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["step"])
+        self.last_step = record["step"]
+        values = {k: v for k, v in record.items() if k != "step" and _is_number(v)}
+        for tracker in self.trackers:
+            tracker.log(values, step=record["step"])
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _tensorboard_writer(path: Path):
-    from tunesmith.errors import UsageError
-
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UsageError("output.tensorboard is on but tensorboard is not installed: pip install tensorboard") from None
-    return SummaryWriter(str(path))
+    def close(self, final_train_loss: float | None = None, final_eval_loss: float | None = None) -> None:
+        final = {"final_train_loss": final_train_loss, "final_eval_loss": final_eval_loss}
+        final = {k: v for k, v in final.items() if _is_number(v) and math.isfinite(v)}
+        for tracker in self.trackers:
+            if final:
+                tracker.log(final, step=self.last_step)
+            tracker.finish()
+        self.trackers = []
 
 
-def check_tensorboard() -> None:
-    """Fail before training when TensorBoard logging is asked for but unavailable."""
+# --------------------------------------------------------------- experiment trackers
+
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
+
+
+def tracker_names(output) -> list[str]:
+    """The trackers ``output.report_to`` names (``none`` or empty: none), ``output.tensorboard`` included."""
+    names = [n.strip().lower() for n in output.report_to if n.strip().lower() not in ("", "none")]
+    if output.tensorboard:
+        names.append("tensorboard")
+    for name in names:
+        if name not in TRACKERS:
+            raise UsageError(f"output.report_to: unknown tracker {name!r}; use a comma separated list of "
+                             f"{', '.join(TRACKERS)}, or none")
+    return list(dict.fromkeys(names))
+
+
+def check_trackers(output) -> list[str]:
+    """Fail before training when a tracker is asked for but its library is not installed."""
     import importlib.util
 
-    from tunesmith.errors import UsageError
+    missing = [n for n in tracker_names(output) if importlib.util.find_spec(n) is None]
+    if missing:
+        raise UsageError(f"output.report_to asks for {', '.join(missing)}, not installed: "
+                         f"pip install {' '.join(missing)} (or the tunesmith extra of the same name)")
+    return tracker_names(output)
 
-    if importlib.util.find_spec("tensorboard") is None:
-        raise UsageError("output.tensorboard is on but tensorboard is not installed: pip install tensorboard")
+
+def start_trackers(run_dir: Path, config) -> list:
+    """accelerate's tracker objects for ``config.output``, started, with the config stored in each.
+
+    Where each one writes is the tracker's own business, set by its usual environment variables
+    (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, WANDB_MODE, WANDB_PROJECT, TRACKIO_DIR, ...);
+    TensorBoard and W&B keep their local files inside the run directory.
+    """
+    import os
+
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, TrackioTracker, WandBTracker
+
+    run = Path(run_dir).resolve()
+    trackers = []
+    for name in check_trackers(config.output):
+        if name == "tensorboard":
+            tracker = TensorBoardTracker("tensorboard", run)
+        elif name == "mlflow":
+            tracker = MLflowTracker(experiment_name="tunesmith", run_name=run.name)
+        elif name == "wandb":
+            tracker = WandBTracker(os.environ.get("WANDB_PROJECT", "tunesmith"), name=run.name, dir=str(run))
+        else:
+            tracker = TrackioTracker(os.environ.get("TRACKIO_PROJECT", "tunesmith"), name=run.name)
+        tracker.start()
+        tracker.store_init_configuration(flat_config(config))
+        trackers.append(tracker)
+    return trackers
+
+
+def flat_config(config) -> dict:
+    """``{"section.key": value}`` with only the scalar types every tracker takes (lists joined, None as "none")."""
+    flat = {}
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            if isinstance(value, list):
+                value = ",".join(map(str, value))
+            flat[f"{section}.{key}"] = "none" if value is None else value
+    return flat
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_metrics(path: Path) -> list[dict]:
