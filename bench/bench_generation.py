@@ -3,7 +3,7 @@
 Usage (the default model must be cached, e.g. TUNESMITH_HOME=/tmp/tshome)::
 
     TUNESMITH_HOME=/tmp/tshome python bench/bench_generation.py [--prompts 32] [--batch-size 32]
-        [--max-new-tokens 64] [--threads N] [--data ../shared/data/alpaca_en_demo.json]
+        [--max-new-tokens 64] [--threads N] [--data examples/data/alpaca_en_demo.json]
 
 Both passes use fp32 greedy decoding through tunesmith.inference.generate; the only
 difference is the batch size. The outputs must be identical; the script prints the wall
@@ -28,7 +28,7 @@ from tunesmith.inference import GenerationOptions, generate, render_prompt
 from tunesmith.models.load import load
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
+DEFAULT_DATA = REPO / "examples" / "data" / "alpaca_en_demo.json"
 
 
 def read_prompts(path: Path, count: int) -> list[list[dict]]:

@@ -13,7 +13,8 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# Third-party demo datasets shipped with the repository (see examples/data/README.md).
+SHARED_DATA = REPO / "examples" / "data"
 
 # The same layout as the default model's template (ChatML), without its default system prompt.
 CHATML_TEMPLATE = (
@@ -39,9 +40,9 @@ _CORPUS = [
 
 
 def shared_data(name: str) -> Path:
+    """A demo dataset from examples/data; these ship with the repository, so a missing one is a failure."""
     path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"third-party dataset {path} is not present (expected ../shared/data beside the repo)")
+    assert path.is_file(), f"example dataset {path} is missing from the repository"
     return path
 
 
