@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", dest="eval_files", action="append", default=[], help="eval file: check train/eval overlap")
     p.add_argument("--format", default=None, help="force the input format (alpaca, sharegpt, openai, prompt-completion, text)")
     p.add_argument("--columns", default=None, help="column mapping, e.g. instruction=question,output=answer")
+    p.add_argument("--encoding", default=None,
+                   help="text encoding of the data files (default: UTF-8, with or without a byte-order mark)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-tokens", action="store_true", help="skip token statistics (no tokenizer needed)")
     p.set_defaults(func=_data_check)
@@ -143,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", default=None, help="system prompt for seed-chat (default: the seed's)")
     p.add_argument("--labels", default=None,
                    help="seed-instruction labels as instruction,input,output (default: 指令,输入,输出)")
+    p.add_argument("--encoding", default=None,
+                   help="text encoding of the data files (default: UTF-8, with or without a byte-order mark)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     p.set_defaults(func=_data_convert)
 
     p = sub.add_parser("train", help="fine-tune (LoRA, DoRA, rsLoRA, QLoRA, full, freeze); --help lists every option",
@@ -192,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--gguf", action="store_true", help="write a GGUF file")
     p.add_argument("--dtype", default="f16", choices=["f32", "f16", "q8_0"], help="GGUF tensor type")
     p.add_argument("--out", required=True, help="output directory (--merge) or .gguf file (--gguf)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     p.set_defaults(func=_export)
     return parser
 
@@ -213,12 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from tunesmith.errors import TunesmithError
+        import os
 
-        if isinstance(exc, TunesmithError):
-            print(f"error: {exc}", file=sys.stderr)
-            return exc.exit_code
-        raise
+        from tunesmith.errors import TunesmithError, report_error
+
+        if os.environ.get("TUNESMITH_DEBUG") and not isinstance(exc, TunesmithError):
+            raise
+        # A user error is one message; a bug is one line naming its saved traceback, never a dump.
+        return report_error(exc, argv)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ class DataConfig:
     eval_path: list[str] = opt([], "evaluation data files; when set, val_size is ignored")
     format: str | None = opt(None, "force the input format (alpaca, sharegpt, openai, prompt-completion, text); default: detected")
     columns: str | None = opt(None, "column mapping for alpaca-like files, e.g. instruction=question,output=answer")
+    encoding: str | None = opt(None, "text encoding of the data files, e.g. latin-1 or cp1252; default: UTF-8 (with or "
+                                     "without a byte-order mark)")
     template: str | None = opt(None, "chat template: chatml, llama3, alpaca, seed; default: the tokenizer's own")
     system_prompt: str | None = opt(None, "system prompt for conversations that have none (saved with the run and used "
                                           "by chat/generate); default: whatever the template inserts")

@@ -1,4 +1,18 @@
-"""Errors a user can act on. The CLI prints their message (no traceback) and exits with exit_code."""
+"""Errors a user can act on. The CLI prints their message (no traceback) and exits with exit_code.
+
+Anything else reaching the CLI is a bug: ``report_unexpected`` saves its traceback to a file and
+prints one line naming it, so the user has something to attach to a report instead of a dump.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
 
 class TunesmithError(Exception):
@@ -9,3 +23,40 @@ class UsageError(TunesmithError):
     """Bad arguments or configuration."""
 
     exit_code = 2
+
+
+def report_error(exc: Exception, argv: list[str]) -> int:
+    """Print one message for ``exc`` on stderr and return the exit code."""
+    if isinstance(exc, TunesmithError):
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        # The file system said no (full disk, no permission, a directory where a file belongs).
+        print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
+    path = save_traceback(exc, argv)
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    print(f"error: unexpected {type(exc).__name__}: {first}\n"
+          f"This is a bug in tunesmith, not in your input. The traceback is saved in {path}; please attach "
+          "it to a report (TUNESMITH_DEBUG=1 shows it here instead).", file=sys.stderr)
+    return 1
+
+
+def save_traceback(exc: BaseException, argv: list[str]) -> Path:
+    """Write the command, versions and traceback to a new file under the cache (else the temp dir)."""
+    from tunesmith import __version__
+
+    text = (f"tunesmith {__version__}, Python {platform.python_version()}, {platform.platform()}\n"
+            f"command: tunesmith {' '.join(argv)}\n\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    name = f"traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    from tunesmith.models.resolve import cache_root
+
+    for folder in (cache_root() / "crash-reports", Path(tempfile.gettempdir()) / "tunesmith-crash-reports"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text, encoding="utf-8")
+            return folder / name
+        except OSError:
+            continue
+    raise exc  # nowhere to save it: showing the traceback beats losing it

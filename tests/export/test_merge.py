@@ -44,7 +44,7 @@ def test_merged_dir_is_a_plain_model_with_the_runs_template(lora_run_dir, tmp_pa
 def test_merge_refuses_a_non_empty_output(lora_run_dir, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file.txt").write_text("keep me")
-    with pytest.raises(UsageError, match="not empty"):
+    with pytest.raises(UsageError, match="already exists"):
         merge_to_dir(lora_run_dir, tmp_path / "taken")
     assert (tmp_path / "taken" / "file.txt").read_text() == "keep me"
 

@@ -13,8 +13,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+from tunesmith import atomic
 from tunesmith.data.conversation import Conversation, Message
-from tunesmith.data.readers import ALPACA_FIELDS, DataError, call_text, read_dataset
+from tunesmith.data.readers import ALPACA_FIELDS, DataError, DataIssue, call_text, read_dataset
 from tunesmith.errors import TunesmithError, UsageError
 
 SEED_LABELS = ("指令", "输入", "输出")
@@ -222,21 +223,25 @@ def parse_labels(text: str | None) -> tuple[str, str, str] | None:
 
 
 def write_rows(rows: list[dict], out: Path) -> None:
-    """JSON lines, or one JSON array when the name ends in .json."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """JSON lines, or one JSON array when the name ends in .json; written whole or not at all."""
     if out.suffix.lower() == ".json":
-        out.write_text(json.dumps(rows, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        text = json.dumps(rows, ensure_ascii=False, indent=2) + "\n"
     else:
-        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    atomic.write_text(out, text)
 
 
 def run_convert_command(args) -> int:
     labels = parse_labels(args.labels)
-    result = read_dataset(args.file, format=args.format, columns=args.columns)
+    out = Path(args.out)
+    atomic.refuse_existing(out, args.overwrite)  # before reading: a long read must not end in this refusal
+    result = read_dataset(args.file, format=args.format, columns=args.columns, encoding=args.encoding)
     if result.errors:
         raise DataError(result.errors)
+    if not result.conversations:
+        raise DataError([DataIssue(args.file, -1, "(rows)", "no examples to convert")])
     rows = convert(result.conversations, args.to, system_prompt=args.system_prompt, labels=labels)
-    write_rows(rows, Path(args.out))
+    write_rows(rows, out)
     formats = ", ".join(sorted(set(result.formats.values())))
     print(f"wrote {len(rows)} {args.to} rows (from {formats}) to {args.out}")
     return 0

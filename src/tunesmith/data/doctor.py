@@ -135,6 +135,8 @@ def _minhash(shingles: list[np.ndarray]) -> np.ndarray:
 
 def _near_pairs(texts: list[str]) -> list[tuple[int, int]]:
     """Pairs whose shingle sets have Jaccard similarity >= NEAR_DUPLICATE_JACCARD (LSH candidates, then exact)."""
+    if len(texts) < 2:  # no pair to compare (and numpy cannot stack zero signatures)
+        return []
     shingles = [_shingles(t) for t in texts]
     signatures = _minhash(shingles)
     candidates = set()
@@ -346,13 +348,13 @@ def system_prompt_warning(convs: list[Conversation], tokenizer) -> DataIssue | N
 def check_data(files, *, model: str | None = None, max_length: int | None = None,
                truncation: str = "truncate_prompt", template: str | None = None, eval_files=(),
                format: str | None = None, columns: str | dict | None = None, tokens: bool = True,
-               progress: bool = False) -> DataReport:
+               progress: bool = False, encoding: str | None = None) -> DataReport:
     """Check ``files`` (and optionally ``eval_files``) and return the full report."""
     started = time.perf_counter()
     files = [str(f) for f in ([files] if isinstance(files, str | os.PathLike) else files)]
     if max_length is not None and max_length < 2:
         raise UsageError(f"--max-length must be at least 2, not {max_length}")
-    read = read_dataset(files, format=format, columns=columns)
+    read = read_dataset(files, format=format, columns=columns, encoding=encoding)
     convs = read.conversations
     report = DataReport(files=files, num_examples=read.num_rows, num_valid=len(convs),
                         num_turns=sum(len(c.messages) for c in convs), errors=read.errors, warnings=read.warnings,
@@ -361,15 +363,15 @@ def check_data(files, *, model: str | None = None, max_length: int | None = None
     report.char_lengths, report.long_examples = char_lengths(convs)
     report.warnings += duplicate_warnings(report.duplicates, convs)
     if eval_files:
-        _check_overlap(report, convs, list(eval_files), format, columns)
+        _check_overlap(report, convs, list(eval_files), format, columns, encoding)
     if tokens:
         _add_token_stats(report, convs, model, progress)
     report.elapsed_s = round(time.perf_counter() - started, 2)
     return report
 
 
-def _check_overlap(report: DataReport, convs, eval_files: list[str], format, columns) -> None:
-    evals = read_dataset(eval_files, format=format, columns=columns)
+def _check_overlap(report: DataReport, convs, eval_files: list[str], format, columns, encoding) -> None:
+    evals = read_dataset(eval_files, format=format, columns=columns, encoding=encoding)
     report.errors += evals.errors
     report.warnings += evals.warnings
     report.overlap = find_overlap(convs, evals.conversations)
@@ -435,7 +437,8 @@ class _progress:
 def run_check_command(args) -> int:
     report = check_data(args.files, model=args.model, max_length=args.max_length, truncation=args.truncation,
                         template=args.template, eval_files=args.eval_files, format=args.format,
-                        columns=args.columns, tokens=not args.no_tokens, progress=not args.json)
+                        columns=args.columns, tokens=not args.no_tokens, progress=not args.json,
+                        encoding=args.encoding)
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
     else:

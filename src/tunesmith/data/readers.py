@@ -18,13 +18,16 @@ with errors are left out of the conversations, never silently: the issues say wh
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tunesmith.data import textfiles
 from tunesmith.data.conversation import Conversation, Message, location
+from tunesmith.data.textfiles import UndecodableFile, duplicate_keys
 from tunesmith.errors import TunesmithError, UsageError
 
 FORMATS = ("alpaca", "sharegpt", "openai", "prompt-completion", "text")
@@ -138,43 +141,59 @@ def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
 
 
-def raw_rows(path: Path) -> Iterator[tuple[str, int, object]]:
-    """(file, line or index, parsed row or a DataIssue) for every row of one data file."""
+def raw_rows(path: Path, encoding: str | None = None) -> Iterator[tuple[str, int, object]]:
+    """(file, line or index, parsed row or a DataIssue) for every row of one data file.
+
+    A file that cannot be read at all (undecodable bytes, not a Parquet file, no permission) is one
+    DataIssue for the whole file, so the other files are still checked.
+    """
+    try:
+        yield from _rows_by_type(path, encoding)
+    except UndecodableFile as exc:
+        line = exc.line if path.suffix.lower() in (".jsonl", ".csv") else -1
+        yield str(path), -1, DataIssue(str(path), line, "(encoding)", exc.detail)
+    except OSError as exc:
+        yield str(path), -1, DataIssue(str(path), -1, "(file)", f"cannot read: {exc.strerror or exc}")
+
+
+def _rows_by_type(path: Path, encoding: str | None) -> Iterator[tuple[str, int, object]]:
     if is_saved_dataset(path):
         yield from _saved_dataset_rows(path)
     elif path.suffix.lower() == ".jsonl":
-        yield from _jsonl_rows(path, str(path))
+        yield from _jsonl_rows(textfiles.read_text(path, encoding), str(path))
     elif path.suffix.lower() == ".json":
-        yield from _json_rows(path)
+        yield from _json_rows(path, encoding)
     elif path.suffix.lower() == ".csv":
-        yield from _csv_rows(path)
+        yield from _csv_rows(path, encoding)
     else:
-        import pyarrow.parquet as pq
-
-        for index, row in enumerate(pq.read_table(path).to_pylist()):
-            yield str(path), index, row
+        yield from _parquet_rows(path)
 
 
-def _jsonl_rows(path: Path, name: str, index_base: int | None = None) -> Iterator[tuple[str, int, object]]:
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            where = number if index_base is None else number - 1 - index_base
-            try:
-                yield name, where, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield name, where, DataIssue(name, where, "(json)", f"invalid JSON: {exc.msg} (column {exc.colno})")
+def _jsonl_rows(text: str, name: str, index_base: int | None = None) -> Iterator[tuple[str, int, object]]:
+    for number, line in enumerate(textfiles.lines(text), 1):
+        if not line.strip():
+            continue
+        where = number if index_base is None else number - 1 - index_base
+        try:
+            yield name, where, textfiles.loads(line)
+        except json.JSONDecodeError as exc:
+            yield name, where, DataIssue(name, where, "(json)", f"invalid JSON: {exc.msg} (column {exc.colno})")
+        except RecursionError:
+            yield name, where, DataIssue(name, where, "(json)", "invalid JSON: nested too deeply")
 
 
-def _json_rows(path: Path) -> Iterator[tuple[str, int, object]]:
+def _json_rows(path: Path, encoding: str | None) -> Iterator[tuple[str, int, object]]:
     name = str(path)
+    text = textfiles.read_text(path, encoding)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = textfiles.loads(text)
+    except RecursionError:
+        yield name, -1, DataIssue(name, -1, "(json)", "invalid JSON: nested too deeply")
+        return
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data" and exc.lineno > 1:
             # JSON lines saved with a .json name: read them as such, numbered by row index.
-            yield from _jsonl_rows(path, name, index_base=0)
+            yield from _jsonl_rows(text, name, index_base=0)
             return
         yield name, -1, DataIssue(name, -1, "(json)",
                                   f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}")
@@ -190,19 +209,51 @@ def _json_rows(path: Path) -> Iterator[tuple[str, int, object]]:
         yield name, index, row
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[str, int, object]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB) refuses one long answer
+
+
+def _csv_rows(path: Path, encoding: str | None) -> Iterator[tuple[str, int, object]]:
+    name = str(path)
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    # newline="": quoted fields keep their own line breaks (CRLF included); the csv module splits rows.
+    reader = csv.DictReader(io.StringIO(textfiles.read_text(path, encoding), newline=""))
+    try:
+        header = reader.fieldnames or []
+        repeated = sorted({c for c in header if header.count(c) > 1})
+        if repeated:
+            yield name, -1, DataIssue(name, 1, "(header)", f"column(s) {repeated} appear more than once; only the "
+                                      "last would be read. Rename or remove the others")
+            return
         start = 2  # line 1 is the header
         for row in reader:
-            yield str(path), start, row
+            yield name, start, row
             start = reader.line_num + 1
+    except csv.Error as exc:
+        yield name, -1, DataIssue(name, reader.line_num, "(csv)", f"cannot parse CSV: {exc}")
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, int, object]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except pa.ArrowException as exc:
+        yield str(path), -1, DataIssue(str(path), -1, "(parquet)", f"not a readable Parquet file: {exc}")
+        return
+    for index, row in enumerate(table.to_pylist()):
+        yield str(path), index, row
 
 
 def _saved_dataset_rows(path: Path) -> Iterator[tuple[str, int, object]]:
+    import pyarrow as pa
     from datasets import DatasetDict, load_from_disk
 
-    loaded = load_from_disk(str(path))
+    try:
+        loaded = load_from_disk(str(path))
+    except (ValueError, pa.ArrowException) as exc:  # OSError is handled by raw_rows
+        yield str(path), -1, DataIssue(str(path), -1, "(dataset)", f"not a readable saved dataset: {exc}")
+        return
     splits = loaded.items() if isinstance(loaded, DatasetDict) else [(None, loaded)]
     for split, dataset in splits:
         name = f"{path}/{split}" if split else str(path)
@@ -256,11 +307,13 @@ def check_format_name(format: str | None) -> str | None:
     return format
 
 
-def refuse_preference(file: str, rows: list[Row]) -> None:
-    if any("chosen" in r.data and "rejected" in r.data for r in rows):
+def refuse_preference(rows: list[Row]) -> None:
+    first = next((r for r in rows if "chosen" in r.data and "rejected" in r.data), None)
+    if first is not None:
         raise PreferenceDataError(
-            f"{file} is preference (DPO/ORPO) data, not supervised fine-tuning data: its rows hold a 'chosen' "
-            "and a 'rejected' response to compare. Supervised fine-tuning needs one reference answer per "
+            f"{first.file} is preference (DPO/ORPO) data, not supervised fine-tuning data: its rows (the first at "
+            f"{location(first.file, first.line)}) hold a 'chosen' and a 'rejected' response to compare. Supervised fine-tuning needs one "
+            "reference answer per "
             "prompt (alpaca, sharegpt, openai messages, prompt/completion or text).")
 
 
@@ -607,29 +660,37 @@ def _content_problems(message: Message, add) -> None:
 # ---------------------------------------------------------------- reading
 
 
-def read_dataset(paths, *, format: str | None = None, columns: str | dict | None = None) -> ReadResult:
-    """Read every row of every file; collect every problem instead of stopping at the first."""
+def read_dataset(paths, *, format: str | None = None, columns: str | dict | None = None,
+                 encoding: str | None = None) -> ReadResult:
+    """Read every row of every file; collect every problem instead of stopping at the first.
+
+    ``encoding``: of the text files (default UTF-8, with or without a byte-order mark).
+    """
     format = check_format_name(format)
     mapping = parse_columns(columns)
+    encoding = textfiles.check_encoding(encoding)
     files = [f for p in ([paths] if isinstance(paths, str | Path) else paths) for f in data_files(Path(p))]
     result = ReadResult([], [], {})
     for path in files:
-        _read_file(path, format, mapping, result)
+        _read_file(path, format, mapping, result, encoding)
     return result
 
 
-def _read_file(path: Path, format: str | None, mapping: dict[str, str], result: ReadResult) -> None:
+def _read_file(path: Path, format: str | None, mapping: dict[str, str], result: ReadResult,
+               encoding: str | None = None) -> None:
     rows: list[Row] = []
-    for file, line, raw in raw_rows(path):
+    file_issues = 0
+    for file, line, raw in raw_rows(path, encoding):
         if isinstance(raw, DataIssue):
             result.issues.append(raw)
-            result.num_rows += raw.line >= 0
+            file_issues += 1
+            result.num_rows += line >= 0  # an unparsable row still counts; a file-level problem does not
             continue
-        row = Row(file, line, rename_columns(raw, mapping) if isinstance(raw, dict) else {}, mapping)
-        if not isinstance(raw, dict):
-            row.error("(row)", f"expected an object, got {_type(raw)}")
-        rows.append(row)
-    refuse_preference(str(path), rows)
+        rows.append(_row(file, line, raw, mapping))
+    if not rows and not file_issues:
+        result.issues.append(DataIssue(str(path), -1, "(rows)", "no examples: the file is empty (or holds only "
+                                       "whitespace or an empty list)"))
+    refuse_preference(rows)
     result.num_rows += len(rows)
     detected = Counter(f for r in rows if r.data and (f := format or detect_format(r.data)))
     result.formats[str(path)] = "+".join(detected) or "unknown"
@@ -639,6 +700,22 @@ def _read_file(path: Path, format: str | None, mapping: dict[str, str], result: 
     for row in rows:
         result.conversations += _convert_row(row, format, detected)
         result.issues += row.issues
+
+
+def _row(file: str, line: int, raw, mapping: dict[str, str]) -> Row:
+    """A Row with the problems visible before its format is known: not an object, a repeated key,
+    more CSV values than header columns (the csv module files them under the key None)."""
+    row = Row(file, line, rename_columns(raw, mapping) if isinstance(raw, dict) else {}, mapping)
+    if not isinstance(raw, dict):
+        row.error("(row)", f"expected an object, got {_type(raw)}")
+        return row
+    if None in raw:
+        row.error("(row)", f"{len(raw[None])} more value(s) than the header has columns (an unquoted comma "
+                  "or quote?)")
+        del row.data[None]
+    for key in duplicate_keys(raw):
+        row.error(key, "this key appears twice in one object; JSON keeps only the last value. Remove one")
+    return row
 
 
 def _convert_row(row: Row, format: str | None, detected: Counter) -> list[Conversation]:
@@ -653,9 +730,10 @@ def _convert_row(row: Row, format: str | None, detected: Counter) -> list[Conver
     return [conv] if conv is not None else []
 
 
-def load_conversations(paths, *, format: str | None = None, columns: str | dict | None = None) -> list[Conversation]:
+def load_conversations(paths, *, format: str | None = None, columns: str | dict | None = None,
+                       encoding: str | None = None) -> list[Conversation]:
     """Conversations for training: any error in the data raises DataError listing them all."""
-    result = read_dataset(paths, format=format, columns=columns)
+    result = read_dataset(paths, format=format, columns=columns, encoding=encoding)
     if result.errors:
         raise DataError(result.errors)
     if not result.conversations:

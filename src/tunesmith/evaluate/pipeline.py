@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tunesmith import atomic
+from tunesmith.data import textfiles
 from tunesmith.data.conversation import Conversation
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.evaluate.metrics import ALL_METRICS, DEFAULT_METRICS
@@ -321,7 +323,7 @@ def _open_predictions(path: Path, fingerprint: str) -> dict[int, dict]:
     elif done:
         print(f"resuming: {len(done)} predictions already in {path}", file=sys.stderr)
     write_predictions(path, list(done.values()))  # drops a line cut short by the interruption
-    meta.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    atomic.write_text(meta, json.dumps({"fingerprint": fingerprint}) + "\n")
     return done
 
 
@@ -339,11 +341,8 @@ def _read_records(path: Path) -> dict[int, dict]:
 
 def write_predictions(path: Path, records: list[dict]) -> None:
     """Atomically (temp file, rename): a crash never leaves a half-written predictions file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for record in sorted(records, key=lambda r: r.get("index", 0)):
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    ordered = sorted(records, key=lambda r: r.get("index", 0))
+    atomic.write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in ordered))
 
 
 # ---------------------------------------------------------------- scoring
@@ -408,7 +407,7 @@ def read_predictions_file(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise UsageError(f"predictions file not found: {path}")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(textfiles.lines(textfiles.read_text(path)), start=1):
         if not line.strip():
             continue
         records.append(_parse_prediction_line(path, number, line, len(records)))
@@ -419,11 +418,17 @@ def read_predictions_file(path: str | Path) -> list[dict]:
 
 def _parse_prediction_line(path: Path, number: int, line: str, index: int) -> dict:
     try:
-        record = json.loads(line)
+        record = textfiles.loads(line)
     except json.JSONDecodeError as exc:
         raise TunesmithError(f"{path}:{number}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise TunesmithError(f"{path}:{number}: not valid JSON: nested too deeply") from None
     if not isinstance(record, dict):
         raise TunesmithError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+    repeated = textfiles.duplicate_keys(record)
+    if repeated:
+        raise TunesmithError(f"{path}:{number}: field '{repeated[0]}': appears twice in one object; JSON keeps "
+                             "only the last value. Remove one")
     for name, required in (("prediction", True), ("reference", True), ("label", False)):
         if name not in record:
             if required:

@@ -14,6 +14,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tunesmith import atomic
 from tunesmith.evaluate.text import length
 
 # Metrics on a 0..1 scale (BLEU and chrF are 0..100 and are divided by 100 in the chart).
@@ -36,9 +37,8 @@ def write_report(result, out: Path) -> dict[str, str]:
              "metrics": out / "metrics.json", "report": out / "report.md"}
     paths["metrics_chart"] = plot_metrics(result, out / ("metric_deltas.png" if result.compare else "metrics.png"))
     paths["lengths_chart"] = plot_lengths(result, out / "lengths.png")
-    paths["metrics"].write_text(json.dumps(metrics_document(result), indent=2, ensure_ascii=False) + "\n",
-                                encoding="utf-8")
-    paths["report"].write_text(render_markdown(result, paths), encoding="utf-8")
+    atomic.write_text(paths["metrics"], json.dumps(metrics_document(result), indent=2, ensure_ascii=False) + "\n")
+    atomic.write_text(paths["report"], render_markdown(result, paths))
     return {name: str(path) for name, path in paths.items() if path is not None}
 
 
@@ -210,10 +210,15 @@ def plot_metrics(result, path: Path) -> Path | None:
     title = f"{_short(result.model)} minus {_short(result.compare)}" if result.compare else _short(result.model)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("delta" if result.compare else "score")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
 
 
 def plot_lengths(result, path: Path) -> Path:
@@ -231,7 +236,5 @@ def plot_lengths(result, path: Path) -> Path:
     ax.set_xlabel("length (CJK characters + words)")
     ax.set_ylabel("examples")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path

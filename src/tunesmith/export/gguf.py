@@ -16,20 +16,21 @@ answer; on the tiny test model f16 2.5e-4 and q8_0 6.8e-3 (the tests' bounds: 2e
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tunesmith import atomic
 from tunesmith.errors import TunesmithError, UsageError
 
 DTYPES = ("f32", "f16", "q8_0")
 SUPPORTED_ARCHITECTURES = ("llama",)
 
 
-def export_gguf(run_or_model, out, dtype: str = "f16") -> Path:
-    """Write ``run_or_model`` (alias, model dir or run dir; LoRA merged) to the GGUF file ``out``."""
+def export_gguf(run_or_model, out, dtype: str = "f16", *, overwrite: bool = False) -> Path:
+    """Write ``run_or_model`` (alias, model dir or run dir; LoRA merged) to the GGUF file ``out``;
+    an existing ``out`` is replaced only with ``overwrite``."""
     from tunesmith.models.load import load
 
     if dtype not in DTYPES:
@@ -37,15 +38,11 @@ def export_gguf(run_or_model, out, dtype: str = "f16") -> Path:
     out = Path(out)
     if out.suffix != ".gguf":
         raise UsageError(f"--out {out} should be a file name ending in .gguf")
+    atomic.refuse_existing(out, overwrite)  # before minutes of loading and converting
     loaded = load(run_or_model, dtype=torch.float32, device="cpu", merge=True)
     check_supported(loaded.model.config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    try:
+    with atomic.atomic_path(out) as partial:  # a half-written file never carries the final name
         _write(loaded.model, loaded.tokenizer, partial, dtype, name=Path(loaded.path).name)
-        os.replace(partial, out)  # a half-written file never carries the final name
-    finally:
-        partial.unlink(missing_ok=True)
     return out
 
 

@@ -14,34 +14,42 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.errors import UsageError
+from tunesmith import atomic
 
 
-def merge_to_dir(run_or_model, out) -> Path:
-    """Write ``run_or_model`` (a run dir, model dir or alias) with any adapter merged into ``out``."""
+def merge_to_dir(run_or_model, out, *, overwrite: bool = False) -> Path:
+    """Write ``run_or_model`` (a run dir, model dir or alias) with any adapter merged into ``out``;
+    a non-empty ``out`` is replaced only with ``overwrite``."""
     from tunesmith.models.load import load
 
     out = Path(out)
-    _check_out(out)
+    atomic.refuse_existing(out, overwrite, directory=True)  # before the model is loaded
     loaded = load(run_or_model, dtype=torch.float32, device="cpu", merge=True)
     tokenizer = _original_tokenizer(loaded)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target, then renamed: an interrupted export leaves no half model behind.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         loaded.model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if out.exists():
-            out.rmdir()  # _check_out allowed only an empty directory
-        os.replace(staging, out)
+        for file in staging.iterdir():
+            atomic.fsync_file(file)
+        _replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
-def _check_out(out: Path) -> None:
-    if out.is_file() or (out.is_dir() and any(out.iterdir())):
-        raise UsageError(f"--out {out} already exists and is not empty; choose a new directory")
+def _replace_dir(new: Path, out: Path) -> None:
+    """Rename ``new`` onto ``out``. An old ``out`` is renamed aside first and deleted only once the new one
+    is in place, so an interruption leaves one complete model under the name, never a mix."""
+    old = atomic.temp_name(out) if out.exists() else None
+    if old:
+        os.replace(out, old)
+    os.replace(new, out)
+    atomic.fsync_dir(out.parent)
+    if old:
+        shutil.rmtree(old)
 
 
 def _original_tokenizer(loaded):
