@@ -5,7 +5,14 @@ and scheduler states, every process's RNG states (python, numpy, torch, cuda), t
 (``state.json``: epoch, micro-batch index within the epoch, the epoch's order seed) and the
 resolved config with the config and data fingerprints. It is written into a temporary folder,
 every file fsynced, renamed into place, and only then marked with ``COMPLETE``: a folder without
-the marker is an interrupted save and is never resumed from.
+the marker is an interrupted save and is never resumed from. The marker lists every file with
+its size, so a checkpoint truncated or damaged afterwards is recognised, reported, and skipped
+by ``--resume auto`` in favour of the previous complete one.
+
+Nothing in a checkpoint is unpickled: a run directory may come from someone else, and a pickle
+can run code. Weights are safetensors, RNG states JSON, and the optimizer and scheduler states
+(nested dicts of tensors and numbers) are read with ``torch.load(weights_only=True)``, whose
+unpickler builds only tensors and plain containers and refuses anything else.
 
 Only the trainable tensors are saved (an adapter is megabytes where the full model is gigabytes);
 the frozen base is reloaded from the base model. Under FSDP or DeepSpeed, where parameters and
@@ -15,8 +22,10 @@ the shards instead.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -60,18 +69,25 @@ def _is_sharded(accelerator) -> bool:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as plain JSON values (lists of ints), so reading it back runs no code."""
+    version, internal, gauss = random.getstate()
+    numpy = np.random.get_state(legacy=False)
+    numpy["state"] = {"key": numpy["state"]["key"].tolist(), "pos": int(numpy["state"]["pos"])}
+    state = {"python": [version, list(internal), gauss], "numpy": numpy, "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = dict(state["numpy"])
+    numpy["state"] = {"key": np.asarray(numpy["state"]["key"], dtype=np.uint32), "pos": numpy["state"]["pos"]}
+    np.random.set_state(numpy)
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def assert_finite(model, step: int) -> None:
@@ -83,25 +99,38 @@ def assert_finite(model, step: int) -> None:
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, config_yaml: str,
                     fingerprint: dict, output_dir: str | Path) -> Path:
-    """Write ``checkpoints/step-N`` atomically from every process; returns the final path."""
-    from tunesmith.train.methods import trainable_state_dict
+    """Write ``checkpoints/step-N`` atomically from every process; returns the final path.
 
+    A failed write (a full disk, a vanished mount) removes what it started and raises a
+    CheckpointWriteError: the checkpoints already there are untouched and resumable."""
     root = checkpoints_dir(output_dir)
     final = root / f"step-{state['step']}"
     tmp = root / f".tmp-step-{state['step']}"
-    unwrapped = accelerator.unwrap_model(model)
-    assert_finite(unwrapped, state["step"])
+    assert_finite(accelerator.unwrap_model(model), state["step"])
+    try:
+        _write_checkpoint(accelerator, model, optimizer, scheduler, state, config_yaml, fingerprint, tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if final.is_dir() and not (final / COMPLETE).is_file():
+            shutil.rmtree(final, ignore_errors=True)
+        raise CheckpointWriteError(_write_failure(exc, state["step"], final, output_dir)) from None
+    return final
+
+
+def _write_checkpoint(accelerator, model, optimizer, scheduler, state, config_yaml, fingerprint,
+                      tmp: Path, final: Path) -> None:
+    from tunesmith.train.methods import trainable_state_dict
+
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save of this same step
-        shutil.rmtree(final, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     if _is_sharded(accelerator):
         accelerator.save_state(str(tmp))
     else:
-        torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        _write_json(tmp / f"rng-{accelerator.process_index}.json", rng_state())
         if accelerator.is_main_process:
-            save_file(trainable_state_dict(unwrapped), tmp / "weights.safetensors")
+            save_file(trainable_state_dict(accelerator.unwrap_model(model)), tmp / "weights.safetensors")
             kill_point("during-checkpoint", state["step"])
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -112,7 +141,18 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, confi
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
         _publish(tmp, final)
     accelerator.wait_for_everyone()
-    return final
+
+
+class CheckpointWriteError(TunesmithError):
+    pass
+
+
+def _write_failure(exc: OSError, step: int, final: Path, output_dir) -> str:
+    reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    previous = [path for s, path, ok in list_checkpoints(output_dir) if ok and s != step]
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    return (f"step {step}: could not write checkpoint {final}: {reason}. Nothing was half-written; {kept}. "
+            "Free some space (or lower output.save_total_limit) and continue with --resume auto.")
 
 
 def kill_point(stage: str, step: int) -> None:
@@ -127,35 +167,109 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _publish(tmp: Path, final: Path) -> None:
-    for path in tmp.iterdir():
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    for path in files:
         _fsync_file(path)
     _fsync_dir(tmp)
+    # The marker lists every file and its size: a checkpoint cut short later is recognised.
+    manifest = {"files": {p.relative_to(tmp).as_posix(): p.stat().st_size for p in files}}
+    shutil.rmtree(final, ignore_errors=True)  # an older save of this same step, replaced only now
     os.rename(tmp, final)
     _fsync_dir(final.parent)
     marker = final / COMPLETE
-    marker.write_text("ok\n")
+    marker.write_text(json.dumps(manifest, indent=1) + "\n")
     _fsync_file(marker)
     _fsync_dir(final)
+
+
+REQUIRED = {"weights.safetensors": "the trained weights", "optimizer.pt": "the optimizer state",
+            "scheduler.pt": "the learning-rate scheduler state", "state.json": "the data position"}
 
 
 def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG; return the saved training state."""
     if _is_sharded(accelerator):
-        accelerator.load_state(str(path))
-    else:
-        weights = load_file(path / "weights.safetensors")
-        missing = set(weights) - set(accelerator.unwrap_model(model).state_dict())
-        if missing:
-            raise UsageError(f"{path}: checkpoint weights do not match this model (e.g. {sorted(missing)[0]})")
-        accelerator.unwrap_model(model).load_state_dict(weights, strict=False)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        rng_file = path / f"rng-{accelerator.process_index}.pt"
-        if not rng_file.is_file():
-            raise UsageError(f"{path}: no RNG state for process {accelerator.process_index} "
-                             "(saved with fewer processes?); resume with the same number of processes")
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / "state.json").read_text())
+        accelerator.load_state(str(path))  # accelerate reads with weights_only=True as well
+        return _read_json(path / "state.json")
+    rng_file = f"rng-{accelerator.process_index}.json"
+    missing = [f"{name} ({what})" for name, what in {**REQUIRED, rng_file: "the random number generator state"}.items()
+               if not (path / name).is_file()]
+    if missing:
+        hint = " (saved with fewer processes?)" if missing[-1].startswith(rng_file) else ""
+        raise UsageError(f"{path}: cannot resume: the checkpoint is missing {', '.join(missing)}{hint}; "
+                         "resume from an earlier checkpoint or start again")
+    weights = load_file(path / "weights.safetensors")
+    unwrapped = accelerator.unwrap_model(model)
+    unknown = set(weights) - set(unwrapped.state_dict())
+    if unknown:
+        raise UsageError(f"{path}: checkpoint weights do not match this model (e.g. {sorted(unknown)[0]})")
+    unwrapped.load_state_dict(weights, strict=False)
+    optimizer.load_state_dict(safe_torch_load(path / "optimizer.pt"))
+    scheduler.load_state_dict(safe_torch_load(path / "scheduler.pt"))
+    set_rng_state(_read_json(path / rng_file))
+    return _read_json(path / "state.json")
+
+
+def safe_torch_load(path: Path):
+    """torch.load that builds only tensors and plain containers: a pickle that would run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[-1][:200]
+        raise UsageError(f"{path}: refused to load: it holds Python objects other than tensors and numbers, "
+                         f"which could run code when unpickled ({first}). Only resume from checkpoints you "
+                         "made yourself.") from None
+    except (RuntimeError, EOFError) as exc:
+        raise UsageError(f"{path}: unreadable (truncated or corrupt): {str(exc).splitlines()[0]}") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: unreadable (truncated or corrupt): {exc}") from None
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from, or None when it looks whole.
+
+    Checks the file list and sizes recorded in the COMPLETE marker, then that each JSON,
+    safetensors and torch file parses (zip CRCs included), without loading any tensor."""
+    try:
+        marker = (path / COMPLETE).read_text(encoding="utf-8")
+    except OSError:
+        return f"no {COMPLETE} marker (interrupted while saving)"
+    try:
+        sizes = json.loads(marker)["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None if marker.strip() == "ok" else f"its {COMPLETE} marker is damaged"  # "ok": before manifests
+    for name, size in sizes.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} is {file.stat().st_size} bytes, {size} when saved (truncated?)"
+    return next((problem for name in sizes if (problem := _unreadable(path / name))), None)
+
+
+def _unreadable(file: Path) -> str | None:
+    import zipfile
+
+    from safetensors import safe_open
+
+    try:
+        if file.suffix == ".json":
+            json.loads(file.read_text(encoding="utf-8"))
+        elif file.suffix == ".safetensors":
+            with safe_open(file, "pt") as handle:
+                handle.keys()
+        elif file.suffix == ".pt" and zipfile.is_zipfile(file):
+            with zipfile.ZipFile(file) as archive:
+                if archive.testzip() is not None:
+                    return f"{file.name} is corrupt (checksum mismatch)"
+    except Exception as exc:  # any parse failure means the file is damaged; say which and how
+        return f"{file.name} is unreadable ({type(exc).__name__}: {str(exc)[:120]})"
+    return None
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path, bool]]:
@@ -170,26 +284,27 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path, bool]]:
 
 
 def find_resume(output_dir: str | Path, spec: str) -> Path:
-    """``auto``: the newest complete checkpoint under output_dir; otherwise ``spec`` is a checkpoint path."""
+    """``auto``: the newest complete, undamaged checkpoint under output_dir (a damaged newer one is
+    reported and skipped); otherwise ``spec`` is a checkpoint path, which must be whole."""
     if spec != "auto":
         path = Path(spec)
         if not (path / COMPLETE).is_file():
             raise UsageError(f"--resume {spec}: not a complete checkpoint (no {COMPLETE} marker)")
+        if problem := damage(path):
+            raise UsageError(f"--resume {spec}: the checkpoint is damaged: {problem}")
         return path
-    complete = None
-    for _, path, ok in list_checkpoints(output_dir):
-        if ok:
-            complete = path
-        else:
-            warnings.warn(f"ignoring incomplete checkpoint {path} (interrupted while saving)", stacklevel=2)
-    if complete is None:
-        raise UsageError(f"--resume auto: no complete checkpoint under {checkpoints_dir(output_dir)}")
-    return complete
+    for _, path, ok in reversed(list_checkpoints(output_dir)):
+        problem = damage(path) if ok else "interrupted while saving"
+        if problem is None:
+            return path
+        kind = "incomplete" if not ok else "damaged"
+        warnings.warn(f"ignoring {kind} checkpoint {path} ({problem}); trying the one before it", stacklevel=2)
+    raise UsageError(f"--resume auto: no complete checkpoint under {checkpoints_dir(output_dir)}")
 
 
 def check_fingerprint(path: Path, fingerprint: dict, force: bool) -> None:
     """Refuse to resume when anything that shapes the result changed, unless forced."""
-    saved = json.loads((path / "fingerprint.json").read_text())
+    saved = _read_json(path / "fingerprint.json")
     changed = [k for k in ("config", "data") if saved.get(k) != fingerprint.get(k)]
     if not changed:
         return
@@ -218,4 +333,34 @@ def rotate(output_dir: str | Path, limit: int, keep: set[Path]) -> list[Path]:
     removed = removable[:max(excess, 0)]
     for path in removed:
         shutil.rmtree(path)
+    return removed
+
+
+# What a finished run writes at the top of its directory (rundir.py, the adapter or full weights and the
+# tokenizer). clear_run removes exactly these, never the whole folder: an output_dir may be "." or hold
+# the user's own files.
+RUN_FILES = ("tunesmith.json", "config.yaml", "metrics.jsonl", "loss.png", "README.md", "adapter_config.json",
+             "adapter_model.safetensors", "config.json", "generation_config.json", "model.safetensors",
+             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
+RUN_PATTERNS = ("model-*-of-*.safetensors",)
+RUN_DIRS = ("checkpoints", "tensorboard")
+
+
+def clear_run(output_dir: str | Path) -> list[Path]:
+    """Remove an earlier run's checkpoints and run files from ``output_dir`` (for output.overwrite),
+    so its checkpoints can neither be rotated in place of the new run's nor picked by --resume auto.
+    Returns what was removed; other files are left alone."""
+    out = Path(output_dir)
+    found = [out / name for name in (*RUN_DIRS, *RUN_FILES)]
+    found += [p for pattern in RUN_PATTERNS for p in out.glob(pattern)]
+    removed = []
+    for path in found:  # tolerant of a path gone meanwhile: every process of a launch may call this
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file() or path.is_symlink():
+            path.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(path)
     return removed
