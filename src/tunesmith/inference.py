@@ -7,6 +7,9 @@ prompt: only the newly generated tokens are decoded.
 
 from __future__ import annotations
 
+import functools
+import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +42,30 @@ def render_prompt(tokenizer, messages: Sequence[dict]) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     return "\n\n".join(m["content"] for m in messages)
+
+
+def control_tokens(tokenizer) -> tuple[str, ...]:
+    """Every string the tokenizer turns into a special or added token wherever it appears in text
+    (turn markers, EOS, padding, tool tags...), longest first."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    return tuple(sorted({t for t in [*added, *tokenizer.all_special_tokens] if t}, key=lambda t: (-len(t), t)))
+
+
+@functools.lru_cache(maxsize=32)
+def _control_pattern(tokens: tuple[str, ...]) -> re.Pattern | None:
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+def find_control_token(text: str | None, tokenizer) -> str | None:
+    """The first control token spelled out in ``text``, or None.
+
+    Message content is pasted into the rendered prompt, and the whole prompt is tokenized at once:
+    a ``<|im_end|>`` typed by a user would become the real end-of-turn token, and what follows it
+    could pose as a system turn. Callers refuse such content (the server with a 400, training
+    with the file and line) rather than let it be read as template structure."""
+    pattern = _control_pattern(control_tokens(tokenizer))
+    found = pattern.search(text) if pattern and text else None
+    return found.group(0) if found else None
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -119,11 +146,16 @@ def _until_stop(row: list[int], stops: list[int]) -> list[int]:
     return row
 
 
-def stream(model, tokenizer, prompt: str, options: GenerationOptions | None = None) -> Iterator[str]:
-    """Yield text pieces as they are generated (for chat and streaming responses)."""
-    from threading import Thread
+def stream(model, tokenizer, prompt: str, options: GenerationOptions | None = None,
+           cancel: threading.Event | None = None) -> Iterator[str]:
+    """Yield text pieces as they are generated (for chat and streaming responses).
 
-    from transformers import TextIteratorStreamer
+    Setting ``cancel`` stops generation at the next token (a client that went away)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
     options = options or GenerationOptions()
     inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(model.device)
@@ -131,7 +163,9 @@ def stream(model, tokenizer, prompt: str, options: GenerationOptions | None = No
     kwargs = dict(**inputs, max_new_tokens=options.max_new_tokens, streamer=streamer,
                   eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
                   **_sampling_kwargs(options))
-    thread = Thread(target=lambda: torch.inference_mode()(model.generate)(**kwargs), daemon=True)
+    if cancel is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([Cancelled()])
+    thread = threading.Thread(target=lambda: torch.inference_mode()(model.generate)(**kwargs), daemon=True)
     thread.start()
     held = ""  # a trailing U+FFFD may be half a character; show it only once more text follows
     for piece in streamer:

@@ -83,8 +83,14 @@ def reference(tiny_model_dir):
     return answers
 
 
-def _ask(client, question, **kwargs):
-    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+def served_id(client) -> str:
+    """The id the server serves; any other ``model`` is a 404."""
+    return client.models.list().data[0].id
+
+
+def _ask(client, question, model=None, **kwargs):
+    return client.chat.completions.create(model=model or served_id(client),
+                                          messages=[{"role": "user", "content": question}],
                                           max_tokens=MAX_TOKENS, temperature=0, **kwargs)
 
 
@@ -138,7 +144,7 @@ def test_completions_endpoint_uses_the_raw_prompt(client, tiny_model_dir):
     loaded = load(tiny_model_dir, dtype=torch.float32, device="cpu")
     prompt = "The quick brown fox"
     expected = generate(loaded.model, loaded.tokenizer, [prompt], GenerationOptions(6))[0]
-    response = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0)
+    response = client.completions.create(model=served_id(client), prompt=prompt, max_tokens=6, temperature=0)
     assert response.object == "text_completion"
     assert response.choices[0].text == expected.text
     assert response.usage.prompt_tokens == expected.prompt_tokens == len(loaded.tokenizer(prompt)["input_ids"])
@@ -200,7 +206,7 @@ def test_bad_requests_get_400_with_an_openai_error(server, name):
 
 def test_openai_client_raises_bad_request(client):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=2)
+        client.chat.completions.create(model=served_id(client), messages=[{"role": "user", "content": "hi"}], n=2)
     assert caught.value.status_code == 400
     assert "n=1" in caught.value.body["message"]
 
@@ -216,14 +222,16 @@ def test_server_survives_a_client_leaving_mid_stream(server, client, reference):
 
 
 @contextlib.contextmanager
-def in_process_server(loaded):
-    """A real uvicorn server on localhost in a thread, for tests that change the loaded model; yields its port."""
+def in_process_server(loaded, **app_options):
+    """A real uvicorn server on localhost in a thread, for tests that change the loaded model or the
+    server's options (``create_app``'s keywords); yields its port."""
     import uvicorn
 
     from tunesmith.serve.server import create_app
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(loaded), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(loaded, **app_options), host="127.0.0.1", port=port,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -276,7 +284,7 @@ def test_messages_the_chat_template_refuses_get_a_400(tiny_model_dir):
         "{% for m in messages %}{% if m['role'] == 'user' and loop.index0 % 2 == 1 %}"
         "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}")
     with in_process_server(loaded) as port:
-        body = {"model": "m", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
+        body = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
         status, text = _post(f"http://127.0.0.1:{port}", "/v1/chat/completions", json.dumps(body).encode())
         assert status == 400
         error = json.loads(text)["error"]

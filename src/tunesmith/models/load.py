@@ -3,6 +3,11 @@
 A run directory is itself loadable by plain transformers/peft: it holds either a peft adapter
 (adapter_config.json) or full weights (config.json), the tokenizer with the chat template used
 in training, and ``tunesmith.json`` naming the base model.
+
+Loading runs no code from the model directory: weights come from safetensors (a directory with
+only pickled weights, ``pytorch_model.bin`` and the like, is refused unless ``allow_pickle``,
+since unpickling can run arbitrary code), and ``trust_remote_code`` is always False: a model whose
+config asks for its own Python modeling code is refused by transformers with a message.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.errors import UsageError
 from tunesmith.models.resolve import resolve
 
 RUN_INFO = "tunesmith.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass
@@ -57,10 +64,22 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def require_safetensors(path: str | Path, allow_pickle: bool = False) -> None:
+    """Refuse a model or adapter directory whose weights exist only as pickles, unless allowed."""
+    path = Path(path)
+    if allow_pickle or not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UsageError(f"{path}: its weights are only in pickle format ({', '.join(pickles[:3])}), and loading a "
+                         "pickle can run arbitrary code. Convert them to safetensors, or, if you trust where they "
+                         "came from, allow it: --model.allow_pickle true (train) or --allow-pickle (serve)")
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     if tokenizer.pad_token is None:
         # Only the pad id is borrowed; padding is always masked by the attention mask and
         # labels, so EOS itself is still supervised.
@@ -69,9 +88,10 @@ def load_tokenizer(path: str | Path):
 
 
 def load(name_or_run: str | Path, *, dtype: torch.dtype | None = None, device: str | None = None,
-         merge: bool = False) -> Loaded:
-    """Load ``name_or_run`` (alias, model dir, .gguf, or run dir) in eval mode."""
-    from transformers import AutoModelForCausalLM
+         merge: bool = False, allow_pickle: bool = False) -> Loaded:
+    """Load ``name_or_run`` (alias, model dir, .gguf, or run dir) in eval mode.
+
+    ``allow_pickle`` permits pickled weights where no safetensors exist (they can run code)."""
 
     device = device or default_device()
     dtype = dtype or default_dtype(device)
@@ -82,16 +102,25 @@ def load(name_or_run: str | Path, *, dtype: torch.dtype | None = None, device: s
 
         base_name = info.get("base_model") or _adapter_base(path)
         base_path = resolve(base_name)
-        base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype)
+        require_safetensors(path, allow_pickle)
+        base = _from_pretrained(base_path, dtype, allow_pickle)
         model = PeftModel.from_pretrained(base, str(path))
         if merge:
             model = model.merge_and_unload()
     else:
         base_path = resolve(info["base_model"]) if info.get("base_model") else path
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = _from_pretrained(path, dtype, allow_pickle)
     tokenizer = load_tokenizer(path if (path / "tokenizer_config.json").is_file() else base_path)
     model.to(device).eval()
     return Loaded(model=model, tokenizer=tokenizer, path=path, base_path=base_path, run_info=info)
+
+
+def _from_pretrained(path: Path, dtype: torch.dtype, allow_pickle: bool):
+    from transformers import AutoModelForCausalLM
+
+    require_safetensors(path, allow_pickle)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False,
+                                                use_safetensors=None if allow_pickle else True)
 
 
 def _adapter_base(path: Path) -> str:

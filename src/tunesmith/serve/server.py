@@ -3,22 +3,43 @@
 Endpoints: POST /v1/chat/completions and /v1/completions (streaming as server-sent events, or
 not), GET /v1/models, GET /health. Requests are validated by pydantic; every 4xx carries
 OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``, so the official
-clients raise their usual ``BadRequestError``.
+clients raise their usual ``BadRequestError``, ``AuthenticationError`` or ``NotFoundError``.
+
+Guards, cheapest first (``Guard``, an ASGI middleware that runs before any body is read):
+an API key (``--api-key`` or TUNESMITH_API_KEY) required on everything but /health, compared in
+constant time; a body-size limit checked on Content-Length before reading and counted while
+reading chunked bodies, so an oversized body costs neither time nor memory. Then, per request:
+a ``model`` other than the served one is a 404; a prompt that does not fit the context, or
+max_tokens beyond it, is a 400.
+
+Control tokens in chat messages are refused with a 400 rather than escaped: the rendered prompt
+is tokenized as a whole, so a ``<|im_end|>`` in a user's text would become a real end of turn
+and let the user write a system turn. Escaping would need a tokenizer-specific spelling that
+silently changes the text the client sent; refusing (as tiktoken does by default for special
+tokens) tells the client. /v1/completions takes a raw prompt that the client writes in full,
+markers included, so there is no turn boundary to forge there and control tokens pass.
 
 One model, one generation at a time: a transformers model is not safe to call from several
-threads, so a lock serializes generation. Concurrent requests queue on it and each gets its own
-answer. An omitted temperature means greedy (reproducible) decoding, unlike OpenAI's default of
-1.0: a small fine-tuned model is usually wanted deterministic; pass a temperature to sample.
+threads. Requests wait their turn in a FIFO queue (``Slots``) without holding a thread each; past
+``max_queue`` waiting requests the server answers 429, so a flood cannot exhaust its memory. A
+streaming client that disconnects stops its generation at the next token and frees its slot.
+An omitted temperature means greedy (reproducible) decoding, unlike OpenAI's default of 1.0: a
+small fine-tuned model is usually wanted deterministic; pass a temperature to sample.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import hmac
 import json
-import queue
+import os
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -26,11 +47,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from tunesmith.inference import GenerationOptions, generate, render_prompt, stream
+from tunesmith.inference import GenerationOptions, find_control_token, generate, render_prompt, stream
 
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_BODY_MB = 4.0  # a 128k-token prompt is well under 1 MB of JSON; anything far larger is abuse
+DEFAULT_MAX_QUEUE = 256
+OPEN_PATHS = {"/health"}  # answered without the API key: load balancers probe it
 
 
 # ----------------------------------------------------------------------------------- request types
@@ -97,23 +122,46 @@ class CompletionRequest(SamplingRequest):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None):
+class APIError(Exception):
+    """An error answered in OpenAI's shape; subclasses fix the status."""
+
+    status = 400
+    type_ = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
+
+
+class BadRequest(APIError):
+    pass
+
+
+class ModelNotFound(APIError):
+    status = 404
+
+
+class Busy(APIError):
+    status = 429
+    type_ = "server_error"
 
 
 # ---------------------------------------------------------------------------------------- the app
 
-def create_app(loaded) -> FastAPI:
-    """The FastAPI app serving ``loaded`` (a tunesmith.models.load.Loaded)."""
+def create_app(loaded, *, api_key: str | None = None, max_body_mb: float = DEFAULT_MAX_BODY_MB,
+               max_queue: int = DEFAULT_MAX_QUEUE, names: tuple[str, ...] = ()) -> FastAPI:
+    """The FastAPI app serving ``loaded`` (a tunesmith.models.load.Loaded).
+
+    ``names`` are further names a request's ``model`` may use (what the server was started with)."""
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
-    engine = Engine(loaded)
+    engine = Engine(loaded, max_queue=max_queue, names=names)
+    app.state.engine = engine
+    app.add_middleware(Guard, api_key=api_key, max_body=int(max_body_mb * 1024 * 1024))
     _add_error_handlers(app)
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": engine.model_id}
+        return {"status": "ok", "model": engine.model_id, **engine.slots.counts()}
 
     @app.get("/v1/models")
     def models() -> dict:
@@ -121,18 +169,25 @@ def create_app(loaded) -> FastAPI:
                                             "owned_by": "tunesmith"}]}
 
     @app.post("/v1/chat/completions")
-    def chat_completions(request: ChatRequest):
-        messages = engine.loaded.with_system([m.as_template_message() for m in request.messages])
+    async def chat_completions(request: ChatRequest):
+        engine.check_model(request.model)
+        messages = [m.as_template_message() for m in request.messages]
+        for i, message in enumerate(messages):
+            if token := find_control_token(message["content"], engine.tokenizer):
+                raise BadRequest(f"messages.{i}.content contains the control token {token!r}, which the model "
+                                 "would read as template structure (a turn boundary), not as text; remove it",
+                                 f"messages.{i}.content", "control_token_in_content")
         try:
-            prompt = render_prompt(engine.tokenizer, messages)
+            prompt = render_prompt(engine.tokenizer, engine.loaded.with_system(messages))
         except TemplateError as exc:  # the chat template's own raise_exception, e.g. roles not alternating
             raise BadRequest(f"the model's chat template refused these messages: {exc}", "messages") from exc
-        return engine.respond(prompt, request, chat=True)
+        return await engine.respond(prompt, request, chat=True)
 
     @app.post("/v1/completions")
-    def completions(request: CompletionRequest):
+    async def completions(request: CompletionRequest):
+        engine.check_model(request.model)
         prompt = request.prompt if isinstance(request.prompt, str) else request.prompt[0]
-        return engine.respond(prompt, request, chat=False)
+        return await engine.respond(prompt, request, chat=False)
 
     return app
 
@@ -155,9 +210,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return JSONResponse(_error_body(message, param), status_code=400)
 
-    @app.exception_handler(BadRequest)
-    async def bad_request(_request: Request, exc: BadRequest):
-        return JSONResponse(_error_body(str(exc), exc.param), status_code=400)
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError):
+        return JSONResponse(_error_body(str(exc), exc.param, exc.type_, exc.code), status_code=exc.status)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException):
@@ -165,49 +220,181 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(_error_body(str(exc.detail), type_=type_), status_code=exc.status_code)
 
 
+# ----------------------------------------------------------------------------------------- guards
+
+class Guard:
+    """ASGI middleware: API key and body size, decided from the headers before the body is read.
+
+    A chunked body (no Content-Length) is counted as it arrives; past the limit the 413 is sent
+    at once and the app is told the client left, so at most ``max_body`` bytes are ever held."""
+
+    def __init__(self, app, api_key: str | None, max_body: int):
+        self.app, self.max_body = app, max_body
+        self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.key_digest and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
+            return await _send_error(send, 401, _error_body(
+                "Incorrect or missing API key: send it as the header 'Authorization: Bearer <key>'",
+                type_="invalid_request_error", code="invalid_api_key"))
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await _send_error(send, 413, self._too_large())
+        await self._capped(scope, receive, send)
+
+    def _authorized(self, headers: dict) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        # Digests have equal length, so compare_digest's time depends on neither the key nor its length.
+        given = hashlib.sha256(token.strip().encode()).digest()
+        return scheme.lower() == "bearer" and hmac.compare_digest(given, self.key_digest)
+
+    def _too_large(self) -> dict:
+        return _error_body(f"the request body is larger than this server's limit of {self.max_body} bytes "
+                           "(tunesmith serve --max-body-mb)", code="request_too_large")
+
+    async def _capped(self, scope, receive, send):
+        seen, refused = 0, False
+
+        async def counted_receive():
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                refused = True
+                await _send_error(send, 413, self._too_large())
+                return {"type": "http.disconnect"}  # the app stops reading; nothing more is buffered
+            return message
+
+        async def guarded_send(message):
+            if not refused:  # the 413 has been answered; whatever the app says next is dropped
+                await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
+
+
+async def _send_error(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class Slots:
+    """Admission to the model: one generation at a time, the others waiting in FIFO order.
+
+    Waiting is an asyncio wait, not a blocked thread, so hundreds of queued requests cost little;
+    past ``max_queue`` of them, new requests get a 429 (clients retry it). Counters change only on
+    the event loop's thread."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.waiting = self.busy = 0
+        self._turn: asyncio.Semaphore | None = None
+
+    def counts(self) -> dict:
+        return {"busy": self.busy, "waiting": self.waiting}
+
+    def check_room(self) -> None:
+        if self.waiting >= self.max_queue:
+            raise Busy(f"the server is busy: {self.waiting} requests are waiting (--max-queue {self.max_queue}); "
+                       "retry later", code="server_busy")
+
+    @contextlib.asynccontextmanager
+    async def hold(self):
+        self._turn = self._turn or asyncio.Semaphore(1)
+        self.waiting += 1
+        try:
+            await self._turn.acquire()
+        finally:
+            self.waiting -= 1
+        self.busy += 1
+        try:
+            yield
+        finally:  # runs on a disconnect too (the generator is closed or cancelled); nothing here awaits
+            self.busy -= 1
+            self._turn.release()
+
+
 # ------------------------------------------------------------------------------------- generation
 
 class Engine:
     """The model behind the API: one request generates at a time."""
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, max_queue: int = DEFAULT_MAX_QUEUE, names: tuple[str, ...] = ()):
         self.loaded = loaded
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.model_id = loaded.path.name if loaded.path else "tunesmith"
+        self.names = {self.model_id, *names, *([str(loaded.path)] if loaded.path else [])}
         self.created = int(time.time())
         self.context_length = getattr(loaded.model.config, "max_position_embeddings", None)
+        self.slots = Slots(max_queue)
+        # Held while the model runs. Slots admit one request at a time; this lock also covers the
+        # token a cancelled stream's generation may still be finishing when the next one starts.
         self.lock = threading.Lock()
 
-    def options(self, prompt_tokens: int, request: SamplingRequest) -> GenerationOptions:
-        max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens or DEFAULT_MAX_TOKENS
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.names:
+            raise ModelNotFound(f"The model '{name}' does not exist: this server serves '{self.model_id}' "
+                                "(GET /v1/models)", "model", "model_not_found")
+
+    def options(self, prompt_tokens: int, request: SamplingRequest, chat: bool) -> GenerationOptions:
+        asked = getattr(request, "max_completion_tokens", None) or request.max_tokens
+        max_tokens = asked or DEFAULT_MAX_TOKENS
         if self.context_length:
-            room = self.context_length - prompt_tokens
-            if room < 1:
-                raise BadRequest(f"the prompt is {prompt_tokens} tokens; this model's context is "
-                                 f"{self.context_length}", "messages")
-            max_tokens = min(max_tokens, room)
+            context, where = self.context_length, "messages" if chat else "prompt"
+            if prompt_tokens >= context:
+                raise BadRequest(f"This model's maximum context length is {context} tokens, and the {where} "
+                                 f"alone is {prompt_tokens} tokens; shorten the {where}", where,
+                                 "context_length_exceeded")
+            if asked and prompt_tokens + asked > context:
+                raise BadRequest(f"This model's maximum context length is {context} tokens; you requested "
+                                 f"{prompt_tokens + asked} ({prompt_tokens} in the {where}, {asked} for the "
+                                 f"completion); lower max_tokens to at most {context - prompt_tokens}",
+                                 "max_tokens", "context_length_exceeded")
+            max_tokens = min(max_tokens, context - prompt_tokens)
         return GenerationOptions(max_new_tokens=max_tokens, temperature=request.temperature or 0.0,
                                  top_p=request.top_p, stop=request.stops())
 
-    def respond(self, prompt: str, request: SamplingRequest, chat: bool):
-        prompt_tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        options = self.options(prompt_tokens, request)
-        reply = Reply(chat=chat, model=self.model_id, prompt_tokens=prompt_tokens)
+    async def respond(self, prompt: str, request: SamplingRequest, chat: bool):
+        # Tokenizing a long prompt takes a while: off the event loop, which serves everyone.
+        ids = await run_in_threadpool(lambda: self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        options = self.options(len(ids), request, chat)
+        self.slots.check_room()
+        reply = Reply(chat=chat, model=self.model_id, prompt_tokens=len(ids))
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             events = self.stream_events(prompt, options, request.seed, reply, include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
-        with self.lock:
-            _seed(request.seed)
-            result = generate(self.model, self.tokenizer, [prompt], options)[0]
+        async with self.slots.hold():
+            result = await run_in_threadpool(self._generate, prompt, options, request.seed)
         return reply.whole(result.text, result.finish_reason, result.completion_tokens)
 
-    def stream_events(self, prompt: str, options: GenerationOptions, seed: int | None, reply: Reply,
-                      include_usage: bool) -> Iterator[str]:
-        pieces = self._generate_in_background(prompt, options, seed)
+    def _generate(self, prompt: str, options: GenerationOptions, seed: int | None):
+        with self.lock:
+            _seed(seed)
+            return generate(self.model, self.tokenizer, [prompt], options)[0]
+
+    async def stream_events(self, prompt: str, options: GenerationOptions, seed: int | None, reply: Reply,
+                            include_usage: bool) -> AsyncIterator[str]:
         if reply.chat:
             yield _sse(reply.chunk({"role": "assistant", "content": ""}))
-        text, finish = yield from _stop_aware(pieces, options.stop, reply)
+        async with self.slots.hold():
+            text, finish = "", None
+            async for event in _stop_aware(self._pieces(prompt, options, seed), options.stop, reply):
+                if isinstance(event, tuple):
+                    text, finish = event
+                else:
+                    yield event
         completion_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if finish is None:
             finish = "length" if completion_tokens >= options.max_new_tokens else "stop"
@@ -216,52 +403,61 @@ class Engine:
             yield _sse(reply.chunk(None, usage=reply.usage(completion_tokens)))
         yield "data: [DONE]\n\n"
 
-    def _generate_in_background(self, prompt: str, options: GenerationOptions, seed: int | None) -> Iterator[str]:
-        """Generate under the lock in a thread of its own, handing pieces over through a queue.
+    async def _pieces(self, prompt: str, options: GenerationOptions, seed: int | None) -> AsyncIterator[str]:
+        """Generate in a thread of its own, handing pieces to the event loop as they come.
 
-        The lock's release must not depend on the client: one that stops reading (a disconnect, or
-        a stop string reached) leaves the generation to finish, bounded by max_tokens, and the next
-        request proceeds."""
-        pieces: queue.Queue = queue.Queue()
+        When the consumer goes away (a disconnect, or a stop string reached) ``cancel`` stops the
+        generation at its next token, so an abandoned stream neither holds the model nor runs on
+        to max_tokens."""
+        loop, pieces, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
-        def produce():
+        def hand_over(item) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the server is shutting down
+                loop.call_soon_threadsafe(pieces.put_nowait, item)
+
+        def produce() -> None:
             with self.lock:
                 try:
                     _seed(seed)
-                    for piece in stream(self.model, self.tokenizer, prompt, options):
-                        pieces.put(piece)
+                    for piece in stream(self.model, self.tokenizer, prompt, options, cancel=cancel):
+                        hand_over(piece)
                 except Exception as exc:  # handed to the consumer, which raises it in the response
-                    pieces.put(exc)
+                    hand_over(exc)
                 finally:
-                    pieces.put(None)
+                    hand_over(None)
 
         threading.Thread(target=produce, daemon=True).start()
-        while (item := pieces.get()) is not None:
-            if isinstance(item, Exception):
-                raise item
-            yield item
+        try:
+            while (item := await pieces.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
 
 
-def _stop_aware(pieces: Iterator[str], stops: list[str], reply: Reply):
+async def _stop_aware(pieces: AsyncIterator[str], stops: list[str], reply: Reply) -> AsyncIterator:
     """Forward text as it comes, holding back only what could be the start of a stop string.
 
-    Returns (all text sent, "stop" if a stop string ended it or None)."""
+    Yields SSE events, then last a tuple (all text sent, "stop" if a stop string ended it or None)."""
     hold = max((len(s) for s in stops), default=1) - 1
     text, sent = "", 0
-    for piece in pieces:
-        text += piece
-        cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
-        if cut >= 0:
-            if cut > sent:
-                yield _sse(reply.delta(text[sent:cut]))
-            return text[:cut], "stop"
-        safe = len(text) - hold
-        if safe > sent:
-            yield _sse(reply.delta(text[sent:safe]))
-            sent = safe
+    async with contextlib.aclosing(pieces):  # a stop string reached closes the generation at once
+        async for piece in pieces:
+            text += piece
+            cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
+            if cut >= 0:
+                if cut > sent:
+                    yield _sse(reply.delta(text[sent:cut]))
+                yield text[:cut], "stop"
+                return
+            safe = len(text) - hold
+            if safe > sent:
+                yield _sse(reply.delta(text[sent:safe]))
+                sent = safe
     if len(text) > sent:
         yield _sse(reply.delta(text[sent:]))
-    return text, None
+    yield text, None
 
 
 def _seed(seed: int | None) -> None:
@@ -314,13 +510,22 @@ class Reply:
         return self._envelope("chat.completion.chunk", choices, usage)
 
 
-def serve(model, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Load ``model`` (alias, model dir or run dir) and serve it until interrupted."""
+def serve(model, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
+          max_body_mb: float = DEFAULT_MAX_BODY_MB, max_queue: int = DEFAULT_MAX_QUEUE,
+          allow_pickle: bool = False) -> None:
+    """Load ``model`` (alias, model dir or run dir) and serve it until interrupted.
+
+    ``api_key`` defaults to the TUNESMITH_API_KEY environment variable."""
     import uvicorn
 
     from tunesmith.models.load import load
 
-    loaded = load(model)
-    app = create_app(loaded)
-    print(f"serving {loaded.path} at http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C to stop)", flush=True)
+    api_key = api_key or os.environ.get("TUNESMITH_API_KEY") or None
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {host} without an API key: anyone who can reach port {port} can use the model; "
+              "set --api-key or TUNESMITH_API_KEY", file=sys.stderr, flush=True)
+    loaded = load(model, allow_pickle=allow_pickle)
+    app = create_app(loaded, api_key=api_key, max_body_mb=max_body_mb, max_queue=max_queue, names=(str(model),))
+    locked = "; API key required" if api_key else ""
+    print(f"serving {loaded.path} at http://{host}:{port}/v1 (OpenAI-compatible{locked}; Ctrl-C to stop)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -37,11 +37,16 @@ def check_available(method: MethodConfig) -> None:
         raise UsageError("method qlora needs bitsandbytes: pip install 'tunesmith[cuda]'")
 
 
-def load_base_model(path, method: MethodConfig, attn_implementation: str | None = None):
-    """The base model in fp32 (master weights; autocast does the low-precision math), or NF4 for qlora."""
+def load_base_model(path, method: MethodConfig, attn_implementation: str | None = None, allow_pickle: bool = False):
+    """The base model in fp32 (master weights; autocast does the low-precision math), or NF4 for qlora.
+
+    Safetensors only unless ``allow_pickle`` (model.allow_pickle); never the model's own Python code."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": torch.float32}
+    from tunesmith.models.load import require_safetensors
+
+    require_safetensors(path, allow_pickle)
+    kwargs = {"dtype": torch.float32, "trust_remote_code": False, "use_safetensors": None if allow_pickle else True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if method.name == "qlora":
