@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tunesmith.errors import UsageError
+from tunesmith.errors import TunesmithError, UsageError
 
 
 def temp_name(path: Path) -> Path:
@@ -34,6 +34,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as exc:  # a full disk or a size limit: say so, and that the old file is untouched
+        raise TunesmithError(f"cannot write {path}: {exc.strerror or exc}; nothing was written "
+                             f"({'the existing file is unchanged' if path.exists() else 'no file was created'})") from exc
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -30,9 +30,9 @@ def report_error(exc: Exception, argv: list[str]) -> int:
     if isinstance(exc, TunesmithError):
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    if isinstance(exc, OSError) and exc.filename and exc.strerror:
-        # The file system said no (full disk, no permission, a directory where a file belongs).
-        print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+    if isinstance(exc, OSError) and exc.strerror:
+        # The system said no (full disk, no permission, a directory where a file belongs): not a bug.
+        print(f"error: {exc.filename + ': ' if exc.filename else ''}{exc.strerror}", file=sys.stderr)
         return 1
     path = save_traceback(exc, argv)
     first = (str(exc).strip().splitlines() or [""])[0][:300]

@@ -209,8 +209,9 @@ def evaluate_model(name: str, conversations: list[Conversation], options: Genera
     if settings.perplexity:
         from tunesmith.evaluate.perplexity import perplexity
 
+        # Cut to the context as training does (the prompt first); the report counts what was cut.
         result = perplexity(loaded.model, loaded.tokenizer, conversations, batch_size=settings.batch_size,
-                            progress=settings.progress)
+                            max_length=context_length(loaded.model), progress=settings.progress)
         metrics.update(eval_loss=result.eval_loss, perplexity=result.perplexity,
                        supervised_tokens=result.supervised_tokens)
     if predictions_path:
@@ -264,6 +265,7 @@ def generate_predictions(loaded, conversations: list[Conversation], options: Gen
     from tunesmith.inference import generate
 
     prompts = [_prompt(loaded.tokenizer, conv) for conv in conversations]
+    check_context(loaded, conversations, prompts, options)
     references = [conv.reference() for conv in conversations]
     done = _open_predictions(path, model_fingerprint(loaded, prompts, references, options)) if path else {}
     todo = [i for i in range(len(conversations)) if i not in done]
@@ -286,6 +288,28 @@ def generate_predictions(loaded, conversations: list[Conversation], options: Gen
         if sink:
             sink.close()
     return [done[i] for i in range(len(conversations))]
+
+
+def context_length(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def check_context(loaded, conversations: list[Conversation], prompts: list[str], options: GenerationOptions) -> None:
+    """Every prompt must leave room for the answer in the model's context: a longer one would fail deep in
+    the model (or ask for terabytes of attention), so it is named here, before any generation."""
+    context = context_length(loaded.model)
+    if not context:
+        return
+    too_long = []
+    for conv, prompt in zip(conversations, prompts, strict=True):
+        n = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if n + options.max_new_tokens > context:
+            too_long.append(f"{conv.where}: messages: the prompt is {n} tokens; with --max-new-tokens "
+                            f"{options.max_new_tokens} that exceeds the model's context of {context} tokens")
+    if too_long:
+        listed = "\n  ".join(too_long[:20]) + (f"\n  ... and {len(too_long) - 20} more" if len(too_long) > 20 else "")
+        raise TunesmithError(f"{len(too_long)} example(s) do not fit the model's context:\n  {listed}\n"
+                             "Shorten them, leave them out of the evaluation data, or lower --max-new-tokens.")
 
 
 def _record(index: int, conv: Conversation, prompt: str, generation) -> dict:
