@@ -510,6 +510,14 @@ class Reply:
         return self._envelope("chat.completion.chunk", choices, usage)
 
 
+def bind_warning(host: str, api_key: str | None) -> str | None:
+    """What to tell someone serving beyond this machine with no key, or None."""
+    if api_key or host in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return (f"serving on {host} without an API key: anyone who can reach this port can use the model; "
+            "set --api-key or TUNESMITH_API_KEY")
+
+
 def serve(model, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
           max_body_mb: float = DEFAULT_MAX_BODY_MB, max_queue: int = DEFAULT_MAX_QUEUE,
           allow_pickle: bool = False) -> None:
@@ -521,9 +529,8 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | No
     from tunesmith.models.load import load
 
     api_key = api_key or os.environ.get("TUNESMITH_API_KEY") or None
-    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {host} without an API key: anyone who can reach port {port} can use the model; "
-              "set --api-key or TUNESMITH_API_KEY", file=sys.stderr, flush=True)
+    if warning := bind_warning(host, api_key):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     loaded = load(model, allow_pickle=allow_pickle)
     app = create_app(loaded, api_key=api_key, max_body_mb=max_body_mb, max_queue=max_queue, names=(str(model),))
     locked = "; API key required" if api_key else ""
