@@ -27,9 +27,9 @@ def temp_name(path: Path) -> Path:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and renamed onto ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
@@ -54,6 +54,9 @@ def refuse_existing(path: str | os.PathLike, overwrite: bool, *, directory: bool
     ``directory``: the output is a directory (an empty one may be reused), else a file.
     """
     path = Path(path)
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"cannot create {path}: {blocking} is a file, not a directory")
     if directory and path.is_file():
         raise UsageError(f"{path} is a file; give a directory to write into")
     if not directory and path.is_dir():

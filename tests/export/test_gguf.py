@@ -118,3 +118,16 @@ def test_export_gguf_command(tiny_model_dir, tmp_path, capsys):
     assert "GGUF (f16) written to" in capsys.readouterr().out
     assert gguf.GGUFReader(out).fields["general.file_type"].contents() == 1
     assert main(["export", str(tiny_model_dir), "--gguf", "--out", str(tmp_path / "wrong.bin")]) == 2
+
+
+def test_gguf_export_keeps_an_existing_file_unless_told(lora_run_dir, tmp_path, capsys):
+    from tunesmith.cli import main
+
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"an older export")
+    assert main(["export", str(lora_run_dir), "--gguf", "--out", str(out)]) == 2
+    assert f"{out} already exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"an older export"
+    assert main(["export", str(lora_run_dir), "--gguf", "--out", str(out), "--overwrite", "--dtype", "f32"]) == 0
+    assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == "llama"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]  # no temporary left beside it

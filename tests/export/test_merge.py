@@ -55,3 +55,15 @@ def test_export_merge_command(lora_run_dir, tmp_path, capsys):
     assert main(["export", str(lora_run_dir), "--merge", "--out", str(tmp_path / "m")]) == 0
     assert "merged model written to" in capsys.readouterr().out
     assert (tmp_path / "m" / "config.json").is_file()
+
+
+def test_merge_overwrite_replaces_the_old_directory_whole(lora_run_dir, tmp_path, capsys):
+    from tunesmith.cli import main
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older export")
+    assert main(["export", str(lora_run_dir), "--merge", "--out", str(out)]) == 2
+    assert main(["export", str(lora_run_dir), "--merge", "--out", str(out), "--overwrite"]) == 0
+    assert (out / "config.json").is_file() and not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # the old copy and the staging dir are gone

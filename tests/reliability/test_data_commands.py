@@ -12,8 +12,8 @@ import signal
 
 import pytest
 
-from tests.reliability.conftest import cli, files_under
-from tests.reliability.corpus import INVALID, VALID, alpaca, alpaca_lines, build
+from tests.reliability.conftest import Outcome, cli, files_under
+from tests.reliability.corpus import CASES, INVALID, VALID, alpaca, alpaca_lines, build
 
 ids = [c.name for c in INVALID]
 
@@ -113,3 +113,15 @@ def test_a_failed_write_leaves_the_old_output_whole(tmp_path):
     assert f"cannot write {out}: File too large" in result.out and "the existing file is unchanged" in result.out
     assert out.read_text(encoding="utf-8") == "old output\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl", "out.jsonl"]  # no temporary left
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_check_with_token_statistics(case, tiny_model_dir, tmp_path, capfd):
+    """The full check (tokenizer, template, mask preview) on every case, in-process for speed."""
+    from tunesmith.cli import main
+
+    code = main(["data", "check", str(build(case, tmp_path)), "--model", str(tiny_model_dir)])
+    captured = capfd.readouterr()
+    Outcome(code, captured.out + captured.err).check(case, tmp_path)
+    if case.code == 0:
+        assert f"valid {case.examples}," in captured.out and "mask preview" in captured.out

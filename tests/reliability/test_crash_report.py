@@ -1,0 +1,66 @@
+"""A bug reaches the user as one line naming a saved traceback; user errors never look like bugs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tunesmith.cli import main
+
+
+def _crash(args):
+    {}["missing"]  # a real bug: a KeyError from deep inside a command
+
+
+def test_unexpected_error_saves_its_traceback(tmp_path, monkeypatch, capfd):
+    # The one fault injected in this suite: there is no known bug left to trigger for real.
+    import tunesmith.data.doctor as doctor
+
+    monkeypatch.setattr(doctor, "run_check_command", _crash)
+    source = tmp_path / "a.jsonl"
+    source.write_text('{"instruction": "q", "output": "a"}\n', encoding="utf-8")
+    code = main(["data", "check", str(source)])
+    err = capfd.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.startswith("error: unexpected KeyError: 'missing'\n")
+    saved = next(iter((tmp_path / "tunesmith-home" / "crash-reports").glob("traceback-*.txt")))
+    assert str(saved) in err
+    text = saved.read_text(encoding="utf-8")
+    assert f"command: tunesmith data check {source}" in text
+    assert "Traceback (most recent call last)" in text and "in _crash" in text and "KeyError: 'missing'" in text
+
+
+def test_debug_variable_shows_the_traceback(tmp_path, monkeypatch):
+    import tunesmith.data.doctor as doctor
+
+    monkeypatch.setattr(doctor, "run_check_command", _crash)
+    monkeypatch.setenv("TUNESMITH_DEBUG", "1")
+    with pytest.raises(KeyError):
+        main(["data", "check", str(tmp_path)])
+
+
+def test_a_system_error_is_a_message_not_a_bug(tmp_path):
+    """Reading a file without permission: the system's reason and the path, no crash report."""
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their permissions")
+    source = tmp_path / "secret.jsonl"
+    source.write_text('{"instruction": "q", "output": "a"}\n', encoding="utf-8")
+    source.chmod(0)
+    done = subprocess.run([sys.executable, "-m", "tunesmith.cli", "data", "check", str(source), "--no-tokens"],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "400"})
+    assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr
+    assert f"{source} (file): cannot read: Permission denied" in done.stdout
+
+
+def test_an_output_path_through_a_file_is_a_usage_error(tmp_path):
+    source = tmp_path / "a.jsonl"
+    source.write_text('{"instruction": "q", "output": "a"}\n', encoding="utf-8")
+    (tmp_path / "notes.txt").write_text("a file", encoding="utf-8")
+    out = tmp_path / "notes.txt" / "out.jsonl"
+    done = subprocess.run([sys.executable, "-m", "tunesmith.cli", "data", "convert", str(source), "--to", "openai",
+                           "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr == f"error: cannot create {out}: {tmp_path / 'notes.txt'} is a file, not a directory\n"
