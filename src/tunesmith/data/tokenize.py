@@ -34,7 +34,7 @@ import numpy as np
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.templates import current_template, template_label
 from tunesmith.errors import TunesmithError, UsageError
-from tunesmith.inference import END_OF_TURN_TOKENS
+from tunesmith.inference import END_OF_TURN_TOKENS, find_control_token
 
 IGNORE = -100
 TRUNCATION_POLICIES = ("drop", "truncate_prompt", "error")
@@ -146,6 +146,7 @@ def _json_or_text(arguments):
 def render(conv: Conversation, tokenizer, options: EncodeOptions | None = None) -> Rendered:
     """Render ``conv`` with the tokenizer's chat template and locate its assistant turns."""
     options = options or EncodeOptions()
+    refuse_control_tokens(conv, tokenizer)
     if conv.is_text:
         return Rendered(text="\n\n".join(m.content for m in conv.messages), spans=[], is_text=True)
     template = current_template(tokenizer)
@@ -163,6 +164,27 @@ def render(conv: Conversation, tokenizer, options: EncodeOptions | None = None) 
              for i, flag in zip(turns, flags, strict=True)]
     tail = full[spans[-1][1]:]
     return Rendered(text=full[:spans[-1][1]] if tail.isspace() else full, spans=spans)
+
+
+def refuse_control_tokens(conv: Conversation, tokenizer) -> None:
+    """Refuse content that spells out one of the tokenizer's control tokens, naming file, line and field.
+
+    The rendered text is tokenized whole, so a ``<|im_end|>`` inside content would be trained as a
+    real turn boundary, and a ``<|im_start|>system`` after it as a system turn; the server refuses
+    the same text at inference, so the model would learn a structure it is never shown. Encoding
+    such content as plain text instead would need per-field tokenization and give the model
+    look-alike tokens it never otherwise sees. Such text is nearly always a data bug (a conversation
+    pasted in already rendered, a scraped transcript): the doctor lists every row, the user fixes them.
+    """
+    fields = [("system", conv.system)] + [(f"messages[{i}].content", m.content) for i, m in enumerate(conv.messages)]
+    fields += [(f"messages[{i}].tool_calls", json.dumps(m.tool_calls, ensure_ascii=False))
+               for i, m in enumerate(conv.messages) if m.tool_calls]
+    fields += [("tools", json.dumps(conv.tools, ensure_ascii=False))] if conv.tools else []
+    for name, text in fields:
+        if token := find_control_token(text, tokenizer):
+            raise TunesmithError(f"{conv.where}: {name}: contains the control token {token!r}, which would be "
+                                 "trained as template structure (a turn boundary), not as text; remove it or "
+                                 "spell it differently")
 
 
 def prompt_text(conv: Conversation, tokenizer) -> str:
