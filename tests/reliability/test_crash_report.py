@@ -42,6 +42,16 @@ def test_debug_variable_shows_the_traceback(tmp_path, monkeypatch):
         main(["data", "check", str(tmp_path)])
 
 
+def test_a_file_the_system_refuses_to_read_is_a_message_not_a_bug(tmp_path):
+    """A data file the system cannot read (an I/O error, even for root): the reason and the path."""
+    source = tmp_path / "mem.jsonl"
+    source.symlink_to("/proc/self/mem")  # reading it from offset 0 fails with EIO on Linux
+    done = subprocess.run([sys.executable, "-m", "tunesmith.cli", "data", "check", str(source), "--no-tokens"],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "400"})
+    assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr
+    assert f"{source} (file): cannot read: Input/output error" in done.stdout
+
+
 def test_a_system_error_is_a_message_not_a_bug(tmp_path):
     """Reading a file without permission: the system's reason and the path, no crash report."""
     if os.geteuid() == 0:

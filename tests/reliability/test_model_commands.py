@@ -102,3 +102,13 @@ def test_fresh_interpreter_train_and_eval(tiny_model_dir, tmp_path):
     good = build(next(c for c in VALID if c.name == "bom"), tmp_path)
     result = cli(*train_argv(tiny_model_dir, good, tmp_path / "run"))
     assert result.code == 0 and "Traceback" not in result.out, result.out[-3000:]
+
+
+@pytest.mark.xfail(strict=True, reason="data.encoding is in the config, but train/loop.py's _read does not pass it "
+                                       "to load_conversations yet (encoding=config.data.encoding)")
+def test_train_reads_latin1_with_data_encoding(tiny_model_dir, tmp_path, capfd):
+    data = tmp_path / "latin1.csv"
+    data.write_bytes("instruction,output\nCafé ou thé ?,Un café.\nOù ?,Ici.\n".encode("latin-1"))
+    out = tmp_path / "run"
+    result = run_main(capfd, *train_argv(tiny_model_dir, data, out), "--data.encoding", "latin-1")
+    assert result.code == 0, result.out[-3000:]
