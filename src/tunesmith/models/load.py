@@ -12,6 +12,7 @@ config asks for its own Python modeling code is refused by transformers with a m
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,10 +77,23 @@ def require_safetensors(path: str | Path, allow_pickle: bool = False) -> None:
                          "came from, allow it: --model.allow_pickle true (train) or --allow-pickle (serve)")
 
 
+@contextlib.contextmanager
+def refusing_remote_code(path: str | Path):
+    """Turn transformers' refusal of a model that ships its own Python code into a one-line error."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise UsageError(f"{path}: this model needs its own Python code to load (trust_remote_code), which "
+                         "tunesmith never runs; choose a model whose architecture transformers supports") from None
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    with refusing_remote_code(path):
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     if tokenizer.pad_token is None:
         # Only the pad id is borrowed; padding is always masked by the attention mask and
         # labels, so EOS itself is still supervised.
@@ -119,8 +133,9 @@ def _from_pretrained(path: Path, dtype: torch.dtype, allow_pickle: bool):
     from transformers import AutoModelForCausalLM
 
     require_safetensors(path, allow_pickle)
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False,
-                                                use_safetensors=None if allow_pickle else True)
+    with refusing_remote_code(path):
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False,
+                                                    use_safetensors=None if allow_pickle else True)
 
 
 def _adapter_base(path: Path) -> str:

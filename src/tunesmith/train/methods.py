@@ -43,7 +43,7 @@ def load_base_model(path, method: MethodConfig, attn_implementation: str | None 
     Safetensors only unless ``allow_pickle`` (model.allow_pickle); never the model's own Python code."""
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.models.load import require_safetensors
+    from tunesmith.models.load import refusing_remote_code, require_safetensors
 
     require_safetensors(path, allow_pickle)
     kwargs = {"dtype": torch.float32, "trust_remote_code": False, "use_safetensors": None if allow_pickle else True}
@@ -57,7 +57,8 @@ def load_base_model(path, method: MethodConfig, attn_implementation: str | None 
                       quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                              bnb_4bit_use_double_quant=True,
                                                              bnb_4bit_compute_dtype=compute))
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    with refusing_remote_code(path):
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 
 def apply_method(model, method: MethodConfig, gradient_checkpointing: bool = False):
