@@ -82,7 +82,8 @@ def _chat(args) -> int:
 def _serve(args) -> int:
     from tunesmith.serve.server import serve
 
-    serve(args.model, host=args.host, port=args.port)
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_body_mb=args.max_body_mb,
+          max_queue=args.max_queue, allow_pickle=args.allow_pickle)
     return 0
 
 
@@ -186,8 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API")
     p.add_argument("model", help="alias, model directory or run directory")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $TUNESMITH_API_KEY)")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted, in MB")
+    p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for the model; more get a 429")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load pickle (.bin) weights when a model has no safetensors; pickles can run code")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("export", help="merged HF weights or a GGUF file")
