@@ -35,8 +35,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as exc:  # a full disk or a size limit: say so, and that the old file is untouched
-        raise TunesmithError(f"cannot write {path}: {exc.strerror or exc}; nothing was written "
-                             f"({'the existing file is unchanged' if path.exists() else 'no file was created'})") from exc
+        kept = "the existing file is unchanged" if path.exists() else "no file was created"
+        raise TunesmithError(f"cannot write {path}: {exc.strerror or exc}; nothing was written ({kept})") from exc
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -13,6 +13,10 @@ Files: .json (an array), .jsonl, .csv, .parquet, a directory of those, or a dire
 ``datasets.Dataset.save_to_disk``. Reading never stops at the first bad row: every problem becomes
 a `DataIssue` naming the file, the line (JSONL/CSV) or row index (the others) and the field. Rows
 with errors are left out of the conversations, never silently: the issues say which and why.
+
+Text files are UTF-8 by default, with or without a byte-order mark, CRLF or LF (``encoding=`` reads
+others); bytes that do not decode, an empty file, a key repeated in one JSON object, a CSV row with
+more values than columns and a file that is not Parquet are issues too (see textfiles.py).
 """
 
 from __future__ import annotations
@@ -312,9 +316,9 @@ def refuse_preference(rows: list[Row]) -> None:
     if first is not None:
         raise PreferenceDataError(
             f"{first.file} is preference (DPO/ORPO) data, not supervised fine-tuning data: its rows (the first at "
-            f"{location(first.file, first.line)}) hold a 'chosen' and a 'rejected' response to compare. Supervised fine-tuning needs one "
-            "reference answer per "
-            "prompt (alpaca, sharegpt, openai messages, prompt/completion or text).")
+            f"{location(first.file, first.line)}) hold a 'chosen' and a 'rejected' response to compare. Supervised "
+            "fine-tuning needs one reference answer per prompt (alpaca, sharegpt, openai messages, "
+            "prompt/completion or text).")
 
 
 # ---------------------------------------------------------------- value helpers
