@@ -208,5 +208,5 @@ PREDICTION_CASES = [
     Case("deep_nesting", lambda d: _lines(d / "p.jsonl", ["[" * 100_000 + "]" * 100_000]), 1, ["p.jsonl:1"],
          "nested too deeply"),
     Case("a_directory", lambda d: _write(d / "preds" / "p.jsonl", PREDICTION_LINES[0]).parent, 2, ["preds"],
-         "not found"),
+         "is a directory"),
 ]

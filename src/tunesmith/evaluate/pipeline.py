@@ -428,6 +428,8 @@ def metric_deltas(model: dict, compared: dict) -> dict:
 def read_predictions_file(path: str | Path) -> list[dict]:
     """Records from a JSONL of ``prediction`` and ``reference`` strings (``label`` optional)."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; give a predictions .jsonl file")
     if not path.is_file():
         raise UsageError(f"predictions file not found: {path}")
     records = []
