@@ -29,8 +29,13 @@ def train(tiny_model_dir, chat_file, out, report_to: str, **extra):
     extra = {"train__max_steps": 4, "eval__eval_every": 2, "data__val_size": 0.1, **extra}
     result = finetune(tiny_config(tiny_model_dir, chat_file, out, output__report_to=report_to, **extra))
     rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and any(r.get("eval_loss") for r in rows)
+    assert [r["step"] for r in with_key(rows, "loss")] == [1, 2, 3, 4] and with_key(rows, "eval_loss")
     return result, rows
+
+
+def with_key(rows: list[dict], key: str) -> list[dict]:
+    """The metrics rows that carry ``key`` (an evaluation-only row has no train loss, for example)."""
+    return [r for r in rows if r.get(key) is not None]
 
 
 def test_report_to_parses_and_refuses_unknown_trackers():
@@ -67,14 +72,20 @@ def test_mlflow_file_store_gets_config_rows_and_final_eval(tiny_model_dir, chat_
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
     assert run.data.params["method.name"] == "lora" and run.data.params["train.max_steps"] == "4"
     assert run.data.params["model.name"] == str(tiny_model_dir)
-    for key in NUMERIC:
+    for key in (*NUMERIC, "eval_loss"):
         history = client.get_metric_history(run.info.run_id, key)
-        assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r[key])) for r in rows]
-    evals = client.get_metric_history(run.info.run_id, "eval_loss")
-    assert [(m.step, m.value) for m in evals] == [(r["step"], pytest.approx(r["eval_loss"])) for r in rows
-                                                  if "eval_loss" in r]
+        assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r[key]))
+                                                        for r in with_key(rows, key)]
     assert run.data.metrics["final_eval_loss"] == pytest.approx(result.final_eval_loss)
     assert run.data.metrics["final_train_loss"] == pytest.approx(result.final_train_loss)
+
+
+@needs("mlflow")
+def test_a_tracker_that_cannot_start_is_named(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
+    with pytest.raises(UsageError, match="output.report_to: mlflow could not start: .*nosuchscheme"):
+        finetune(tiny_config(tiny_model_dir, chat_file, tmp_path / "run", output__report_to="mlflow",
+                             train__max_steps=1))
 
 
 def wandb_records(path):
@@ -127,11 +138,9 @@ def test_wandb_offline_run_holds_config_rows_and_final_eval(tiny_model_dir, chat
 
     history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
-    logged = [h for h in history if "loss" in h]
-    assert [h["_step"] for h in logged] == [r["step"] for r in rows]
-    for h, row in zip(logged, rows):
-        assert {k: h[k] for k in NUMERIC} == pytest.approx({k: row[k] for k in NUMERIC})
-        assert h.get("eval_loss") == pytest.approx(row.get("eval_loss"))
+    for key in (*NUMERIC, "eval_loss"):
+        assert [(h["_step"], h[key]) for h in history if key in h] == [(r["step"], pytest.approx(r[key]))
+                                                                      for r in with_key(rows, key)]
     (final,) = [h for h in history if "final_eval_loss" in h]
     assert final["final_eval_loss"] == pytest.approx(result.final_eval_loss)
     assert final["final_train_loss"] == pytest.approx(result.final_train_loss)
@@ -144,9 +153,9 @@ def test_tensorboard_event_files_hold_every_row(tiny_model_dir, chat_file, tmp_p
     result, rows = train(tiny_model_dir, chat_file, tmp_path / "run", "tensorboard")
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
-    for key in NUMERIC:
+    for key in (*NUMERIC, "eval_loss"):
         assert [(e.step, e.value) for e in events.Scalars(key)] == [(r["step"], pytest.approx(r[key], rel=1e-6))
-                                                                    for r in rows]
+                                                                    for r in with_key(rows, key)]
     (final,) = events.Scalars("final_eval_loss")
     assert final.step == 4 and final.value == pytest.approx(result.final_eval_loss, rel=1e-6)
     (hparams,) = (tmp_path / "run" / "tensorboard").glob("*/hparams.yml")
@@ -163,7 +172,8 @@ def test_trackio_local_project_gets_every_row(tiny_model_dir, chat_file, tmp_pat
     assert SQLiteStorage.get_project_db_path("tunesmith-test").is_relative_to(tmp_path / "trackio")
     logs = SQLiteStorage.get_logs("tunesmith-test", run="run")
     logged = [log for log in logs if "loss" in log]
-    assert [(log["step"], log["loss"]) for log in logged] == [(r["step"], pytest.approx(r["loss"])) for r in rows]
+    assert [(log["step"], log["loss"]) for log in logged] == [(r["step"], pytest.approx(r["loss"]))
+                                                              for r in with_key(rows, "loss")]
     assert [log["final_eval_loss"] for log in logs if "final_eval_loss" in log] == [
         pytest.approx(result.final_eval_loss)]
     assert SQLiteStorage.get_run_config("tunesmith-test", run="run")["method.name"] == "lora"

@@ -104,8 +104,14 @@ def start_trackers(run_dir: Path, config) -> list:
             tracker = WandBTracker(os.environ.get("WANDB_PROJECT", "tunesmith"), name=run.name, dir=str(run))
         else:
             tracker = TrackioTracker(os.environ.get("TRACKIO_PROJECT", "tunesmith"), name=run.name)
-        tracker.start()
-        tracker.store_init_configuration(flat_config(config))
+        try:
+            tracker.start()
+            tracker.store_init_configuration(flat_config(config))
+        except Exception as exc:  # a tracker's own setup problem (store URI, login, ...): say which, briefly
+            for started in trackers:
+                started.finish()
+            raise UsageError(f"output.report_to: {name} could not start: {type(exc).__name__}: {exc}".strip()
+                             ) from exc
         trackers.append(tracker)
     return trackers
 
