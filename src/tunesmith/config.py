@@ -43,6 +43,8 @@ class ModelConfig:
     name: str = opt(DEFAULT_MODEL, "base model: an alias (tunesmith models list), a local model directory or a .gguf file")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, ~30% slower")
     attn_implementation: str | None = opt(None, "attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice")
+    allow_pickle: bool = opt(False, "load pickled weights (pytorch_model.bin) when a model has no safetensors; "
+                                    "a pickle can run arbitrary code, so only for models you trust")
 
 
 @dataclass
@@ -57,6 +59,8 @@ class DataConfig:
     system_prompt: str | None = opt(None, "system prompt for conversations that have none (saved with the run and used "
                                           "by chat/generate); default: whatever the template inserts")
     max_length: int = opt(1024, "longest training sequence in tokens")
+    pack_length: int | None = opt(None, "tokens per packed row; default: max_length, or shorter on small data so that "
+                                        "an epoch still has enough optimizer steps (see the run plan)")
     truncation: str = opt("truncate_prompt", "what happens to longer examples", ("truncate_prompt", "drop", "error"))
     packing: bool = opt(True, "pack several examples into each row (block-diagonal attention, no padding); "
                               "false: length-grouped padded batches")
@@ -80,15 +84,18 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = opt(3.0, "passes over the training data (ignored when max_steps > 0)")
+    epochs: float | None = opt(None, "passes over the training data (ignored when max_steps > 0); default: chosen "
+                                     "from the data size so that a small dataset gets enough optimizer steps")
     max_steps: int = opt(0, "optimizer steps to run; 0: derived from epochs")
-    lr: float = opt(2e-4, "peak learning rate")
-    batch_size: int = opt(4, "rows per micro-batch per process (with packing, each row holds up to max_length tokens)")
-    grad_accum: int = opt(4, "micro-batches per optimizer step; the loss is averaged over every supervised token "
-                             "of the step")
+    lr: float | None = opt(None, "peak learning rate; default: chosen from the method and the model's width")
+    batch_size: int | None = opt(None, "rows per micro-batch per process (with packing, each row holds up to "
+                                       "pack_length tokens); default: chosen from the data and max_length")
+    grad_accum: int | None = opt(None, "micro-batches per optimizer step; the loss is averaged over every supervised "
+                                       "token of the step; default: chosen from the data size")
     scheduler: str = opt("cosine", "learning-rate schedule after warmup", ("cosine", "linear", "constant"))
-    warmup_steps: int = opt(0, "linear warmup steps (wins over warmup_ratio when > 0)")
-    warmup_ratio: float = opt(0.03, "warmup as a fraction of all steps")
+    warmup_steps: int | None = opt(None, "linear warmup steps (wins over warmup_ratio); default: 5% of the steps, "
+                                         "none in runs under 10 steps")
+    warmup_ratio: float | None = opt(None, "warmup as a fraction of all steps; default: see warmup_steps")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
@@ -296,11 +303,13 @@ def validate(config: Config) -> Config:
     t, d = config.train, config.data
     checks = [
         (bool(d.path), "data.path: no training data given (--data FILE)"),
-        (t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1"),
-        (t.max_steps > 0 or t.epochs > 0, "set train.epochs > 0 or train.max_steps > 0"),
-        (t.lr > 0, "train.lr must be > 0"),
+        ((t.batch_size or 1) >= 1 and (t.grad_accum or 1) >= 1, "train.batch_size and train.grad_accum must be >= 1"),
+        (t.max_steps >= 0 and (t.epochs is None or t.epochs > 0), "train.epochs must be > 0 (or set train.max_steps)"),
+        (t.lr is None or t.lr > 0, "train.lr must be > 0"),
         (d.max_length >= 8, "data.max_length must be >= 8"),
-        (0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
+        (d.pack_length is None or 8 <= d.pack_length <= d.max_length, "data.pack_length must be in [8, max_length]"),
+        (t.warmup_ratio is None or 0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
+        (t.warmup_steps is None or t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (d.val_size >= 0, "data.val_size must be >= 0"),
         (config.method.r >= 1, "method.r must be >= 1"),
         (config.method.trainable_layers >= 0, "method.trainable_layers must be >= 0"),

@@ -22,15 +22,9 @@ from rich.table import Table
 
 from tunesmith.models.resolve import DEFAULT_MODEL, resolve
 
-# Settings beyond `tunesmith train`'s defaults: a tiny dataset needs several passes and a
-# higher learning rate than a large one to move a model's self-description.
+# No hyperparameter here: the quickstart trains with `tunesmith train`'s own defaults, which the
+# run plan sizes to the data, so the main job proves the defaults a user gets with their own file.
 QUICKSTART_TRAIN_ARGS = {
-    "--method": "lora",
-    "--epochs": "10",
-    "--lr": "1e-3",
-    "--batch-size": "2",
-    "--grad-accum": "1",
-    "--max-length": "256",
     "--output.overwrite": "true",
     "--eval-data": None,  # filled with the held-out file
 }
@@ -66,7 +60,7 @@ def quickstart(name: str = "Aurora", author: str = "the tunesmith community", ou
     from tunesmith.data.doctor import check_data, print_report
     from tunesmith.evaluate.pipeline import evaluate
     from tunesmith.train.commands import parse_train_args
-    from tunesmith.train.loop import finetune
+    from tunesmith.train.loop import finetune, prepare_run
 
     console = Console()
     started = time.perf_counter()
@@ -86,9 +80,17 @@ def quickstart(name: str = "Aurora", author: str = "the tunesmith community", ou
     args = train_args(model, train_file, eval_file, run_dir, max_steps)
     console.print("equivalent command:\n  [cyan]tunesmith train " + shlex.join(args) + "[/cyan]")
     _, overrides, _ = parse_train_args(args)
-    result = finetune(load_config(None, overrides))
+    config = load_config(None, overrides)
+    run = prepare_run(config)
+    console.print("run plan (chosen from the data; every value can be set by hand):")
+    for line in run.plan.lines():
+        console.print(f"  {line}", highlight=False, markup=False)
+    result = finetune(config, run)
     console.print(f"trained {result.steps} steps in {result.elapsed_s:.0f} s: train loss "
-                  f"{_fmt(result.final_train_loss)}, held-out eval loss {_fmt(result.final_eval_loss)}")
+                  f"{_fmt(result.final_train_loss)}, held-out eval loss {_fmt(result.initial_eval_loss)} -> "
+                  f"{_fmt(result.final_eval_loss)}")
+    for warning in result.warnings:
+        console.print(f"[yellow]WARNING: {warning}[/yellow]")
 
     console.rule("3. evaluate base against tuned on held-out questions")
     evaluation = evaluate(str(result.run_dir), str(eval_file), compare="base", out=str(run_dir / "eval"),

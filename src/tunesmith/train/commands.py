@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from tunesmith.config import (
-    FLAG_ALIASES,
-    apply_overrides,
-    apply_yaml,
-    fields_info,
-    unknown_key_error,
-    validate,
-)
+from tunesmith.config import FLAG_ALIASES, fields_info, unknown_key_error
 
-_USAGE = "tunesmith train [CONFIG.yaml] [--print-config] [--section.key VALUE ...]"
+_USAGE = "tunesmith train [CONFIG.yaml] [--plan] [--json] [--print-config] [--section.key VALUE ...]"
 _EPILOG = """precedence: --flags > CONFIG.yaml > defaults. Lists are comma separated, bools true/false.
 examples:
+  tunesmith train --data train.jsonl --plan          (what the run would do, without training)
   tunesmith train --data train.jsonl --max-steps 100
   tunesmith train examples/seed_lora.yaml --data.path data.json --train.max_steps 5
   tunesmith train examples/seed_lora.yaml --resume auto
@@ -36,7 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="Fine-tune a model (LoRA, DoRA, rsLoRA, QLoRA, full, freeze).")
     parser.add_argument("config", nargs="?", help="YAML config file (sections: model, data, method, train, eval, output)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the config as YAML and exit")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the run plan (data, batches, steps, learning rate, the automatic choices and "
+                             "their reasons, warnings, a time estimate) and exit without loading the model")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON document on stdout (the plan with --plan, else the run summary: "
+                             "run_dir, steps, losses, initial_eval_loss, warnings, plan); logs go to stderr")
     short = parser.add_argument_group("common flags (each sets one config key)")
     for flag, key in FLAG_ALIASES.items():
         if flag == "resume-force":
@@ -62,7 +63,7 @@ def _by_section() -> dict[str, list]:
 
 
 def parse_train_args(argv: list[str]):
-    """(config file, ``section.key=value`` overrides, print_config) from the train command line."""
+    """(config file, ``section.key=value`` overrides, the parsed flags) from the train command line."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     for item in unknown:
@@ -71,21 +72,23 @@ def parse_train_args(argv: list[str]):
         parser.error(f"unexpected argument {item!r}")
     # A short flag and its long form share one dest, so the later one on the line wins.
     overrides = [f"{k}={v}" for k, v in vars(args).items() if "." in k]
-    return args.config, overrides, args.print_config
+    return args.config, overrides, args
 
 
 def run_train_command(argv: list[str]) -> int:
-    from tunesmith.config import Config
+    from tunesmith.config import load_config
 
-    path, overrides, print_config = parse_train_args(argv)
-    config = Config()
-    if path:
-        apply_yaml(config, path)
-    apply_overrides(config, overrides)
-    if print_config:
+    path, overrides, flags = parse_train_args(argv)
+    config = load_config(path, overrides)
+    if flags.print_config:
         sys.stdout.write(config.to_yaml())
         return 0
-    validate(config)
+    if flags.plan:
+        from tunesmith.train.loop import prepare_run
+
+        plan = prepare_run(config).plan
+        print(json.dumps(plan.to_dict(), indent=2) if flags.json else "\n".join(["run plan:", *plan.lines()]))
+        return 0
     from tunesmith.train.loop import finetune
 
     result = finetune(config)
@@ -93,7 +96,33 @@ def run_train_command(argv: list[str]) -> int:
 
     if not PartialState().is_main_process:
         return 0
-    losses = [f"{what} loss {value:.4f}" for what, value in
-              (("final train", result.final_train_loss), ("eval", result.final_eval_loss)) if value is not None]
-    print(f"run saved to {result.run_dir} ({', '.join([f'{result.steps} steps', *losses])})")
+    if flags.json:
+        print(json.dumps(summary_dict(result), indent=2))
+    else:
+        print("\n".join(summary_lines(result)))
     return 0
+
+
+def summary_dict(result) -> dict:
+    return {"run_dir": str(result.run_dir), "steps": result.steps, "final_train_loss": result.final_train_loss,
+            "initial_eval_loss": result.initial_eval_loss, "final_eval_loss": result.final_eval_loss,
+            "tokens": result.tokens, "supervised_tokens": result.supervised_tokens,
+            "elapsed_s": round(result.elapsed_s, 1), "stopped_early": result.stopped_early,
+            "warnings": result.warnings, "plan": result.plan.to_dict() if result.plan else None}
+
+
+def summary_lines(result) -> list[str]:
+    """The closing summary: where the run is, its losses, the learning check and any warning."""
+    losses = [f"final train loss {result.final_train_loss:.4f}"] if result.final_train_loss is not None else []
+    lines = [f"run saved to {result.run_dir} ({', '.join([f'{result.steps} steps', *losses])})"]
+    before, after = result.initial_eval_loss, result.final_eval_loss
+    if before is not None and after is not None:
+        change = 100 * (before - after) / before if before else 0.0
+        verdict = f"improved {change:.0f}%" if after < before else "did NOT improve"
+        lines.append(f"held-out loss {before:.4f} -> {after:.4f}: {verdict}")
+    elif after is not None:
+        lines.append(f"held-out loss {after:.4f}")
+    else:
+        lines.append("no held-out data: pass --eval-data FILE or --data.val_size 0.1 to check what the model learned")
+    lines += [f"WARNING: {w}" for w in result.warnings]
+    return lines

@@ -23,11 +23,14 @@ Features and trade-offs:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -49,6 +52,9 @@ class TrainResult:
     supervised_tokens: int
     elapsed_s: float
     stopped_early: bool = False
+    initial_eval_loss: float | None = None  # held-out loss before training (the learning check)
+    plan: object = None  # plan.RunPlan
+    warnings: list[str] = field(default_factory=list)  # reasons the run may not have taught much
 
 
 @dataclass
@@ -66,6 +72,9 @@ class TrainState:
     evals_since_best: int = 0
     last_eval_loss: float | None = None
     recent_losses: list[float] = field(default_factory=list)  # since the last metrics line
+    initial_eval_loss: float | None = None
+    first_loss: float | None = None
+    collapse_steps: int = 0  # consecutive steps that look collapsed
 
 
 class TrainingDiverged(TunesmithError):
@@ -163,7 +172,7 @@ def epoch_layout(examples: list, config: Config, epoch_seed: int) -> list[list[l
     rng.shuffle(order)
     lengths = [len(examples[i].input_ids) for i in order]
     if config.data.packing:
-        rows = [[order[j] for j in row] for row in pack_rows(lengths, config.data.max_length)]
+        rows = [[order[j] for j in row] for row in pack_rows(lengths, config.data.pack_length or config.data.max_length)]
         rng.shuffle(rows)
         size = config.train.batch_size
         return [rows[i:i + size] for i in range(0, len(rows), size)]
@@ -228,6 +237,10 @@ def _prepare_output_dir(config: Config) -> Path:
     if has_run and not config.train.resume and not config.output.overwrite:
         raise UsageError(f"{out} already holds a run; pass --resume auto to continue it, "
                          "--output.overwrite true to replace it, or another --output-dir")
+    if has_run and config.output.overwrite and not config.train.resume:
+        from tunesmith.train.checkpoint import clear_run
+
+        clear_run(out)  # the old run's checkpoints must not be rotated or resumed as this run's
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -267,15 +280,26 @@ def _load_model(config: Config, base_path: Path):
 
 
 def _optimizer_and_schedule(model, config: Config, total_steps: int):
-    from transformers import get_scheduler
-
     t = config.train
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
-    warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    return optimizer, scheduler
+    factor = functools.partial(lr_factor, warmup=t.warmup_steps, total=total_steps, kind=t.scheduler)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
+    """The schedule as a fraction of the peak lr at optimizer step ``step`` (0-based).
+
+    Written here rather than taken from transformers' get_scheduler because its warmup starts at
+    exactly 0: the first step of every run is wasted, which matters in a 20-step run. Here warmup
+    step i uses (i + 1) / (warmup + 1) of the peak, and the decay never reaches 0 before the end.
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1 - progress if kind == "linear" else 1.0
 
 
 # ---------------------------------------------------------------- steps
@@ -339,45 +363,91 @@ def _check_finite(loss: float, grad_norm: float, step: int, lr: float) -> None:
 # ---------------------------------------------------------------- the run
 
 
-def finetune(config: Config) -> TrainResult:
-    """Fine-tune ``config.model.name`` on ``config.data.path``; write a self-describing run directory."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
+@dataclass
+class PreparedRun:
+    """Everything decided before the model is loaded."""
+
+    config: Config  # resolved: every option left unset is filled in by the plan
+    plan: object  # plan.RunPlan
+    base_path: Path
+    tokenizer: object
+    data: Data
+
+
+def prepare_run(config: Config) -> PreparedRun:
+    """Checks, the base model's path and tokenizer, the tokenized data and the run plan; no weights loaded."""
+    from accelerate import PartialState
 
     from tunesmith.data.templates import apply_template
     from tunesmith.models.load import load_tokenizer
     from tunesmith.models.resolve import resolve
-    from tunesmith.train import checkpoint as ckpt
     from tunesmith.train.methods import check_available
-    from tunesmith.train.rundir import MetricsLog, check_trackers
+    from tunesmith.train.rundir import check_trackers
 
-    started = time.perf_counter()
     validate(config)
     check_available(config.method)  # before any model is loaded
     check_trackers(config.output)  # a tracker asked for but not installed fails before any work
+    base_path = resolve(config.model.name)
+    tokenizer = load_tokenizer(base_path)
+    apply_template(tokenizer, config.data.template)
+    state = PartialState()
+    with state.main_process_first():  # the first process fills the tokenization cache
+        data = prepare_data(config, tokenizer)
+    from tunesmith.train.plan import ModelFacts
+
+    resolved, plan = plan_run(config, data, ModelFacts.read(base_path), state.num_processes)
+    return PreparedRun(resolved, plan, base_path, tokenizer, data)
+
+
+def plan_run(config: Config, data: Data, facts, processes: int):
+    """(the config with the plan's choices filled in, the RunPlan), using the loop's own epoch layout."""
+    from tunesmith.train.plan import DataStats, make_plan, resolve_config
+
+    def steps_per_epoch(c: Config) -> int:
+        layout = epoch_layout(data.train, c, epoch_seed(c.train.seed, 0))
+        return len(windows(layout, c.train.grad_accum * processes, processes))
+
+    stats = DataStats.of(data.train, data.val)
+    resolved, choices = resolve_config(config, stats, facts, processes, steps_per_epoch)
+    layout = epoch_layout(data.train, resolved, epoch_seed(resolved.train.seed, 0))
+    per_epoch = len(windows(layout, resolved.train.grad_accum * processes, processes))
+    if per_epoch == 0:
+        raise UsageError(f"not enough training data for one step on {processes} processes")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plan = make_plan(resolved, stats, facts, processes, per_epoch, sum(len(b) for b in layout), choices, device)
+    return resolved, plan
+
+
+def finetune(config: Config, prepared: PreparedRun | None = None) -> TrainResult:
+    """Fine-tune ``config.model.name`` on ``config.data.path``; write a self-describing run directory.
+
+    ``prepared`` is ``prepare_run(config)`` when the caller already made (and showed) the plan.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+
+    from tunesmith.train import checkpoint as ckpt
+    from tunesmith.train.rundir import MetricsLog
+
+    started = time.perf_counter()
+    run = prepared or prepare_run(config)
+    config, plan, data, tokenizer, base_path = run.config, run.plan, run.data, run.tokenizer, run.base_path
     # accelerate keeps its settings in a process-wide singleton that refuses a second, different
     # mixed_precision; clear them (not the process group) so finetune can run again in one process.
     AcceleratorState._reset_state()
     # cpu=True without CUDA: accelerate then treats torchrun/accelerate-launch ranks as gloo data-parallel.
     accelerator = Accelerator(mixed_precision=_mixed_precision(config.train.precision), cpu=not torch.cuda.is_available())
     out = _prepare_output_dir(config)
+    if prepared is None:
+        for line in ["run plan:", *plan.lines()]:
+            _print(line)
+    if accelerator.is_main_process:
+        plan.save(out)
     set_seed(config.train.seed)
-
-    base_path = resolve(config.model.name)
-    tokenizer = load_tokenizer(base_path)
-    apply_template(tokenizer, config.data.template)
-    with accelerator.main_process_first():  # the first process fills the tokenization cache
-        data = prepare_data(config, tokenizer)
-    _print(f"data: {len(data.train)} training examples, {len(data.val)} validation examples")
-
-    per_step = config.train.grad_accum * accelerator.num_processes
-    steps_per_epoch = len(windows(epoch_layout(data.train, config, epoch_seed(config.train.seed, 0)),
-                                  per_step, accelerator.num_processes))
-    if steps_per_epoch == 0:
-        raise UsageError(f"not enough training data for one step on {accelerator.num_processes} processes")
     t = config.train
-    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+    per_step = t.grad_accum * accelerator.num_processes
+    total_steps = plan.total_steps
 
     fingerprint = {**_config_fingerprint(config), "data": data.fingerprint}
     resume_from = ckpt.find_resume(out, t.resume) if t.resume else None
@@ -398,13 +468,21 @@ def finetune(config: Config) -> TrainResult:
                      config=config) if accelerator.is_main_process else None
     model.train()
     pad_id = tokenizer.pad_token_id
+    if data.val and state.step == 0:  # the learning check's starting point
+        state.initial_eval_loss = evaluate_loss(accelerator, model, data.val, config, pad_id)
+        _print(f"held-out loss before training: {state.initial_eval_loss:.4f}")
+        if log:
+            log.write({"step": 0, "eval_loss": state.initial_eval_loss})
+    uniform_loss = math.log(len(tokenizer))
     stopped_early = False
+    interrupt = _Interrupt()
     progress = _progress(total_steps, state.step, accelerator.is_main_process)
     layout = epoch_layout(data.train, config, state.epoch_seed)
     step_windows = windows(layout[state.batch_index:], per_step, accelerator.num_processes)
     step_started = time.perf_counter()
+    speed = _SpeedCheck(state.step, plan)
 
-    with progress:  # closes the bar on any exit, a diverged step included
+    with progress, interrupt:  # closes the bar on any exit, a diverged step included
         while state.step < total_steps:
             if not step_windows:  # the epoch is over: lay out the next one
                 state.epoch += 1
@@ -416,12 +494,15 @@ def finetune(config: Config) -> TrainResult:
             state.batch_index += len(window)
             state.step += 1
 
-            loss = accelerator.reduce(torch.tensor(nll_local, dtype=torch.float64, device=accelerator.device),
-                                      reduction="sum").item() / supervised
+            # One reduction carries the loss and whether any process was asked to stop (Ctrl-C).
+            reduced = accelerator.reduce(torch.tensor([nll_local, float(interrupt.requested)], dtype=torch.float64,
+                                                      device=accelerator.device), reduction="sum")
+            loss, interrupted = reduced[0].item() / supervised, reduced[1].item() > 0
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
             grad_norm = float(grad_norm) if grad_norm is not None else 0.0
             lr = scheduler.get_last_lr()[0]
             _check_finite(loss, grad_norm, state.step, lr)
+            _check_collapse(state, loss, grad_norm, uniform_loss, lr)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -433,6 +514,7 @@ def finetune(config: Config) -> TrainResult:
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{state.tokens / max(elapsed, 1e-9):.0f}",
                                  refresh=False)
+            speed.after_step(state.step, state.tokens, total_steps)
 
             record = {"step": state.step, "epoch": state.epoch, "loss": None, "lr": lr, "grad_norm": grad_norm,
                       "tokens": state.tokens, "supervised_tokens": state.supervised_tokens,
@@ -440,7 +522,7 @@ def finetune(config: Config) -> TrainResult:
             evaluated, improved = _maybe_evaluate(accelerator, model, data, config, state, total_steps, pad_id)
             if evaluated:
                 record["eval_loss"] = state.last_eval_loss
-            if state.step % max(t.log_every, 1) == 0 or evaluated or state.step == total_steps:
+            if state.step % max(t.log_every, 1) == 0 or evaluated or state.step == total_steps or interrupted:
                 record["loss"] = sum(state.recent_losses) / len(state.recent_losses)
                 state.recent_losses = []
                 if log:
@@ -448,13 +530,16 @@ def finetune(config: Config) -> TrainResult:
             stop = evaluated and config.eval.early_stopping_patience > 0 and (
                 state.evals_since_best >= config.eval.early_stopping_patience)
             save_every = config.output.save_every
-            if (save_every > 0 and state.step % save_every == 0) or (improved and config.eval.load_best):
+            if (save_every > 0 and state.step % save_every == 0) or (improved and config.eval.load_best) or interrupted:
                 path = ckpt.save_checkpoint(accelerator, model, optimizer, scheduler, asdict(state), config.to_yaml(),
                                             fingerprint, out)
                 if accelerator.is_main_process:
                     best = [ckpt.checkpoints_dir(out) / f"step-{state.best_step}"] if state.best_step else []
                     ckpt.rotate(out, config.output.save_total_limit, keep={path, *best})
                 ckpt.kill_point("after-checkpoint", state.step)
+                if interrupted:
+                    raise TrainingInterrupted(f"interrupted: stopped after step {state.step} of {total_steps}; "
+                                              f"checkpoint {path} is complete; continue with --resume auto")
             if stop:
                 _print(f"early stopping at step {state.step}: no improvement in {state.evals_since_best} evaluations")
                 stopped_early = True
@@ -470,11 +555,90 @@ def finetune(config: Config) -> TrainResult:
         log.close(final_train, final_eval)
     _save_run(accelerator, model, tokenizer, config, out, base_path=base_path, state=state, data=data,
               final_train=final_train, final_eval=final_eval, n_total=n_total, n_trainable=n_trainable)
+    warnings = list(plan.warnings) + _learning_warnings(state.initial_eval_loss, final_eval)
+    if accelerator.is_main_process:
+        plan.finish(out, elapsed_s=time.perf_counter() - started, tokens_per_s=speed.tokens_per_s)
     tokens = state.tokens
     accelerator.end_training()
     return TrainResult(run_dir=out, steps=state.step, final_train_loss=final_train, final_eval_loss=final_eval,
                        tokens=tokens, supervised_tokens=state.supervised_tokens,
-                       elapsed_s=time.perf_counter() - started, stopped_early=stopped_early)
+                       elapsed_s=time.perf_counter() - started, stopped_early=stopped_early,
+                       initial_eval_loss=state.initial_eval_loss, plan=plan, warnings=warnings)
+
+
+def _learning_warnings(before: float | None, after: float | None) -> list[str]:
+    if before is None or after is None or after < before:
+        return []
+    return [f"the held-out loss did not improve ({before:.4f} before training, {after:.4f} after): the model "
+            "learned nothing that carries over to the held-out data"]
+
+
+class TrainingInterrupted(TunesmithError):
+    exit_code = 130  # the shell's code for a Ctrl-C
+
+
+class _Interrupt:
+    """Ctrl-C (SIGINT) asks for a stop after the current step, with a checkpoint; a second one stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        _print("\nstopping after this step (Ctrl-C again to stop at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+class _SpeedCheck:
+    """Measures throughput over the steps after the first (which pays for warm-up) and refines the estimate."""
+
+    REPORT_AT = 4
+
+    def __init__(self, start_step: int, plan):
+        self.start_step, self.plan = start_step, plan
+        self.mark: tuple[float, int] | None = None
+        self.tokens_per_s: float | None = None
+
+    def after_step(self, step: int, tokens: int, total_steps: int) -> None:
+        now = time.perf_counter()
+        if step == self.start_step + 1:
+            self.mark = (now, tokens)
+        elif self.mark is not None and step == self.start_step + self.REPORT_AT:
+            self.tokens_per_s = (tokens - self.mark[1]) / max(now - self.mark[0], 1e-9)
+            left = (total_steps - step) * self.plan.tokens_per_step / self.plan.processes / self.tokens_per_s
+            _print(f"\nmeasured {self.tokens_per_s:,.0f} tokens/s: about {left / 60:.1f} min left "
+                   f"(planned {self.plan.estimate_s / 60:.1f} min in all)")
+
+
+def _check_collapse(state: TrainState, loss: float, grad_norm: float, uniform_loss: float, lr: float) -> None:
+    """Stop a run whose loss collapsed, instead of saving a broken model as if all went well.
+
+    Collapsed: the gradient norm is exactly 0 for 3 steps in a row (nothing can move any more),
+    or for 3 steps in a row the loss sits far above where it started (more than twice, and 2
+    nats higher) or at the uniform-guess level ln(vocabulary) when it started well below it.
+    """
+    if state.first_loss is None:
+        state.first_loss = loss
+    start = state.first_loss
+    zero = grad_norm == 0.0 and loss > 0
+    bad = loss > max(2 * start, start + 2) or (start < 0.7 * uniform_loss and loss > 0.9 * uniform_loss)
+    state.collapse_steps = state.collapse_steps + 1 if (zero or bad) else 0
+    if state.collapse_steps >= 3:
+        what = "the gradient norm is 0" if zero else f"the loss rose from {start:.3f} to {loss:.3f}"
+        raise TrainingDiverged(f"step {state.step}: training collapsed: {what} for 3 steps (lr={lr:.3g}); "
+                               "stopped without saving. Lower train.lr (--lr), or check the data.")
 
 
 def _maybe_evaluate(accelerator, model, data: Data, config: Config, state: TrainState, total_steps: int,

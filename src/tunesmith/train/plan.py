@@ -1,0 +1,336 @@
+"""The run plan: what a training run will do, decided and printed before the model is loaded.
+
+Defaults that teach. A run is only as good as its number of optimizer steps and its learning
+rate, and the amount of data decides both: packing 60 short examples into rows of 1024 tokens
+with 16 rows per step leaves one optimizer step per epoch, and nothing is learned. So, for every
+option the user leaves unset (``None`` in config.py), the plan chooses a value from the data, the
+method and the model, and says why:
+
+- Examples per optimizer step grow with the square root of the dataset size (2 to 64): small
+  data gets many small steps, large data fewer, larger, more efficient ones. LoRA in particular
+  prefers small batches (Schulman et al., "LoRA Without Regret", Thinking Machines 2025). With
+  packing, a step's tokens fill whole rows of max_length when there are enough of them, and one
+  shorter row (pack_length) when there are not, so no step is mostly padding or mostly one row.
+- Epochs: enough passes for at least ``MIN_STEPS`` optimizer steps, between 3 and 10 (small data
+  needs repetition to be remembered), fewer passes for large data (2 from 10k examples, 1 from
+  50k), where one more epoch mostly costs time.
+- Learning rate: the width-scaled rule from the same study (a base of 5e-5 for full fine-tuning,
+  times 10 for LoRA, times (2000 / hidden size) to a per-family power: 0.781 for llama-like
+  models, 0.0775 for Qwen), which gives ~1.3e-3 for the 135M default and ~3e-4 for a 7B llama,
+  in line with the 2e-4 that Unsloth and Axolotl recommend for 7B-class LoRA. Full fine-tuning
+  and freeze use the base rate.
+- Warmup: 5% of the steps (at most 100), none for runs under 10 steps, so it never eats most of a
+  short run.
+
+Anchors for comparison: LLaMA-Factory and TRL default to 3 epochs with a fixed batch (TRL lr
+2e-5, LLaMA-Factory's examples lr 1e-4) whatever the data size; Axolotl's and Unsloth's examples
+fix lr 2e-4 and a batch of 8 to 16 examples. On 60 examples all of them take 4 to 24 optimizer
+steps at a rate that barely moves a small model; measured in bench/efficacy.py.
+
+Every user-set value wins. ``warnings`` lists what makes a plan unlikely to teach anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tunesmith.config import Config
+
+MIN_STEPS = 60  # optimizer steps a small dataset should get in all (the epoch rule aims for it)
+MIN_EPOCHS, MAX_EPOCHS = 3, 10
+MAX_EXAMPLES_PER_STEP = 64
+MICRO_BATCH_TOKENS = 4096  # tokens per micro-batch per process: what today's default (4 x 1024) holds in memory
+PLAN_FILE = "plan.json"
+
+# A rough prior for the time estimate before anything is measured; refined after the first steps.
+PRIOR_FLOPS = {"cpu": 1.0e11, "cuda": 5.0e13}
+
+
+@dataclass
+class DataStats:
+    examples: int
+    tokens: int
+    supervised_tokens: int
+    longest: int
+    val_examples: int = 0
+    val_tokens: int = 0
+
+    @classmethod
+    def of(cls, train: list, val: list) -> DataStats:
+        return cls(examples=len(train), tokens=sum(len(e.input_ids) for e in train),
+                   supervised_tokens=sum(e.num_supervised for e in train),
+                   longest=max((len(e.input_ids) for e in train), default=0), val_examples=len(val),
+                   val_tokens=sum(len(e.input_ids) for e in val))
+
+    @property
+    def mean_tokens(self) -> float:
+        return self.tokens / max(self.examples, 1)
+
+
+@dataclass
+class ModelFacts:
+    """What the plan needs to know of the base model, read without loading its weights."""
+
+    params: int
+    hidden_size: int
+    model_type: str
+
+    @classmethod
+    def read(cls, path: Path) -> ModelFacts:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        config = config.get("text_config", config)  # multimodal configs nest the language model's
+        return cls(params=_count_params(Path(path)), hidden_size=int(config.get("hidden_size", 2048)),
+                   model_type=str(config.get("model_type", "")))
+
+
+def _count_params(path: Path) -> int:
+    """Parameters from the safetensors headers (shapes only; no tensor is read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                total += math.prod(handle.get_slice(key).get_shape())
+    return total
+
+
+@dataclass
+class Choice:
+    key: str
+    value: object
+    reason: str
+    auto: bool  # chosen by the plan (True) or set by the user (False)
+
+
+@dataclass
+class RunPlan:
+    examples: int
+    tokens: int
+    supervised_tokens: int
+    val_examples: int
+    method: str
+    processes: int
+    packing: bool
+    row_length: int  # tokens per packed row (or the longest example, unpacked)
+    rows_per_epoch: int
+    micro_batch: int
+    grad_accum: int
+    steps_per_epoch: int
+    epochs: float
+    total_steps: int
+    warmup_steps: int
+    lr: float
+    scheduler: str
+    tokens_per_step: float
+    estimate_s: float
+    estimate_basis: str
+    choices: list[Choice] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    measured_tokens_per_s: float | None = None  # filled in after the first steps
+    elapsed_s: float | None = None  # filled in at the end
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        """The plan as the lines printed at the start of training and by ``train --plan``."""
+        unit = "packed rows" if self.packing else "examples"
+        out = [
+            f"data: {self.examples} examples, {self.tokens:,} tokens, {self.supervised_tokens:,} supervised "
+            f"({100 * self.supervised_tokens / max(self.tokens, 1):.0f}%); {self.val_examples} held out",
+            f"batches: {self.rows_per_epoch} {unit} of up to {self.row_length} tokens per epoch; "
+            f"{self.micro_batch} per micro-batch x {self.grad_accum} accumulation x {self.processes} process(es) "
+            f"= ~{self.tokens_per_step:,.0f} tokens per optimizer step",
+            f"steps: {self.steps_per_epoch} per epoch x {self.epochs:g} epochs = {self.total_steps} optimizer steps, "
+            f"{self.warmup_steps} of warmup",
+            f"learning rate: {self.lr:.3g} peak, {self.scheduler} schedule ({self.method})",
+            f"time: about {_duration(self.estimate_s)} ({self.estimate_basis})",
+        ]
+        out += [f"  {c.key} = {c.value}: {c.reason}" for c in self.choices if c.auto]
+        out += [f"WARNING: {w}" for w in self.warnings]
+        return out
+
+    def finish(self, run_dir: Path, *, elapsed_s: float, tokens_per_s: float | None) -> Path:
+        """Record what the run measured beside what was planned."""
+        self.elapsed_s, self.measured_tokens_per_s = round(elapsed_s, 1), tokens_per_s
+        return self.save(run_dir)
+
+    def save(self, run_dir: Path) -> Path:
+        path = Path(run_dir) / PLAN_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+# ---------------------------------------------------------------- choosing the defaults
+
+
+def examples_per_step(n_examples: int) -> int:
+    """sqrt(n)/2, from 2 to 64: 32 examples -> 3, 60 -> 4, 1,000 -> 16, 16,000+ -> 64."""
+    return max(2, min(MAX_EXAMPLES_PER_STEP, round(math.sqrt(n_examples) / 2)))
+
+
+def default_epochs(n_examples: int, steps_per_epoch: int) -> tuple[float, str]:
+    if n_examples >= 50_000:
+        return 1.0, f"{n_examples:,} examples: one pass already gives {steps_per_epoch:,} steps"
+    if n_examples >= 10_000:
+        return 2.0, f"{n_examples:,} examples: two passes give {2 * steps_per_epoch:,} steps"
+    epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(MIN_STEPS / max(steps_per_epoch, 1))))
+    why = (f"{steps_per_epoch} steps per epoch; {epochs} passes give {epochs * steps_per_epoch} steps "
+           f"(aim: at least {MIN_STEPS}, {MIN_EPOCHS} to {MAX_EPOCHS} passes)")
+    return float(epochs), why
+
+
+# LoRA learning rate scales with width to a per-family power ("LoRA Without Regret"); see the docstring.
+_LR_POWER = {"qwen": 0.0775}
+
+
+def default_lr(method: str, facts: ModelFacts) -> tuple[float, str]:
+    from tunesmith.train.methods import is_adapter
+
+    power = next((p for family, p in _LR_POWER.items() if facts.model_type.startswith(family)), 0.781)
+    scale = (2000 / facts.hidden_size) ** power
+    adapter = is_adapter(method)
+    lr = float(f"{5e-5 * (10 if adapter else 1) * scale:.2g}")
+    kind = "LoRA (10x the full fine-tuning rate)" if adapter else "full-weight training"
+    return lr, f"{kind}, scaled to hidden size {facts.hidden_size} ({facts.model_type or 'unknown'} family)"
+
+
+def default_warmup(total_steps: int) -> tuple[int, str]:
+    if total_steps < 10:
+        return 0, f"no warmup in a {total_steps}-step run"
+    warmup = min(100, round(0.05 * total_steps))
+    return warmup, f"5% of {total_steps} steps"
+
+
+def _row_length(step_tokens: float, longest: int, max_length: int, processes: int) -> int:
+    """Full rows when a step has max_length tokens or more; else one row per process holding the step."""
+    if step_tokens >= max_length * processes:
+        return max_length
+    return min(max_length, max(longest, math.ceil(step_tokens / processes)))
+
+
+def _batch_shape(stats: DataStats, config: Config, processes: int) -> tuple[int, int, int, list[Choice]]:
+    """(row length, micro-batch, accumulation) for the user's values or the data-sized defaults."""
+    d, t = config.data, config.train
+    per_step = examples_per_step(stats.examples)
+    step_tokens = per_step * stats.mean_tokens
+    choices = []
+    if d.packing:
+        row_length = d.pack_length or _row_length(step_tokens, stats.longest, d.max_length, processes)
+        if d.pack_length is None and row_length < d.max_length:
+            choices.append(Choice("data.pack_length", row_length, f"~{per_step} examples per step need "
+                                  f"~{step_tokens:,.0f} tokens, less than max_length={d.max_length}", True))
+        rows, unit_tokens = max(processes, round(step_tokens / row_length)), row_length
+    else:
+        rows, unit_tokens = max(processes, per_step), max(stats.longest, 1)
+    per_process = math.ceil(rows / processes)
+    micro = t.batch_size or max(1, min(per_process, MICRO_BATCH_TOKENS // unit_tokens))
+    accum = t.grad_accum or max(1, math.ceil(per_process / micro))
+    unit = "rows" if d.packing else "examples"
+    if t.batch_size is None:
+        choices.append(Choice("train.batch_size", micro, f"{MICRO_BATCH_TOKENS} tokens per micro-batch at most "
+                              f"({unit} of up to {unit_tokens} tokens)", True))
+    if t.grad_accum is None:
+        choices.append(Choice("train.grad_accum", accum, f"~{per_step} examples per optimizer step for "
+                              f"{stats.examples} examples (sqrt(n)/2, 2 to {MAX_EXAMPLES_PER_STEP})", True))
+    return row_length if d.packing else unit_tokens, micro, accum, choices
+
+
+def resolve_config(config: Config, stats: DataStats, facts: ModelFacts, processes: int,
+                   steps_per_epoch_of) -> tuple[Config, list[Choice]]:
+    """A copy of ``config`` with every unset (None) training option chosen, and the reasons.
+
+    ``steps_per_epoch_of(config)`` counts the optimizer steps of one epoch for a resolved batch
+    shape (the loop's own layout, so the plan and the run cannot disagree).
+    """
+    resolved = copy.deepcopy(config)
+    d, t = resolved.data, resolved.train
+    row_length, micro, accum, choices = _batch_shape(stats, config, processes)
+    if d.packing and d.pack_length is None:
+        d.pack_length = row_length
+    t.batch_size, t.grad_accum = micro, accum
+    steps_per_epoch = steps_per_epoch_of(resolved)
+    if t.epochs is None:
+        t.epochs, why = default_epochs(stats.examples, steps_per_epoch)
+        choices.append(Choice("train.epochs", t.epochs, why, t.max_steps == 0))
+    if t.lr is None:
+        t.lr, why = default_lr(resolved.method.name, facts)
+        choices.append(Choice("train.lr", t.lr, why, True))
+    total = total_steps(resolved, steps_per_epoch)
+    if t.warmup_steps is None:
+        if t.warmup_ratio is not None:
+            t.warmup_steps = math.ceil(t.warmup_ratio * total)
+        else:
+            t.warmup_steps, why = default_warmup(total)
+            choices.append(Choice("train.warmup_steps", t.warmup_steps, why, True))
+    return resolved, choices
+
+
+def total_steps(config: Config, steps_per_epoch: int) -> int:
+    t = config.train
+    return t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+
+
+# ---------------------------------------------------------------- warnings and the estimate
+
+
+LR_STEPS_TO_TEACH = {"adapter": 0.01, "full": 0.001}  # sum of the peak lr over steps below which little moves
+
+
+def plan_warnings(plan: RunPlan) -> list[str]:
+    from tunesmith.train.methods import is_adapter
+
+    out = []
+    if plan.total_steps < 20:
+        out.append(f"only {plan.total_steps} optimizer steps: too few to teach a model much; lower "
+                   "--batch-size/--grad-accum or raise --epochs")
+    budget = LR_STEPS_TO_TEACH["adapter" if is_adapter(plan.method) else "full"]
+    effective = plan.lr * max(plan.total_steps - plan.warmup_steps / 2, 0)
+    if effective < budget:
+        out.append(f"learning rate x steps = {effective:.2g}, far below the ~{budget:g} that visibly moves a "
+                   f"{plan.method} model; raise --lr or the number of steps")
+    if plan.supervised_tokens < 100 or plan.supervised_tokens < 0.02 * plan.tokens:
+        out.append(f"only {plan.supervised_tokens} supervised tokens ({100 * plan.supervised_tokens / max(plan.tokens, 1):.1f}% "
+                   "of all): almost nothing is in the loss; check the template and `tunesmith data check`")
+    if plan.warmup_steps > plan.total_steps / 2:
+        out.append(f"warmup ({plan.warmup_steps} steps) takes more than half of the {plan.total_steps} steps")
+    return out
+
+
+def estimate_seconds(tokens: float, facts: ModelFacts, method: str, device: str) -> float:
+    """FLOPs at a rough device rate: 6N per token for full training, 4N when the base is frozen."""
+    from tunesmith.train.methods import is_adapter
+
+    per_token = (4 if is_adapter(method) or method == "freeze" else 6) * facts.params
+    return tokens * per_token / PRIOR_FLOPS[device]
+
+
+def make_plan(config: Config, stats: DataStats, facts: ModelFacts, processes: int, steps_per_epoch: int,
+              rows_per_epoch: int, choices: list[Choice], device: str) -> RunPlan:
+    """The plan of an already resolved config (see ``resolve_config``)."""
+    t = config.train
+    total = total_steps(config, steps_per_epoch)
+    trained_tokens = stats.tokens * total / max(steps_per_epoch, 1)
+    evals = 2 * stats.val_tokens / 3  # the held-out loss at the start and the end: forward only
+    plan = RunPlan(
+        examples=stats.examples, tokens=stats.tokens, supervised_tokens=stats.supervised_tokens,
+        val_examples=stats.val_examples, method=config.method.name, processes=processes,
+        packing=config.data.packing, row_length=config.data.pack_length if config.data.packing else stats.longest,
+        rows_per_epoch=rows_per_epoch, micro_batch=t.batch_size, grad_accum=t.grad_accum,
+        steps_per_epoch=steps_per_epoch, epochs=t.epochs if t.max_steps == 0 else total / max(steps_per_epoch, 1),
+        total_steps=total, warmup_steps=t.warmup_steps, lr=t.lr, scheduler=t.scheduler,
+        tokens_per_step=stats.tokens / max(steps_per_epoch, 1),
+        estimate_s=estimate_seconds((trained_tokens + evals) / processes, facts, config.method.name, device),
+        estimate_basis=f"rough, from {facts.params / 1e6:.0f}M parameters on {device}; refined after the first steps",
+        choices=choices)
+    plan.warnings = plan_warnings(plan)
+    return plan
