@@ -30,7 +30,7 @@ def _data(n: int, length: int, answer: int = 12) -> Data:
 
 
 def _plan(n: int, length: int = 60, processes: int = 1, **values):
-    overrides = [f"data.path=x.jsonl", *(f"{k.replace('__', '.')}={v}" for k, v in values.items())]
+    overrides = ["data.path=x.jsonl", *(f"{k.replace('__', '.')}={v}" for k, v in values.items())]
     return plan_run(load_config(None, overrides), _data(n, length), SMOLLM, processes)
 
 
