@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import pickle
 import zipfile
 
 import pytest
@@ -62,8 +63,6 @@ def test_a_pickled_payload_in_optimizer_pt_is_refused_without_running(saved_run,
 
 @pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt"])
 def test_a_plain_pickle_is_refused_too(saved_run, tmp_path, name):
-    import pickle
-
     path = saved_run / "checkpoints" / "step-4" / name
     marker = tmp_path / "pwned"
     path.write_bytes(pickle.dumps(WritesMarker(marker)))  # not torch's zip format: the legacy path
@@ -175,3 +174,25 @@ def test_clear_run_removes_only_run_files(tmp_path):
     assert sorted(p.name for p in removed) == ["adapter_model.safetensors", "checkpoints", "metrics.jsonl",
                                                "model-00001-of-00002.safetensors", "tunesmith.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
+
+
+def test_fsdp_metadata_pickles_are_checked_before_torch_reads_them(tmp_path):
+    """Sharded (FSDP) checkpoints keep their layout in a .metadata file that torch.distributed.checkpoint
+    reads with plain pickle.load: a real one passes the check, a forged one is refused unread."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    step = tmp_path / "step-4"
+    state = {"model": {"w": torch.randn(3, 4)},
+             "optim": {"state": {0: {"step": torch.tensor(1.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single-process save: torch warns that no process group exists
+        dcp.save(state, checkpoint_id=step / "pytorch_model_fsdp_0")
+    ckpt.check_sharded_metadata(step)
+
+    marker = tmp_path / "pwned"
+    (step / "pytorch_model_fsdp_0" / ".metadata").write_bytes(pickle.dumps(WritesMarker(marker)))
+    with pytest.raises(UsageError, match=r"\.metadata: refused to load.*io\.open is not allowed"):
+        ckpt.check_sharded_metadata(step)
+    assert not marker.exists()

@@ -189,7 +189,8 @@ REQUIRED = {"weights.safetensors": "the trained weights", "optimizer.pt": "the o
 def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG; return the saved training state."""
     if _is_sharded(accelerator):
-        accelerator.load_state(str(path))  # accelerate reads with weights_only=True as well
+        check_sharded_metadata(path)
+        accelerator.load_state(str(path))  # accelerate reads its .bin/.pkl files with weights_only=True too
         return _read_json(path / "state.json")
     rng_file = f"rng-{accelerator.process_index}.json"
     missing = [f"{name} ({what})" for name, what in {**REQUIRED, rng_file: "the random number generator state"}.items()
@@ -221,6 +222,41 @@ def safe_torch_load(path: Path):
                          "made yourself.") from None
     except (RuntimeError, EOFError) as exc:
         raise UsageError(f"{path}: unreadable (truncated or corrupt): {str(exc).splitlines()[0]}") from None
+
+
+# What torch.distributed.checkpoint's .metadata pickle (FSDP's sharded weights) legitimately holds.
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_SAFE_GLOBALS = {("torch", "Size"), ("torch", "device"), ("torch.serialization", "_get_layout"),
+                 ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("collections", "OrderedDict"),
+                 ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+                 ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """An unpickler that builds only the checkpoint metadata's own classes, torch dtypes and plain
+    containers; the names are checked before anything is imported."""
+
+    def find_class(self, module: str, name: str):
+        torch_constant = module == "torch" and isinstance(getattr(torch, name, None),
+                                                          torch.dtype | torch.layout | torch.memory_format)
+        if not ((module, name) in _SAFE_GLOBALS or torch_constant or module == _DCP_METADATA):
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+        found = super().find_class(module, name)
+        if module == _DCP_METADATA and not isinstance(found, type):
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+        return found
+
+
+def check_sharded_metadata(path: Path) -> None:
+    """Refuse an FSDP checkpoint whose .metadata pickles (read by torch.distributed.checkpoint with a
+    plain pickle.load) hold anything besides metadata: such a file could run code on resume."""
+    for file in sorted(p for p in Path(path).rglob("*") if p.name == ".metadata" and p.is_file()):
+        try:
+            with open(file, "rb") as handle:
+                _MetadataUnpickler(handle).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as exc:
+            raise UsageError(f"{file}: refused to load: not plain checkpoint metadata ({exc}); it could run "
+                             "code when unpickled. Only resume from checkpoints you made yourself.") from None
 
 
 def _read_json(path: Path) -> dict:
