@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from tunesmith.errors import UsageError
+from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.models.resolve import resolve
 
 RUN_INFO = "tunesmith.json"
@@ -79,14 +80,26 @@ def require_safetensors(path: str | Path, allow_pickle: bool = False) -> None:
 
 @contextlib.contextmanager
 def refusing_remote_code(path: str | Path):
-    """Turn transformers' refusal of a model that ships its own Python code into a one-line error."""
+    """One-line errors for what loading a model directory raises: transformers' refusal of a model that ships
+    its own Python code (a usage error), and damaged, incomplete or unsupported files (a corrupt config.json,
+    an unknown model type, truncated safetensors or GGUF, a broken tokenizer.json)."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except ValueError as exc:
+    except ValueError as exc:  # json.JSONDecodeError is one too
         if "trust_remote_code" not in str(exc):
-            raise
+            raise damaged_model(path, exc) from exc
         raise UsageError(f"{path}: this model needs its own Python code to load (trust_remote_code), which "
                          "tunesmith never runs; choose a model whose architecture transformers supports") from None
+    except (OSError, SafetensorError, struct.error) as exc:
+        raise damaged_model(path, exc) from exc
+
+
+def damaged_model(path: str | Path, exc: Exception) -> TunesmithError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return TunesmithError(f"{path}: cannot load the model: {first.rstrip('.')}. Its files look damaged, incomplete or of an "
+                          "unsupported kind; pull or export it again, or choose another model")
 
 
 def load_tokenizer(path: str | Path):
@@ -118,7 +131,8 @@ def load(name_or_run: str | Path, *, dtype: torch.dtype | None = None, device: s
         base_path = resolve(base_name)
         require_safetensors(path, allow_pickle)
         base = _from_pretrained(base_path, dtype, allow_pickle)
-        model = PeftModel.from_pretrained(base, str(path))
+        with refusing_remote_code(path):
+            model = PeftModel.from_pretrained(base, str(path))
         if merge:
             model = model.merge_and_unload()
     else:

@@ -192,8 +192,11 @@ def _dequantize(gguf_path: Path, out: Path) -> None:
 
     print(f"Dequantizing {gguf_path.name} (once; later loads read safetensors) ...", file=sys.stderr)
     folder, file = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    from tunesmith.models.load import refusing_remote_code
+
+    with refusing_remote_code(gguf_path):  # a truncated or foreign GGUF file: one line naming it
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     # transformers marks GGUF-loaded models as not serializable: rebuild from the config.
     config = loaded.config
     if hasattr(config, "quantization_config"):
