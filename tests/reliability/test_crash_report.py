@@ -74,3 +74,13 @@ def test_an_output_path_through_a_file_is_a_usage_error(tmp_path):
                            "--out", str(out)], capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr == f"error: cannot create {out}: {tmp_path / 'notes.txt'} is a file, not a directory\n"
+
+
+def test_an_eval_report_path_taken_by_a_file_is_a_usage_error(tmp_path, capfd):
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text('{"prediction": "a", "reference": "a"}\n', encoding="utf-8")
+    taken = tmp_path / "report"
+    taken.write_text("not a directory", encoding="utf-8")
+    assert main(["eval", "--predictions", str(predictions), "--out", str(taken)]) == 2
+    assert capfd.readouterr().err == f"error: {taken} is a file; give a directory to write into\n"
+    assert taken.read_text(encoding="utf-8") == "not a directory"

@@ -94,8 +94,8 @@ def evaluate(model: str, data: str | Sequence, *, metrics: Sequence[str] | str |
     settings = make_settings(metrics, labels, jieba=jieba, bertscore_model=bertscore_model,
                              batch_size=batch_size, progress=progress)
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    out_dir = report_dir(out)
     conversations = read_eval_data(data, limit)
-    out_dir = Path(out) if out else None
     compare_name = compare_target(model, compare) if compare else None  # fail before any generation
 
     paths = {"predictions": _predictions_path(out_dir, None),
@@ -156,6 +156,16 @@ def read_eval_data(data, limit: int | None) -> list[Conversation]:
             raise TunesmithError(f"{conv.where}: messages: no assistant turn to use as the reference "
                                  "(evaluation needs prompt/answer pairs, not plain text)")
     return conversations
+
+
+def report_dir(out: str | os.PathLike | None) -> Path | None:
+    """The report directory, refused up front when the path is taken by a file (or runs through one)."""
+    if out is None:
+        return None
+    from tunesmith.atomic import refuse_existing
+
+    refuse_existing(out, overwrite=True, directory=True)  # an existing report directory is resumed, not refused
+    return Path(out)
 
 
 def _describe_data(data) -> str:
@@ -469,6 +479,7 @@ def score_file(path: str | Path, *, metrics=None, labels=None, out: str | None =
                bertscore_model: str | None = None) -> EvalResult:
     """Score an existing predictions file (from tunesmith or any other system); no model is loaded."""
     settings = make_settings(metrics, labels, jieba=jieba, bertscore_model=bertscore_model)
+    report_dir(out)
     if settings.perplexity and metrics is not None:
         raise UsageError("perplexity needs a model: it cannot be computed from a predictions file")
     settings.perplexity = False

@@ -98,8 +98,8 @@ def refusing_remote_code(path: str | Path):
 
 def damaged_model(path: str | Path, exc: Exception) -> TunesmithError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-    return TunesmithError(f"{path}: cannot load the model: {first.rstrip('.')}. Its files look damaged, incomplete or of an "
-                          "unsupported kind; pull or export it again, or choose another model")
+    return TunesmithError(f"{path}: cannot load the model: {first.rstrip('.')}. Its files look damaged, incomplete "
+                          "or of an unsupported kind; pull or export it again, or choose another model")
 
 
 def load_tokenizer(path: str | Path):
