@@ -337,3 +337,33 @@ def test_a_client_leaving_mid_stream_frees_its_slot_and_stops_its_generation(ope
                                                messages=[{"role": "user", "content": question}])
         assert reply.choices[0].message.content == reference(question, 8)
     assert _get(url + "/health")[1]["busy"] == 0
+
+
+def test_past_the_queue_limit_requests_get_a_429_and_the_queue_drains(loaded, reference):
+    with in_process_server(loaded, max_queue=1) as port:
+        url = f"http://127.0.0.1:{port}"
+        client = _client(url)
+        model = loaded.path.name
+        holding = client.chat.completions.create(model=model, max_tokens=400, stream=True,
+                                                 messages=[{"role": "user", "content": QUESTIONS[1]}])
+        chunks = iter(holding)
+        while not next(chunks).choices[0].delta.content:  # generating: the model is busy
+            pass
+        queued: dict[str, str] = {}
+        waiter = threading.Thread(target=lambda: queued.update(answer=client.chat.completions.create(
+            model=model, max_tokens=8, temperature=0,
+            messages=[{"role": "user", "content": QUESTIONS[0]}]).choices[0].message.content))
+        waiter.start()
+        deadline = time.time() + 10
+        while _get(url + "/health")[1]["waiting"] < 1:
+            assert time.time() < deadline
+            time.sleep(0.02)
+
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.chat.completions.create(model=model, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.body["code"] == "server_busy"
+        holding.close()  # the queued request now gets the model, and its right answer
+        waiter.join(timeout=60)
+        assert queued == {"answer": reference(QUESTIONS[0], 8)}
+        health = _get(url + "/health")[1]
+        assert (health["busy"], health["waiting"]) == (0, 0)

@@ -305,7 +305,7 @@ class Slots:
         return {"busy": self.busy, "waiting": self.waiting}
 
     def check_room(self) -> None:
-        if self.waiting >= self.max_queue:
+        if self.busy and self.waiting >= self.max_queue:
             raise Busy(f"the server is busy: {self.waiting} requests are waiting (--max-queue {self.max_queue}); "
                        "retry later", code="server_busy")
 
