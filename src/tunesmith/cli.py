@@ -93,10 +93,23 @@ def _export(args) -> int:
     return run_export_command(args)
 
 
+def _number(kind, low: float, high: float | None = None, low_open: bool = False):
+    """An argparse type that refuses values transformers would reject later with a traceback."""
+    def parse(text: str):
+        value = kind(text)
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            bounds = f"{'above' if low_open else 'at least'} {low}" + (f" and at most {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bounds}, not {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value: 'x'"
+    return parse
+
+
 def _add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="most tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with a temperature)")
+    p.add_argument("--max-new-tokens", type=_number(int, 1), default=max_new_tokens, help="most tokens to generate")
+    p.add_argument("--temperature", type=_number(float, 0), default=0.0, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=1.0,
+                   help="nucleus sampling mass (with a temperature)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -84,3 +84,14 @@ def test_an_eval_report_path_taken_by_a_file_is_a_usage_error(tmp_path, capfd):
     assert main(["eval", "--predictions", str(predictions), "--out", str(taken)]) == 2
     assert capfd.readouterr().err == f"error: {taken} is a file; give a directory to write into\n"
     assert taken.read_text(encoding="utf-8") == "not a directory"
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--max-new-tokens", "0", "must be at least 1, not 0"), ("--max-new-tokens", "x", "invalid int value: 'x'"),
+    ("--temperature", "-1", "must be at least 0, not -1"), ("--top-p", "0", "must be above 0 and at most 1, not 0"),
+    ("--top-p", "1.5", "must be above 0 and at most 1, not 1.5")])
+def test_generation_flags_out_of_range_are_usage_errors(flag, value, says, tmp_path, capfd):
+    """Refused before a model is loaded (transformers would raise mid-generation)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", str(tmp_path / "no-model"), "--prompt", "hi", flag, value])
+    assert exit_.value.code == 2 and f"argument {flag}: {says}" in capfd.readouterr().err

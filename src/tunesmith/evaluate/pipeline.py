@@ -89,8 +89,8 @@ def evaluate(model: str, data: str | Sequence, *, metrics: Sequence[str] | str |
     ``metrics``: names from metrics.ALL_METRICS plus "perplexity" (default: the text defaults,
     classification when labels are given, and perplexity).
     """
-    if batch_size < 1:
-        raise UsageError(f"batch_size must be at least 1, not {batch_size}")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise UsageError(f"batch_size and max_new_tokens must be at least 1, not {batch_size} and {max_new_tokens}")
     settings = make_settings(metrics, labels, jieba=jieba, bertscore_model=bertscore_model,
                              batch_size=batch_size, progress=progress)
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
