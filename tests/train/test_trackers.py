@@ -118,6 +118,7 @@ def test_wandb_offline_run_holds_config_rows_and_final_eval(tiny_model_dir, chat
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-home"))  # nothing lands in the user's folders
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
     run_dir = tmp_path / "run"
     result, rows = train(tiny_model_dir, chat_file, run_dir, "wandb")
 
