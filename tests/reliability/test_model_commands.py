@@ -104,8 +104,6 @@ def test_fresh_interpreter_train_and_eval(tiny_model_dir, tmp_path):
     assert result.code == 0 and "Traceback" not in result.out, result.out[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="data.encoding is in the config, but train/loop.py's _read does not pass it "
-                                       "to load_conversations yet (encoding=config.data.encoding)")
 def test_train_reads_latin1_with_data_encoding(tiny_model_dir, tmp_path, capfd):
     data = tmp_path / "latin1.csv"
     data.write_bytes("instruction,output\nCafé ou thé ?,Un café.\nOù ?,Ici.\n".encode("latin-1"))

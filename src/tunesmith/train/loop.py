@@ -95,7 +95,8 @@ class Data:
 def _read(paths: list[str], config: Config) -> list:
     from tunesmith.data.readers import load_conversations
 
-    convs = load_conversations(paths, format=config.data.format, columns=config.data.columns)
+    convs = load_conversations(paths, format=config.data.format, columns=config.data.columns,
+                               encoding=config.data.encoding)
     if config.data.system_prompt is not None:
         for conv in convs:
             if not conv.system and not conv.is_text:
