@@ -24,7 +24,7 @@ def _quickstart(args) -> int:
 def _models_list(args) -> int:
     from tunesmith.models.commands import print_models
 
-    print_models()
+    print_models(as_json=args.json)
     return 0
 
 
@@ -126,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_quickstart)
 
     models = sub.add_parser("models", help="list or pull models").add_subparsers(dest="models_command", required=True)
-    p = models.add_parser("list", help="aliases and what is cached (size, path)")
+    p = models.add_parser("list", help="aliases and what is cached (size, path)",
+                          description="Aliases and cache entries: a table on a terminal, tab-separated lines in a pipe.")
+    p.add_argument("--json", action="store_true", help="print one JSON object: cache (the models directory), "
+                   "models: [{name, hub_id, description, cached, size (bytes), path}]")
     p.set_defaults(func=_models_list)
     p = models.add_parser("pull", help="fetch a model into the cache")
     p.add_argument("name", help="an alias or a hub id")
@@ -145,7 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", default=None, help="column mapping, e.g. instruction=question,output=answer")
     p.add_argument("--encoding", default=None,
                    help="text encoding of the data files (default: UTF-8, with or without a byte-order mark)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help=(
+        "print one JSON object: ok, files, formats {file: format}, num_examples, num_valid, num_turns, "
+        "errors and warnings [{file, line, field, message, severity}], duplicates [{kind, rows}], "
+        "overlap [{eval, train}], char_lengths and token_lengths {p50, p90, p99, max, mean, prompt, response} "
+        "(token_lengths null with --no-tokens), truncated, dropped, supervised_token_share, zero_supervised, "
+        "long_examples, preview {source, segments, marked}, model, template, max_length, truncation, elapsed_s"))
     p.add_argument("--no-tokens", action="store_true", help="skip token statistics (no tokenizer needed)")
     p.set_defaults(func=_data_check)
 
@@ -177,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="classification labels, comma separated")
     p.add_argument("--compare", default=None, help="'base' (the run's base model) or another model/run")
     p.add_argument("--out", default=None, help="report directory (metrics.json, predictions.jsonl, report.md, charts)")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--json", action="store_true", help=(
+        "print one JSON object: model, data, options, metrics {name: value}, compare, compare_metrics, "
+        "deltas (compare_* and deltas null without --compare), paths {name: written file}"))
     p.add_argument("--batch-size", type=int, default=8, help="generation batch size")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--jieba", action="store_true", help="segment Chinese with jieba for ROUGE (default: characters)")
@@ -217,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--gguf", action="store_true", help="write a GGUF file")
     p.add_argument("--dtype", default="f16", choices=["f32", "f16", "q8_0"], help="GGUF tensor type")
     p.add_argument("--out", required=True, help="output directory (--merge) or .gguf file (--gguf)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: format (merge or gguf), path, bytes, dtype (null for merge), source")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     p.set_defaults(func=_export)
     return parser

@@ -11,7 +11,6 @@ errors.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -63,7 +62,7 @@ class DataReport:
         return not self.errors
 
     def to_dict(self) -> dict:
-        out = asdict(self)
+        out = {"ok": self.ok, **asdict(self)}
         out["errors"] = [e.to_dict() for e in self.errors]
         out["warnings"] = [w.to_dict() for w in self.warnings]
         return out
@@ -435,12 +434,15 @@ class _progress:
 
 
 def run_check_command(args) -> int:
-    report = check_data(args.files, model=args.model, max_length=args.max_length, truncation=args.truncation,
-                        template=args.template, eval_files=args.eval_files, format=args.format,
-                        columns=args.columns, tokens=not args.no_tokens, progress=not args.json,
-                        encoding=args.encoding)
+    from tunesmith.output import json_stdout, print_json
+
+    with json_stdout(args.json):
+        report = check_data(args.files, model=args.model, max_length=args.max_length, truncation=args.truncation,
+                            template=args.template, eval_files=args.eval_files, format=args.format,
+                            columns=args.columns, tokens=not args.no_tokens, progress=not args.json,
+                            encoding=args.encoding)
     if args.json:
-        print(json.dumps(report.to_dict(), ensure_ascii=False))
+        print_json(report.to_dict())
     else:
         print_report(report)
     return 0 if report.ok else 1
@@ -452,11 +454,14 @@ LISTED_ERRORS, LISTED_WARNINGS, LISTED_GROUPS, PREVIEW_SEGMENT_CHARS = 50, 20, 1
 
 
 def print_report(report: DataReport, console=None) -> None:
-    from rich.console import Console
+    from rich.markup import escape
 
-    console = console or Console(highlight=False)
+    from tunesmith.output import stdout_console
+
+    # Lines that name files are soft-wrapped: rich never breaks them, so a path stays whole in a pipe.
+    console = console or stdout_console()
     formats = ", ".join(f"{path} ({fmt})" for path, fmt in report.formats.items())
-    console.print(f"[bold]data check[/bold] {formats}")
+    console.print(f"[bold]data check[/bold] {escape(formats)}", soft_wrap=True)
     console.print(f"examples {report.num_examples}, valid {report.num_valid}, turns {report.num_turns}")
     _print_issues(console, "errors", report.errors, LISTED_ERRORS, "red")
     # Duplicates and overlap are listed as groups below rather than once per row.
@@ -477,7 +482,7 @@ def _print_issues(console, title: str, issues: list[DataIssue], limit: int, colo
         return
     console.print(f"[{color}]{title} ({len(issues)})[/{color}]")
     for issue in issues[:limit]:
-        console.print(f"  {escape(str(issue))}")
+        console.print(f"  {escape(str(issue))}", soft_wrap=True)
     if len(issues) > limit:
         console.print(f"  ... and {len(issues) - limit} more (--json lists them all)")
 
@@ -503,7 +508,7 @@ def _print_tokens(console, report: DataReport) -> None:
         return
     share = report.supervised_token_share
     console.print(f"tokenizer {report.model}, template {report.template or 'its own'}; supervised tokens "
-                  f"{share:.1%} of all" if share is not None else "no tokens")
+                  f"{share:.1%} of all" if share is not None else "no tokens", soft_wrap=True, markup=False)
     if report.max_length:
         console.print(f"max length {report.max_length} ({report.truncation}): {report.truncated} truncated, "
                       f"{report.dropped} dropped")
@@ -516,7 +521,8 @@ def _print_duplicates(console, report: DataReport) -> None:
         console.print(f"[yellow]{title} ({len(groups)})[/yellow]")
         for group in groups[:LISTED_GROUPS]:
             rows = group["rows"] if "rows" in group else [group["eval"], *group["train"]]
-            console.print(f"  {group.get('kind', 'overlap')}: {', '.join(rows[:6])}" + (" ..." if len(rows) > 6 else ""))
+            console.print(f"  {group.get('kind', 'overlap')}: {', '.join(rows[:6])}" + (" ..." if len(rows) > 6 else ""),
+                          soft_wrap=True, markup=False)
 
 
 def _print_preview(console, preview: dict | None) -> None:
@@ -526,7 +532,7 @@ def _print_preview(console, preview: dict | None) -> None:
     if not preview:
         return
     console.print(f"[bold]mask preview[/bold] {escape(preview['source'])}: [black on green]\\[\\[highlighted]][/black on green]"
-                  " = supervised (in the loss); the rest is context")
+                  " = supervised (in the loss); the rest is context", soft_wrap=True)
     text = Text()
     for segment in preview["segments"]:
         shown = _elide(segment["text"], PREVIEW_SEGMENT_CHARS)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.table import Table
 
-from tunesmith.models.resolve import clean_partials, list_models, pull
+from tunesmith.models.resolve import clean_partials, list_models, models_dir, pull
+from tunesmith.output import print_json, print_table, stdout_console
 
 
 def _human(size: int) -> str:
@@ -16,14 +16,14 @@ def _human(size: int) -> str:
     return f"{size:.1f} TB"
 
 
-def print_models() -> None:
-    table = Table(title="tunesmith models")
-    for column in ("name", "hub id", "cached", "size", "path"):
-        table.add_column(column)
-    for row in list_models():
-        table.add_row(row["name"], row["hub_id"], "yes" if row["cached"] else "-",
-                      _human(row["size"]) if row["cached"] else "", row["path"])
-    Console().print(table)
+def print_models(as_json: bool = False) -> None:
+    rows = list_models()
+    if as_json:
+        print_json({"cache": str(models_dir()), "models": rows})
+        return
+    print_table(f"tunesmith models (cache: {models_dir()})", ["name", "hub id", "cached", "size", "path"],
+                [[r["name"], r["hub_id"], "yes" if r["cached"] else "-", _human(r["size"]) if r["cached"] else "",
+                  r["path"]] for r in rows], right=("size",))
 
 
 def pull_with_progress(name: str) -> None:
@@ -31,4 +31,4 @@ def pull_with_progress(name: str) -> None:
     if removed:
         Console(stderr=True).print(f"removed {removed} incomplete download(s) left by an interrupted pull")
     path = pull(name)
-    Console().print(f"[green]{name}[/green] is ready at {path}")
+    stdout_console().print(f"[green]{name}[/green] is ready at {path}")

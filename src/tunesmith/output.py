@@ -1,0 +1,57 @@
+"""What commands print on stdout: tables that never cut what a user copies, or one JSON document.
+
+On a terminal, tables are drawn by rich and long cells wrap (fold) instead of ending in an
+ellipsis. In a pipe (stdout not a terminal), a table becomes plain tab-separated lines, one per
+row, under a header line (and the title as a `# ` comment line), so `grep`, `cut` and `awk`
+see every name and path whole. With `--json` the work runs with stdout pointed at stderr, so
+progress and logs from anywhere (ours, transformers, pip) cannot land inside the document; the
+command then prints the document alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+
+def stdout_console():
+    """A rich console for stdout; in a pipe it never wraps a line (a path stays on one line)."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    return console if console.is_terminal else Console(highlight=False, soft_wrap=True)
+
+
+def print_table(title: str | None, columns: list[str], rows: list[list[str]], console=None,
+                right: tuple[str, ...] = ()) -> None:
+    """A rich table on a terminal (cells fold, never cut); `# title`, a header and TSV lines in a pipe."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or stdout_console()
+    if not console.is_terminal:
+        lines = ([f"# {title}"] if title else []) + ["\t".join(columns)] + ["\t".join(map(str, row)) for row in rows]
+        console.file.write("\n".join(lines) + "\n")  # rich would expand the tabs into spaces
+        return
+    table = Table(title=escape(title) if title else None)
+    for column in columns:
+        table.add_column(escape(column), overflow="fold", justify="right" if column in right else "left")
+    for row in rows:
+        table.add_row(*(escape(str(cell)) for cell in row))
+    console.print(table)
+
+
+@contextlib.contextmanager
+def json_stdout(enabled: bool):
+    """While the work runs under --json, whatever it prints goes to stderr."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def print_json(document) -> None:
+    """The one JSON document a --json command prints on stdout."""
+    print(json.dumps(document, indent=2, ensure_ascii=False))
