@@ -40,7 +40,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, chat
     ours, theirs = read_losses(double), read_losses(single)
     assert len(ours) == len(theirs) == 8
     assert ours == pytest.approx(theirs, rel=1e-5)
-    assert sorted(p.name for p in (double / "checkpoints" / "step-8").glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    assert sorted(p.name for p in (double / "checkpoints" / "step-8").glob("rng-*.json")) == ["rng-0.json", "rng-1.json"]
     a, b = load_file(double / "adapter_model.safetensors"), load_file(single / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
