@@ -139,6 +139,11 @@ CASES = [
     Case("unknown_role", lambda d: _lines(d / "roles.jsonl", [messages(("user", "hi"), ("assistant", "hello")),
                                                               messages(("user", "hi"), ("robot", "beep"))]), 1,
          ["roles.jsonl:2"], "unknown role 'robot'"),
+    Case("content_parts_wrong_types", lambda d: _lines(d / "parts.jsonl", [
+        messages(("user", "hi"), ("assistant", "hello")),
+        json.dumps({"messages": [{"role": "user", "content": [{"type": ["text"]}]},
+                                 {"role": "assistant", "content": [{"type": "text", "text": 5}]}]})]), 1,
+         ["parts.jsonl:2"], "every text part needs a 'text' string"),
     Case("empty_answers", lambda d: _lines(d / "answers.jsonl", [alpaca("q", ""),
                                                                  messages(("user", "hi"), ("assistant", "  "))]), 1,
          ["answers.jsonl:1", "answers.jsonl:2"], "empty"),

@@ -518,11 +518,14 @@ def _content(row: Row, value, name: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
-        kinds = {p.get("type") for p in value} - {"text"}
+        kinds = {str(p.get("type")) for p in value} - {"text"}  # str(): a type may be any JSON value
         if kinds:
-            row.error(name, f"only text content is supported, found parts of type {sorted(map(str, kinds))}")
+            row.error(name, f"only text content is supported, found parts of type {sorted(kinds)}")
             return ""
-        return "".join(str(p.get("text", "")) for p in value)
+        if not all(isinstance(p.get("text"), str) for p in value):
+            row.error(name, "every text part needs a 'text' string")
+            return ""
+        return "".join(p["text"] for p in value)
     row.error(name, f"expected a string, got {_type(value)}")
     return ""
 
