@@ -5,6 +5,7 @@ crashed the OpenAI reader."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 
@@ -39,18 +40,19 @@ def _rows(rng: random.Random) -> list[dict]:
     return [*rows, {"messages": [{"role": "user", "content": "hi"}, last]}]
 
 
+def _read_check_convert(path) -> None:
+    conversations = read_dataset(path).conversations
+    check_data(str(path), tokens=False)
+    for target in TARGETS:
+        with contextlib.suppress(TunesmithError):
+            convert(conversations, target)
+
+
 def test_random_rows_raise_only_tunesmith_errors(tmp_path):
     rng = random.Random(1)
     for i in range(1500):
         path = tmp_path / f"rows{i}.jsonl"
         path.write_text("\n".join(json.dumps(row) for row in _rows(rng)) + "\n", encoding="utf-8")
-        try:
-            conversations = read_dataset(path).conversations
-            check_data(str(path), tokens=False)
-            for target in TARGETS:
-                try:
-                    convert(conversations, target)
-                except TunesmithError:
-                    pass
-        except TunesmithError:
-            pass  # a reported problem is the right outcome; anything else fails the test with its row
+        # A reported problem (TunesmithError) is the right outcome; anything else fails the test at its row.
+        with contextlib.suppress(TunesmithError):
+            _read_check_convert(path)
