@@ -112,6 +112,9 @@ CASES = [
          examples=len(QA)),
     Case("csv_quotes_newlines", _csv_quotes, examples=3),
     Case("mixed_formats_folder", _mixed_folder, examples=6),
+    # Past the csv module's default 128 KiB field limit.
+    Case("csv_long_field", lambda d: _write(d / "long.csv", 'instruction,output\nq,"' + "word " * 60_000 + '"\nq2,a2\n'),
+         examples=2),
     Case("huge_example", _huge, examples=4),
     # ---- invalid: a message naming the file (and line), exit 1 for bad data
     Case("empty", lambda d: _write(d / "empty.jsonl", b""), 1, ["empty.jsonl"], "no examples"),
