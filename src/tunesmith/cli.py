@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--jieba", action="store_true", help="segment Chinese with jieba for ROUGE (default: characters)")
     p.add_argument("--bertscore-model", default=None, help="encoder for BERTScore (default: the embedded MiniLM)")
+    p.add_argument("--encoding", default=None,
+                   help="text encoding of --data or --predictions (default: UTF-8, with or without a byte-order mark)")
     _add_generation_flags(p)
     p.set_defaults(func=_eval)
 

@@ -110,3 +110,19 @@ def test_train_reads_latin1_with_data_encoding(tiny_model_dir, tmp_path, capfd):
     out = tmp_path / "run"
     result = run_main(capfd, *train_argv(tiny_model_dir, data, out), "--data.encoding", "latin-1")
     assert result.code == 0, result.out[-3000:]
+
+
+def test_eval_and_scoring_read_other_encodings_when_told(tiny_model_dir, tmp_path, capfd):
+    data = tmp_path / "latin1.csv"
+    data.write_bytes("instruction,output\nCafé ou thé ?,Un café.\n".encode("latin-1"))
+    refused = run_main(capfd, *eval_argv(tiny_model_dir, data, tmp_path / "refused"))
+    assert refused.code == 1 and f"{data}:2 (encoding): byte 0xe9" in refused.out
+    read = run_main(capfd, *eval_argv(tiny_model_dir, data, tmp_path / "report"), "--encoding", "latin-1")
+    assert read.code == 0, read.out[-3000:]
+    assert json.loads((tmp_path / "report" / "predictions.jsonl").read_text(encoding="utf-8"))["reference"] == "Un café."
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_bytes('{"prediction": "café", "reference": "café"}\n'.encode("cp1252"))
+    assert run_main(capfd, "eval", "--predictions", predictions).code == 1
+    scored = run_main(capfd, "eval", "--predictions", predictions, "--json", "--metrics", "exact_match",
+                      "--encoding", "cp1252")
+    assert scored.code == 0 and json.loads(scored.out)["metrics"]["exact_match"] == 1.0

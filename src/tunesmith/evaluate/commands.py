@@ -27,11 +27,11 @@ def _run(args):
 
     if args.predictions:
         return score_file(args.predictions, metrics=args.metrics, labels=args.labels, out=args.out,
-                          jieba=args.jieba, bertscore_model=args.bertscore_model)
+                          jieba=args.jieba, bertscore_model=args.bertscore_model, encoding=args.encoding)
     return evaluate(args.model, args.data, metrics=args.metrics, labels=args.labels, compare=args.compare,
                     out=args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, limit=args.limit, jieba=args.jieba,
-                    bertscore_model=args.bertscore_model)
+                    bertscore_model=args.bertscore_model, encoding=args.encoding)
 
 
 def _refuse(args, *names: str) -> None:

@@ -81,10 +81,11 @@ def evaluate(model: str, data: str | Sequence, *, metrics: Sequence[str] | str |
              labels: Sequence[str] | str | None = None, compare: str | None = None, out: str | None = None,
              batch_size: int = 8, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              limit: int | None = None, jieba: bool = False, bertscore_model: str | None = None,
-             progress: bool = True) -> EvalResult:
+             progress: bool = True, encoding: str | None = None) -> EvalResult:
     """Evaluate ``model`` (alias, model dir or run dir) on ``data``; see the module docstring.
 
-    ``data``: a file or directory, a list of them, or a list of Conversation objects.
+    ``data``: a file or directory, a list of them, or a list of Conversation objects (files read in
+    ``encoding``, default UTF-8).
     ``compare``: "base" (the run's base model) or another model or run.
     ``metrics``: names from metrics.ALL_METRICS plus "perplexity" (default: the text defaults,
     classification when labels are given, and perplexity).
@@ -95,7 +96,7 @@ def evaluate(model: str, data: str | Sequence, *, metrics: Sequence[str] | str |
                              batch_size=batch_size, progress=progress)
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     out_dir = report_dir(out)
-    conversations = read_eval_data(data, limit)
+    conversations = read_eval_data(data, limit, encoding)
     compare_name = compare_target(model, compare) if compare else None  # fail before any generation
 
     paths = {"predictions": _predictions_path(out_dir, None),
@@ -138,7 +139,7 @@ def make_settings(metrics, labels, **kwargs) -> EvalSettings:
                         labels=list(labels) if labels else None, **kwargs)
 
 
-def read_eval_data(data, limit: int | None) -> list[Conversation]:
+def read_eval_data(data, limit: int | None, encoding: str | None = None) -> list[Conversation]:
     from tunesmith.data.readers import load_conversations
 
     if isinstance(data, Sequence) and not isinstance(data, str) and not data:
@@ -146,7 +147,7 @@ def read_eval_data(data, limit: int | None) -> list[Conversation]:
     if isinstance(data, Sequence) and not isinstance(data, str) and isinstance(data[0], Conversation):
         conversations = list(data)
     else:
-        conversations = load_conversations(data)
+        conversations = load_conversations(data, encoding=encoding)
     if limit is not None:
         if limit < 1:
             raise UsageError(f"limit must be at least 1, not {limit}")
@@ -435,7 +436,7 @@ def metric_deltas(model: dict, compared: dict) -> dict:
 
 # ---------------------------------------------------------------- existing predictions
 
-def read_predictions_file(path: str | Path) -> list[dict]:
+def read_predictions_file(path: str | Path, encoding: str | None = None) -> list[dict]:
     """Records from a JSONL of ``prediction`` and ``reference`` strings (``label`` optional)."""
     path = Path(path)
     if path.is_dir():
@@ -443,7 +444,7 @@ def read_predictions_file(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise UsageError(f"predictions file not found: {path}")
     records = []
-    for number, line in enumerate(textfiles.lines(textfiles.read_text(path)), start=1):
+    for number, line in enumerate(textfiles.lines(textfiles.read_text(path, encoding)), start=1):
         if not line.strip():
             continue
         records.append(_parse_prediction_line(path, number, line, len(records)))
@@ -476,14 +477,14 @@ def _parse_prediction_line(path: Path, number: int, line: str, index: int) -> di
 
 
 def score_file(path: str | Path, *, metrics=None, labels=None, out: str | None = None, jieba: bool = False,
-               bertscore_model: str | None = None) -> EvalResult:
+               bertscore_model: str | None = None, encoding: str | None = None) -> EvalResult:
     """Score an existing predictions file (from tunesmith or any other system); no model is loaded."""
     settings = make_settings(metrics, labels, jieba=jieba, bertscore_model=bertscore_model)
     report_dir(out)
     if settings.perplexity and metrics is not None:
         raise UsageError("perplexity needs a model: it cannot be computed from a predictions file")
     settings.perplexity = False
-    records = read_predictions_file(path)
+    records = read_predictions_file(path, encoding)
     metrics_out = score_predictions(records, settings)
     if all(isinstance(r.get("latency_s"), int | float) and isinstance(r.get("completion_tokens"), int)
            for r in records):
