@@ -247,7 +247,8 @@ def _prepare_output_dir(config: Config) -> Path:
 
 
 # Keys that do not change what is learned: a resume may differ in them without --resume-force.
-_NOT_IN_FINGERPRINT = {"output", "train.resume", "train.resume_force", "train.log_every", "eval.batch_size"}
+_NOT_IN_FINGERPRINT = {"output", "train.resume", "train.resume_force", "train.log_every", "eval.batch_size",
+                       "model.allow_pickle"}
 
 
 def _config_fingerprint(config: Config) -> dict:
@@ -271,7 +272,8 @@ def _add_neftune(model, alpha: float) -> None:
 def _load_model(config: Config, base_path: Path):
     from tunesmith.train.methods import apply_method, count_parameters, load_base_model
 
-    model = load_base_model(base_path, config.method, config.model.attn_implementation)
+    model = load_base_model(base_path, config.method, config.model.attn_implementation,
+                            allow_pickle=config.model.allow_pickle)
     model = apply_method(model, config.method, config.model.gradient_checkpointing)
     total, trainable = count_parameters(model)
     _print(f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / total:.3f}%)")
@@ -391,7 +393,9 @@ def prepare_run(config: Config) -> PreparedRun:
     base_path = resolve(config.model.name)
     tokenizer = load_tokenizer(base_path)
     apply_template(tokenizer, config.data.template)
-    state = PartialState()
+    # cpu=True without CUDA: accelerate then treats torchrun/accelerate-launch ranks as gloo data-parallel
+    # (the process-wide state made here is the one the Accelerator in finetune uses).
+    state = PartialState(cpu=not torch.cuda.is_available())
     with state.main_process_first():  # the first process fills the tokenization cache
         data = prepare_data(config, tokenizer)
     from tunesmith.train.plan import ModelFacts

@@ -211,11 +211,14 @@ def default_warmup(total_steps: int) -> tuple[int, str]:
     return warmup, f"5% of {total_steps} steps"
 
 
-def _row_length(step_tokens: float, longest: int, max_length: int, processes: int) -> int:
-    """Full rows when a step has max_length tokens or more; else one row per process holding the step."""
-    if step_tokens >= max_length * processes:
+def _row_length(step_tokens: float, longest: int, max_length: int) -> int:
+    """Full rows when a step has max_length tokens or more, else one row holding the step.
+
+    Independent of the number of processes, so a data-parallel run packs the same rows as one
+    process (and, with the same global batch, follows the same loss curve)."""
+    if step_tokens >= max_length:
         return max_length
-    return min(max_length, max(longest, math.ceil(step_tokens / processes)))
+    return min(max_length, max(longest, math.ceil(step_tokens)))
 
 
 def _batch_shape(stats: DataStats, config: Config, processes: int) -> tuple[int, int, int, list[Choice]]:
@@ -225,7 +228,7 @@ def _batch_shape(stats: DataStats, config: Config, processes: int) -> tuple[int,
     step_tokens = per_step * stats.mean_tokens
     choices = []
     if d.packing:
-        row_length = d.pack_length or _row_length(step_tokens, stats.longest, d.max_length, processes)
+        row_length = d.pack_length or _row_length(step_tokens, stats.longest, d.max_length)
         if d.pack_length is None and row_length < d.max_length:
             choices.append(Choice("data.pack_length", row_length, f"~{per_step} examples per step need "
                                   f"~{step_tokens:,.0f} tokens, less than max_length={d.max_length}", True))
