@@ -97,9 +97,7 @@ def test_eval_names_the_damaged_model(damaged, tmp_path, capfd):
 
 @pytest.mark.parametrize("damaged", [
     "corrupt_config", "broken_tokenizer",
-    pytest.param("truncated_safetensors", marks=pytest.mark.xfail(
-        strict=True, reason="train/plan.py counts parameters with safetensors.safe_open outside "
-                            "models.load.refusing_remote_code, so a truncated file is reported as a bug"))],
+    "truncated_safetensors"],
     indirect=True)
 def test_train_names_the_damaged_model(damaged, tmp_path, capfd):
     model, says = damaged

@@ -398,9 +398,12 @@ def prepare_run(config: Config) -> PreparedRun:
     state = PartialState(cpu=not torch.cuda.is_available())
     with state.main_process_first():  # the first process fills the tokenization cache
         data = prepare_data(config, tokenizer)
+    from tunesmith.models.load import refusing_remote_code
     from tunesmith.train.plan import ModelFacts
 
-    resolved, plan = plan_run(config, data, ModelFacts.read(base_path), state.num_processes)
+    with refusing_remote_code(base_path):  # a damaged config.json or weights header is one message
+        facts = ModelFacts.read(base_path)
+    resolved, plan = plan_run(config, data, facts, state.num_processes)
     return PreparedRun(resolved, plan, base_path, tokenizer, data)
 
 
