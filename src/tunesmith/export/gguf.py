@@ -24,8 +24,21 @@ import torch
 from tunesmith import atomic
 from tunesmith.errors import TunesmithError, UsageError
 
-DTYPES = ("f32", "f16", "q8_0")
-SUPPORTED_ARCHITECTURES = ("llama",)
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+
+# transformers' model_type -> (GGUF architecture, gguf-py's MODEL_ARCH name, q/k rows permuted for llama.cpp's
+# rotary layout, offset added to norm weights). Mistral is written as llama, as llama.cpp's own converter does
+# (llama.cpp has no "mistral" architecture; transformers reads it back as llama, the same network). Gemma's
+# RMSNorm multiplies by (1 + w); llama.cpp stores 1 + w and transformers' loader subtracts the 1 again.
+ARCHITECTURES = {
+    "llama": ("llama", "LLAMA", True, 0.0),
+    "mistral": ("llama", "LLAMA", True, 0.0),
+    "qwen2": ("qwen2", "QWEN2", False, 0.0),
+    "qwen3": ("qwen3", "QWEN3", False, 0.0),
+    "gemma2": ("gemma2", "GEMMA2", False, 1.0),
+    "gemma3_text": ("gemma3", "GEMMA3", False, 1.0),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 def export_gguf(run_or_model, out, dtype: str = "f16", *, overwrite: bool = False) -> Path:
@@ -48,23 +61,50 @@ def export_gguf(run_or_model, out, dtype: str = "f16", *, overwrite: bool = Fals
 
 def check_supported(config) -> None:
     arch = getattr(config, "model_type", None)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise TunesmithError(f"GGUF export for architecture {arch!r} is not supported yet "
+    if arch not in ARCHITECTURES:
+        hint = " (a multimodal Gemma 3: export its text model)" if arch == "gemma3" else ""
+        raise TunesmithError(f"GGUF export for architecture {arch!r} is not supported yet{hint} "
                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}); use `tunesmith export --merge`")
+    rope = getattr(config, "rope_parameters", None) or {}
+    ropes = rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]
+    head_dim = _head_dim(config)
     unsupported = {
-        "rope scaling": (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default") != "default",
-        "attention bias": getattr(config, "attention_bias", False),
+        "rope scaling": any(r.get("rope_type", "default") != "default" for r in ropes),
+        "attention bias": getattr(config, "attention_bias", False) and arch != "qwen2",
         "MLP bias": getattr(config, "mlp_bias", False),
+        "sliding-window attention": getattr(config, "use_sliding_window", False),  # qwen2/qwen3's option
+        # llama.cpp scales gemma's attention by 1/sqrt(head_dim) (except for the 27B size it recognises).
+        "query_pre_attn_scalar other than head_dim": arch.startswith("gemma")
+        and getattr(config, "query_pre_attn_scalar", head_dim) != head_dim,
+        "a sliding/full layer pattern other than llama.cpp's": arch == "gemma3_text" and _gemma3_layers(config),
+        "a local rope base other than 10000": arch == "gemma3_text" and _gemma3_local_base(config) != 10000.0,
     }
     for feature, present in unsupported.items():
         if present:
-            raise TunesmithError(f"GGUF export of a llama model with {feature} is not supported yet")
+            raise TunesmithError(f"GGUF export of a {arch} model with {feature} is not supported yet")
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _gemma3_layers(config) -> bool:
+    """True when the layer types differ from llama.cpp's fixed gemma3 pattern (every 6th layer global)."""
+    types = getattr(config, "layer_types", None)
+    expected = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(config.num_hidden_layers)]
+    return types is not None and list(types) != expected
+
+
+def _gemma3_local_base(config) -> float:
+    rope = getattr(config, "rope_parameters", None) or {}
+    local = rope.get("sliding_attention", {}) if isinstance(rope.get("sliding_attention"), dict) else {}
+    return float(local.get("rope_theta", getattr(config, "rope_local_base_freq", 10000.0)))
 
 
 def _write(model, tokenizer, path: Path, dtype: str, name: str) -> None:
     import gguf
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), ARCHITECTURES[model.config.model_type][0])
     writer.add_name(name)
     writer.add_file_type(_FILE_TYPES[dtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -77,12 +117,13 @@ def _write(model, tokenizer, path: Path, dtype: str, name: str) -> None:
     writer.close()
 
 
-_FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
+_FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q5_1": 9, "q5_0": 8, "q4_1": 3, "q4_0": 2}  # gguf.LlamaFileType
 
 
 def add_hyperparameters(writer, config) -> None:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope.get("full_attention", rope) if isinstance(rope.get("full_attention"), dict) else rope
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -95,6 +136,13 @@ def add_hyperparameters(writer, config) -> None:
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
+    if config.model_type.startswith("gemma"):
+        if getattr(config, "sliding_window", None):
+            writer.add_sliding_window(config.sliding_window)
+        if getattr(config, "attn_logit_softcapping", None):
+            writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        if getattr(config, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
 
 
 # ---------------------------------------------------------------------------------------- tensors
@@ -103,16 +151,21 @@ def add_tensors(writer, model, dtype: str) -> None:
     import gguf
 
     config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    _, arch_name, permute, norm_offset = ARCHITECTURES[config.model_type]
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch_name), config.num_hidden_layers)
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied: llama.cpp reuses token_embd, and a missing output tensor is how readers know
         base, _, suffix = hf_name.rpartition(".")
         gguf_name = names.get_name(base)
         if gguf_name is None:
-            raise TunesmithError(f"no GGUF name for tensor {hf_name!r} of a llama model")
-        data = _rotary_layout(gguf_name, tensor.detach().float().cpu().numpy(), config)
-        data, qtype = _encode(data, dtype)
+            raise TunesmithError(f"no GGUF name for tensor {hf_name!r} of a {config.model_type} model")
+        data = tensor.detach().float().cpu().numpy()
+        if permute:
+            data = _rotary_layout(gguf_name, data, config)
+        if norm_offset and hf_name.endswith("norm.weight"):
+            data = data + norm_offset
+        data, qtype = _encode(data, _tensor_dtype(gguf_name, dtype))
         writer.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=qtype)
 
 
@@ -132,28 +185,48 @@ def permute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
     return weights.reshape(n_head, 2, half, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
+def _tensor_dtype(gguf_name: str, dtype: str) -> str:
+    """The embedding and output matrices stay q8_0 under the 4- and 5-bit types: every token goes through
+    them, and llama.cpp's own quantizer keeps them higher too (it uses q6_K, which gguf-py cannot write)."""
+    if dtype.startswith(("q4", "q5")) and gguf_name in ("token_embd", "output"):
+        return "q8_0"
+    return dtype
+
+
 def _encode(data: np.ndarray, dtype: str):
     import gguf
 
     if data.ndim == 1 or dtype == "f32":
         return data.astype(np.float32), gguf.GGMLQuantizationType.F32
-    if dtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-        qtype = gguf.GGMLQuantizationType.Q8_0
-        return gguf.quants.quantize(data, qtype), qtype
-    return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+    if dtype == "f16":
+        return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+    qtype = gguf.GGMLQuantizationType[dtype.upper()]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if data.shape[-1] % block:  # rows that do not split into blocks: f16, as llama.cpp does
+        return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+    return gguf.quants.quantize(data.astype(np.float32), qtype), qtype
 
 
 # -------------------------------------------------------------------------------------- tokenizer
 
 def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """Byte-level BPE (llama 3, qwen, SmolLM, tekken) as ``gpt2``; BPE with byte fallback over "▁"-spaced
+    pieces (llama 2, mistral, gemma: SentencePiece converted to tokenizer.json) as ``llama``."""
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    pre = pre_tokenizer_name(backend)
+    model = backend["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     tokens, types = token_table(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        writer.add_tokenizer_model("llama")
+        writer.add_token_scores(piece_scores(tokens, merges))
+        types = [6 if t == 1 and _is_byte_piece(tok) else t for tok, t in zip(tokens, types, strict=True)]  # 6: BYTE
+        writer.add_add_space_prefix(_adds_space_prefix(tokenizer))
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer_name(backend))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]])
+    writer.add_token_merges(merges)  # llama.cpp merges SentencePiece pieces by score; transformers reads these
     for setter, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
                              (writer.add_eos_token_id, tokenizer.eos_token_id),
                              (writer.add_unk_token_id, tokenizer.unk_token_id),
@@ -167,11 +240,29 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         writer.add_chat_template(template)
 
 
+def piece_scores(tokens: list[str], merges: list[str]) -> list[float]:
+    """SentencePiece-style scores: a piece made by the i-th merge scores -i, so llama.cpp, which merges the
+    best-scoring adjacent pair first, applies the merges in the same order as the BPE model."""
+    rank = {}
+    for i, merge in enumerate(merges):
+        rank.setdefault(merge.replace(" ", ""), i)
+    return [-float(rank.get(t, 0)) for t in tokens]
+
+
+def _is_byte_piece(token: str) -> bool:
+    return len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+
+
+def _adds_space_prefix(tokenizer) -> bool:
+    pieces = tokenizer.tokenize("a")
+    return bool(pieces) and pieces[0].startswith("\u2581")
+
+
 def pre_tokenizer_name(backend: dict) -> str:
     """llama.cpp's name for how text is split before the merges (``tokenizer.ggml.pre``)."""
-    if backend["model"].get("type") != "BPE" or backend.get("decoder", {}).get("type") != "ByteLevel":
-        raise TunesmithError("GGUF export supports byte-level BPE tokenizers only "
-                             f"(this one is {backend['model'].get('type')}); SentencePiece is not supported yet")
+    if backend["model"].get("type") != "BPE" or (backend.get("decoder") or {}).get("type") != "ByteLevel":
+        raise TunesmithError("GGUF export supports BPE tokenizers only, byte-level or with byte fallback "
+                             f"(this one is {backend['model'].get('type')}); Unigram/WordPiece are not supported yet")
     pre = backend.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt2"  # GPT-2's own split regex, inside ByteLevel
