@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.train.helpers import tiny_overrides
 
 
@@ -32,7 +34,8 @@ def test_sigint_stops_after_the_step_with_a_resumable_checkpoint(tiny_model_dir,
     deadline = time.monotonic() + 240
     while _logged_steps(run) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, "training ended before it could be interrupted"
+    if proc.poll() is not None:
+        pytest.fail(f"training ended before it could be interrupted: {proc.communicate()[1][-2000:]}")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=240)
 

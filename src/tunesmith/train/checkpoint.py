@@ -47,8 +47,16 @@ class ResumeRefused(UsageError):
     pass
 
 
+WEIGHTS = "weights.safetensors"  # the trainable tensors of a checkpoint
+
+
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
+
+
+def step_dir(output_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives (complete or not)."""
+    return checkpoints_dir(output_dir) / f"step-{step}"
 
 
 def _fsync_file(path: Path) -> None:
@@ -104,7 +112,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, confi
     A failed write (a full disk, a vanished mount) removes what it started and raises a
     CheckpointWriteError: the checkpoints already there are untouched and resumable."""
     root = checkpoints_dir(output_dir)
-    final = root / f"step-{state['step']}"
+    final = step_dir(output_dir, state["step"])
     tmp = root / f".tmp-step-{state['step']}"
     assert_finite(accelerator.unwrap_model(model), state["step"])
     try:
@@ -130,7 +138,7 @@ def _write_checkpoint(accelerator, model, optimizer, scheduler, state, config_ya
     else:
         _write_json(tmp / f"rng-{accelerator.process_index}.json", rng_state())
         if accelerator.is_main_process:
-            save_file(trainable_state_dict(accelerator.unwrap_model(model)), tmp / "weights.safetensors")
+            save_file(trainable_state_dict(accelerator.unwrap_model(model)), tmp / WEIGHTS)
             kill_point("during-checkpoint", state["step"])
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -182,7 +190,7 @@ def _publish(tmp: Path, final: Path) -> None:
     _fsync_dir(final)
 
 
-REQUIRED = {"weights.safetensors": "the trained weights", "optimizer.pt": "the optimizer state",
+REQUIRED = {WEIGHTS: "the trained weights", "optimizer.pt": "the optimizer state",
             "scheduler.pt": "the learning-rate scheduler state", "state.json": "the data position"}
 
 
@@ -199,7 +207,7 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dic
         hint = " (saved with fewer processes?)" if missing[-1].startswith(rng_file) else ""
         raise UsageError(f"{path}: cannot resume: the checkpoint is missing {', '.join(missing)}{hint}; "
                          "resume from an earlier checkpoint or start again")
-    weights = load_file(path / "weights.safetensors")
+    weights = load_file(path / WEIGHTS)
     unwrapped = accelerator.unwrap_model(model)
     unknown = set(weights) - set(unwrapped.state_dict())
     if unknown:

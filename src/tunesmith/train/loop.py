@@ -234,7 +234,10 @@ def _mixed_precision(precision: str) -> str:
 
 def _prepare_output_dir(config: Config) -> Path:
     out = Path(config.output.output_dir)
-    has_run = (out / "tunesmith.json").is_file() or (out / "checkpoints").is_dir()
+    from tunesmith.models.load import RUN_INFO
+    from tunesmith.train.checkpoint import checkpoints_dir
+
+    has_run = (out / RUN_INFO).is_file() or checkpoints_dir(out).is_dir()
     if has_run and not config.train.resume and not config.output.overwrite:
         raise UsageError(f"{out} already holds a run; pass --resume auto to continue it, "
                          "--output.overwrite true to replace it, or another --output-dir")
@@ -426,11 +429,45 @@ def plan_run(config: Config, data: Data, facts, processes: int):
     return resolved, plan
 
 
+@dataclass
+class Session:
+    """The live objects of one training run, made by ``_start`` and used by ``_train`` and ``_finish``."""
+
+    run: PreparedRun
+    accelerator: object
+    model: object
+    optimizer: object
+    scheduler: object
+    state: TrainState
+    log: object  # rundir.MetricsLog on the main process, else None
+    out: Path
+    fingerprint: dict
+    n_total: int
+    n_trainable: int
+    tokens_per_s: float | None = None  # measured after the first steps
+
+    @property
+    def pad_id(self) -> int:
+        return self.run.tokenizer.pad_token_id
+
+
 def finetune(config: Config, prepared: PreparedRun | None = None) -> TrainResult:
     """Fine-tune ``config.model.name`` on ``config.data.path``; write a self-describing run directory.
 
     ``prepared`` is ``prepare_run(config)`` when the caller already made (and showed) the plan.
     """
+    started = time.perf_counter()
+    run = prepared or prepare_run(config)
+    if prepared is None:
+        for line in ["run plan:", *run.plan.lines()]:
+            _print(line)
+    session = _start(run)
+    stopped_early = _train(session)
+    return _finish(session, started, stopped_early)
+
+
+def _start(run: PreparedRun) -> Session:
+    """Accelerator, run directory, model with its method, optimizer, schedule; resumed state; step-0 loss."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
@@ -438,138 +475,158 @@ def finetune(config: Config, prepared: PreparedRun | None = None) -> TrainResult
     from tunesmith.train import checkpoint as ckpt
     from tunesmith.train.rundir import MetricsLog
 
-    started = time.perf_counter()
-    run = prepared or prepare_run(config)
-    config, plan, data, tokenizer, base_path = run.config, run.plan, run.data, run.tokenizer, run.base_path
+    config, t = run.config, run.config.train
     # accelerate keeps its settings in a process-wide singleton that refuses a second, different
     # mixed_precision; clear them (not the process group) so finetune can run again in one process.
     AcceleratorState._reset_state()
     # cpu=True without CUDA: accelerate then treats torchrun/accelerate-launch ranks as gloo data-parallel.
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config.train.precision), cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=_mixed_precision(t.precision), cpu=not torch.cuda.is_available())
     out = _prepare_output_dir(config)
-    if prepared is None:
-        for line in ["run plan:", *plan.lines()]:
-            _print(line)
     if accelerator.is_main_process:
-        plan.save(out)
-    set_seed(config.train.seed)
-    t = config.train
-    per_step = t.grad_accum * accelerator.num_processes
-    total_steps = plan.total_steps
-
-    fingerprint = {**_config_fingerprint(config), "data": data.fingerprint}
+        run.plan.save(out)
+    set_seed(t.seed)
+    fingerprint = {**_config_fingerprint(config), "data": run.data.fingerprint}
     resume_from = ckpt.find_resume(out, t.resume) if t.resume else None
     if resume_from:  # refuse a changed config or data before the model is loaded
         ckpt.check_fingerprint(resume_from, fingerprint, t.resume_force)
 
-    model, n_total, n_trainable = _load_model(config, base_path)
-    optimizer, scheduler = _optimizer_and_schedule(model, config, total_steps)
+    model, n_total, n_trainable = _load_model(config, run.base_path)
+    optimizer, scheduler = _optimizer_and_schedule(model, config, run.plan.total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per optimizer step, ours
-
     state = TrainState(epoch_seed=epoch_seed(t.seed, 0))
     if resume_from:
-        path = resume_from
-        state = TrainState(**ckpt.load_checkpoint(path, accelerator, model, optimizer, scheduler))
-        _print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, micro-batch {state.batch_index})")
-
+        state = TrainState(**ckpt.load_checkpoint(resume_from, accelerator, model, optimizer, scheduler))
+        _print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, micro-batch {state.batch_index})")
     log = MetricsLog(out, resume_step=state.step if t.resume else None,
                      config=config) if accelerator.is_main_process else None
     model.train()
-    pad_id = tokenizer.pad_token_id
-    if data.val and state.step == 0:  # the learning check's starting point
-        state.initial_eval_loss = evaluate_loss(accelerator, model, data.val, config, pad_id)
+    session = Session(run, accelerator, model, optimizer, scheduler, state, log, out, fingerprint, n_total, n_trainable)
+    if run.data.val and state.step == 0:  # the learning check's starting point
+        state.initial_eval_loss = evaluate_loss(accelerator, model, run.data.val, config, session.pad_id)
         _print(f"held-out loss before training: {state.initial_eval_loss:.4f}")
         if log:
             log.write({"step": 0, "eval_loss": state.initial_eval_loss})
-    uniform_loss = math.log(len(tokenizer))
-    stopped_early = False
-    interrupt = _Interrupt()
-    progress = _progress(total_steps, state.step, accelerator.is_main_process)
-    layout = epoch_layout(data.train, config, state.epoch_seed)
-    step_windows = windows(layout[state.batch_index:], per_step, accelerator.num_processes)
-    step_started = time.perf_counter()
-    speed = _SpeedCheck(state.step, plan)
+    return session
 
+
+def _train(s: Session) -> bool:
+    """One optimizer step per window of micro-batches until the plan's total; True when stopped early."""
+    config, data, state, total = s.run.config, s.run.data, s.state, s.run.plan.total_steps
+    processes = s.accelerator.num_processes
+    per_step = config.train.grad_accum * processes
+    interrupt, speed = _Interrupt(), _SpeedCheck(state.step, s.run.plan)
+    progress = _progress(total, state.step, s.accelerator.is_main_process)
+    step_windows = windows(epoch_layout(data.train, config, state.epoch_seed)[state.batch_index:], per_step, processes)
+    started = time.perf_counter()
     with progress, interrupt:  # closes the bar on any exit, a diverged step included
-        while state.step < total_steps:
+        while state.step < total:
             if not step_windows:  # the epoch is over: lay out the next one
                 state.epoch += 1
-                state.epoch_seed, state.batch_index = epoch_seed(t.seed, state.epoch), 0
-                layout = epoch_layout(data.train, config, state.epoch_seed)
-                step_windows = windows(layout, per_step, accelerator.num_processes)
-            window = step_windows.pop(0)
-            nll_local, supervised, tokens = train_step(accelerator, model, data, window, config.data.packing, pad_id)
-            state.batch_index += len(window)
-            state.step += 1
-
-            # One reduction carries the loss and whether any process was asked to stop (Ctrl-C).
-            reduced = accelerator.reduce(torch.tensor([nll_local, float(interrupt.requested)], dtype=torch.float64,
-                                                      device=accelerator.device), reduction="sum")
-            loss, interrupted = reduced[0].item() / supervised, reduced[1].item() > 0
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
-            grad_norm = float(grad_norm) if grad_norm is not None else 0.0
-            lr = scheduler.get_last_lr()[0]
-            _check_finite(loss, grad_norm, state.step, lr)
-            _check_collapse(state, loss, grad_norm, uniform_loss, lr)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            state.tokens += tokens
-            state.supervised_tokens += supervised
-            state.recent_losses.append(loss)
-            elapsed = time.perf_counter() - step_started
+                state.epoch_seed, state.batch_index = epoch_seed(config.train.seed, state.epoch), 0
+                step_windows = windows(epoch_layout(data.train, config, state.epoch_seed), per_step, processes)
+            loss, grad_norm, lr, interrupted = _optimizer_step(s, step_windows.pop(0), interrupt.requested)
+            elapsed = time.perf_counter() - started
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{state.tokens / max(elapsed, 1e-9):.0f}",
                                  refresh=False)
-            speed.after_step(state.step, state.tokens, total_steps)
-
-            record = {"step": state.step, "epoch": state.epoch, "loss": None, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": state.tokens, "supervised_tokens": state.supervised_tokens,
-                      "elapsed_s": round(elapsed, 3)}
-            evaluated, improved = _maybe_evaluate(accelerator, model, data, config, state, total_steps, pad_id)
-            if evaluated:
-                record["eval_loss"] = state.last_eval_loss
-            if state.step % max(t.log_every, 1) == 0 or evaluated or state.step == total_steps or interrupted:
-                record["loss"] = sum(state.recent_losses) / len(state.recent_losses)
-                state.recent_losses = []
-                if log:
-                    log.write(record)
-            stop = evaluated and config.eval.early_stopping_patience > 0 and (
-                state.evals_since_best >= config.eval.early_stopping_patience)
-            save_every = config.output.save_every
-            if (save_every > 0 and state.step % save_every == 0) or (improved and config.eval.load_best) or interrupted:
-                path = ckpt.save_checkpoint(accelerator, model, optimizer, scheduler, asdict(state), config.to_yaml(),
-                                            fingerprint, out)
-                if accelerator.is_main_process:
-                    best = [ckpt.checkpoints_dir(out) / f"step-{state.best_step}"] if state.best_step else []
-                    ckpt.rotate(out, config.output.save_total_limit, keep={path, *best})
-                ckpt.kill_point("after-checkpoint", state.step)
+            s.tokens_per_s = speed.after_step(state.step, state.tokens, total) or s.tokens_per_s
+            evaluated, improved = _maybe_evaluate(s.accelerator, s.model, data, config, state, total, s.pad_id)
+            _log_step(s, loss, grad_norm, lr, elapsed, evaluated, force=interrupted)
+            if _checkpoint_due(config, state, improved) or interrupted:
+                path = _save_checkpoint(s)
                 if interrupted:
-                    raise TrainingInterrupted(f"interrupted: stopped after step {state.step} of {total_steps}; "
+                    raise TrainingInterrupted(f"interrupted: stopped after step {state.step} of {total}; "
                                               f"checkpoint {path} is complete; continue with --resume auto")
-            if stop:
+            patience = config.eval.early_stopping_patience
+            if evaluated and patience > 0 and state.evals_since_best >= patience:
                 _print(f"early stopping at step {state.step}: no improvement in {state.evals_since_best} evaluations")
-                stopped_early = True
-                break
+                return True
+    return False
 
+
+def _optimizer_step(s: Session, window: list, stop_requested: bool) -> tuple[float, float, float, bool]:
+    """Forward/backward over the window, checks, then the update: (loss, grad norm, lr, stop asked anywhere)."""
+    state, t = s.state, s.run.config.train
+    nll_local, supervised, tokens = train_step(s.accelerator, s.model, s.run.data, window, s.run.config.data.packing,
+                                               s.pad_id)
+    state.batch_index += len(window)
+    state.step += 1
+    # One reduction carries the loss and whether any process was asked to stop (Ctrl-C).
+    reduced = s.accelerator.reduce(torch.tensor([nll_local, float(stop_requested)], dtype=torch.float64,
+                                                device=s.accelerator.device), reduction="sum")
+    loss, interrupted = reduced[0].item() / supervised, reduced[1].item() > 0
+    grad_norm = s.accelerator.clip_grad_norm_(s.model.parameters(), t.max_grad_norm or float("inf"))
+    grad_norm = float(grad_norm) if grad_norm is not None else 0.0
+    lr = s.scheduler.get_last_lr()[0]
+    _check_finite(loss, grad_norm, state.step, lr)
+    _check_collapse(state, loss, grad_norm, math.log(len(s.run.tokenizer)), lr)
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    state.tokens += tokens
+    state.supervised_tokens += supervised
+    state.recent_losses.append(loss)
+    return loss, grad_norm, lr, interrupted
+
+
+def _log_step(s: Session, loss: float, grad_norm: float, lr: float, elapsed: float, evaluated: bool,
+              force: bool) -> None:
+    """A metrics.jsonl line every log_every steps, at evaluations and at the end, with the mean loss since the last."""
+    state = s.state
+    due = state.step % max(s.run.config.train.log_every, 1) == 0 or state.step == s.run.plan.total_steps
+    if not (due or evaluated or force):
+        return
+    record = {"step": state.step, "epoch": state.epoch, "loss": sum(state.recent_losses) / len(state.recent_losses),
+              "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens, "supervised_tokens": state.supervised_tokens,
+              "elapsed_s": round(elapsed, 3)}
+    if evaluated:
+        record["eval_loss"] = state.last_eval_loss
+    state.recent_losses = []
+    if s.log:
+        s.log.write(record)
+
+
+def _checkpoint_due(config: Config, state: TrainState, improved: bool) -> bool:
+    every = config.output.save_every
+    return (every > 0 and state.step % every == 0) or (improved and config.eval.load_best)
+
+
+def _save_checkpoint(s: Session) -> Path:
+    """Write a checkpoint; rotation never deletes it or the best one."""
+    from tunesmith.train import checkpoint as ckpt
+
+    state = s.state
+    path = ckpt.save_checkpoint(s.accelerator, s.model, s.optimizer, s.scheduler, asdict(state),
+                                s.run.config.to_yaml(), s.fingerprint, s.out)
+    if s.accelerator.is_main_process:
+        best = [ckpt.step_dir(s.out, state.best_step)] if state.best_step else []
+        ckpt.rotate(s.out, s.run.config.output.save_total_limit, keep={path, *best})
+    ckpt.kill_point("after-checkpoint", state.step)
+    return path
+
+
+def _finish(s: Session, started: float, stopped_early: bool) -> TrainResult:
+    """The best weights when asked, the run directory, the plan's measured figures, the learning check."""
+    from tunesmith.train import checkpoint as ckpt
+
+    config, state, plan = s.run.config, s.state, s.run.plan
     final_eval = state.last_eval_loss
     if config.eval.load_best and state.best_step is not None and state.best_step != state.step:
-        _load_best(accelerator, model, ckpt.checkpoints_dir(out) / f"step-{state.best_step}")
+        _load_best(s.accelerator, s.model, ckpt.step_dir(s.out, state.best_step))
         final_eval = state.best_eval_loss
         _print(f"loaded the best checkpoint (step {state.best_step}, eval loss {final_eval:.4f})")
-    final_train = _final_train_loss(out, state)
-    if log:  # the trackers get the final losses, then close
-        log.close(final_train, final_eval)
-    _save_run(accelerator, model, tokenizer, config, out, base_path=base_path, state=state, data=data,
-              final_train=final_train, final_eval=final_eval, n_total=n_total, n_trainable=n_trainable)
+    final_train = _final_train_loss(s.out, state)
+    if s.log:  # the trackers get the final losses, then close
+        s.log.close(final_train, final_eval)
+    _save_run(s.accelerator, s.model, s.run.tokenizer, config, s.out, base_path=s.run.base_path, state=state,
+              data=s.run.data, final_train=final_train, final_eval=final_eval, n_total=s.n_total,
+              n_trainable=s.n_trainable)
     warnings = list(plan.warnings) + _learning_warnings(state.initial_eval_loss, final_eval)
-    if accelerator.is_main_process:
-        plan.finish(out, elapsed_s=time.perf_counter() - started, tokens_per_s=speed.tokens_per_s)
-    tokens = state.tokens
-    accelerator.end_training()
-    return TrainResult(run_dir=out, steps=state.step, final_train_loss=final_train, final_eval_loss=final_eval,
-                       tokens=tokens, supervised_tokens=state.supervised_tokens,
+    if s.accelerator.is_main_process:
+        plan.finish(s.out, elapsed_s=time.perf_counter() - started, tokens_per_s=s.tokens_per_s)
+    s.accelerator.end_training()
+    return TrainResult(run_dir=s.out, steps=state.step, final_train_loss=final_train, final_eval_loss=final_eval,
+                       tokens=state.tokens, supervised_tokens=state.supervised_tokens,
                        elapsed_s=time.perf_counter() - started, stopped_early=stopped_early,
                        initial_eval_loss=state.initial_eval_loss, plan=plan, warnings=warnings)
 
@@ -619,7 +676,7 @@ class _SpeedCheck:
         self.mark: tuple[float, int] | None = None
         self.tokens_per_s: float | None = None
 
-    def after_step(self, step: int, tokens: int, total_steps: int) -> None:
+    def after_step(self, step: int, tokens: int, total_steps: int) -> float | None:
         now = time.perf_counter()
         if step == self.start_step + 1:
             self.mark = (now, tokens)
@@ -628,6 +685,7 @@ class _SpeedCheck:
             left = (total_steps - step) * self.plan.tokens_per_step / self.plan.processes / self.tokens_per_s
             _print(f"\nmeasured {self.tokens_per_s:,.0f} tokens/s: about {left / 60:.1f} min left "
                    f"(planned {self.plan.estimate_s / 60:.1f} min in all)")
+        return self.tokens_per_s
 
 
 def _check_collapse(state: TrainState, loss: float, grad_norm: float, uniform_loss: float, lr: float) -> None:
@@ -671,14 +729,16 @@ def _maybe_evaluate(accelerator, model, data: Data, config: Config, state: Train
 def _load_best(accelerator, model, path: Path) -> None:
     from safetensors.torch import load_file
 
-    accelerator.unwrap_model(model).load_state_dict(load_file(path / "weights.safetensors"), strict=False)
+    from tunesmith.train.checkpoint import WEIGHTS
+
+    accelerator.unwrap_model(model).load_state_dict(load_file(path / WEIGHTS), strict=False)
 
 
 def _final_train_loss(out: Path, state: TrainState) -> float | None:
     """The mean train loss of the last metrics line (last log window)."""
-    from tunesmith.train.rundir import read_metrics
+    from tunesmith.train.rundir import METRICS, read_metrics
 
-    rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("loss") is not None]
+    rows = [r for r in read_metrics(out / METRICS) if r.get("loss") is not None]
     return rows[-1]["loss"] if rows else None
 
 
