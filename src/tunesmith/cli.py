@@ -60,13 +60,15 @@ def _eval(args) -> int:
 
 
 def _generate(args) -> int:
-    from tunesmith.inference import GenerationOptions, generate, render_prompt
+    from tunesmith.data.prompt import read_tools, render_prompt
+    from tunesmith.inference import GenerationOptions, generate
     from tunesmith.models.load import load
 
+    tools = read_tools(args.tools)
     loaded = load(args.model)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
-    prompt = render_prompt(loaded.tokenizer, loaded.with_system(messages))
+    prompt = render_prompt(loaded.tokenizer, messages, loaded.run_info, tools=tools)
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     print(generate(loaded.model, loaded.tokenizer, [prompt], options)[0].text)
     return 0
@@ -75,7 +77,7 @@ def _generate(args) -> int:
 def _chat(args) -> int:
     from tunesmith.serve.chat import chat_repl
 
-    return chat_repl(args.model, system=args.system, max_new_tokens=args.max_new_tokens,
+    return chat_repl(args.model, system=args.system, tools=args.tools, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature)
 
 
@@ -201,12 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="alias, model directory, .gguf file or run directory")
     p.add_argument("--prompt", required=True)
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--tools", default=None, help="JSON file of function schemas shown to the model as training showed them")
     _add_generation_flags(p)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("chat", help="interactive chat (/reset, /system TEXT, /exit)")
     p.add_argument("model", help="alias, model directory or run directory")
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--tools", default=None, help="JSON file of function schemas shown to the model as training showed them")
     _add_generation_flags(p, max_new_tokens=512)
     p.set_defaults(func=_chat)
 

@@ -1,4 +1,4 @@
-"""Prompt rendering and batched generation, shared by generate, eval, chat and serve.
+"""Batched generation, shared by generate, eval, chat and serve (prompts come from data.prompt).
 
 Prompts are sorted by length and generated in left-padded batches, greedy unless a temperature
 is given, stopping at EOS or the template's end-of-turn token. Returned text never contains the
@@ -7,8 +7,6 @@ prompt: only the newly generated tokens are decoded.
 
 from __future__ import annotations
 
-import functools
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-# Tokens that close a turn in common chat templates; whichever the vocabulary has stops generation.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<end_of_turn>", "</s>")
+from tunesmith.data.prompt import render_prompt  # noqa: F401  (generate, chat and serve render through it)
+from tunesmith.data.templates import END_OF_TURN_TOKENS, find_control_token  # noqa: F401
 
 
 @dataclass
@@ -35,37 +33,6 @@ class Generation:
     completion_tokens: int
     latency_s: float
     finish_reason: str  # "stop" or "length"
-
-
-def render_prompt(tokenizer, messages: Sequence[dict]) -> str:
-    """The text the model sees before its answer: the chat template when there is one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return "\n\n".join(m["content"] for m in messages)
-
-
-def control_tokens(tokenizer) -> tuple[str, ...]:
-    """Every string the tokenizer turns into a special or added token wherever it appears in text
-    (turn markers, EOS, padding, tool tags...), longest first."""
-    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
-    return tuple(sorted({t for t in [*added, *tokenizer.all_special_tokens] if t}, key=lambda t: (-len(t), t)))
-
-
-@functools.lru_cache(maxsize=32)
-def _control_pattern(tokens: tuple[str, ...]) -> re.Pattern | None:
-    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
-
-
-def find_control_token(text: str | None, tokenizer) -> str | None:
-    """The first control token spelled out in ``text``, or None.
-
-    Message content is pasted into the rendered prompt, and the whole prompt is tokenized at once:
-    a ``<|im_end|>`` typed by a user would become the real end-of-turn token, and what follows it
-    could pose as a system turn. Callers refuse such content (the server with a 400, training
-    with the file and line) rather than let it be read as template structure."""
-    pattern = _control_pattern(control_tokens(tokenizer))
-    found = pattern.search(text) if pattern and text else None
-    return found.group(0) if found else None
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

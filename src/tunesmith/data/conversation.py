@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -10,6 +10,12 @@ ROLES = ("system", "user", "assistant", "tool")
 # Files whose rows are numbered by line; in the others (JSON arrays, Parquet, saved datasets)
 # the number is the row's 0-based index, shown as file[index].
 LINE_NUMBERED = (".jsonl", ".csv")
+
+
+def openai_tools(tools: list[dict]) -> list[dict]:
+    """Function schemas in OpenAI's form {"type": "function", "function": {...}}, as training shows them."""
+    return [t if t.get("type") == "function" and "function" in t else {"type": "function", "function": t}
+            for t in tools]
 
 
 def location(source: str, line: int) -> str:
@@ -57,11 +63,14 @@ class Conversation:
     def where(self) -> str:
         return location(self.source, self.line)
 
-    def prompt_messages(self) -> list[dict]:
-        """Everything before the last assistant turn: what a model is asked at evaluation."""
+    def prompt(self) -> Conversation:
+        """Everything before the last assistant turn (system prompt and tools kept): what a model is asked."""
         last = max(i for i, m in enumerate(self.messages) if m.role == "assistant")
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + [m.to_dict() for m in self.messages[:last]]
+        return replace(self, messages=self.messages[:last])
+
+    def prompt_messages(self) -> list[dict]:
+        """The prompt's message dicts: what a model is asked at evaluation."""
+        return self.prompt().to_messages()
 
     def reference(self) -> str:
         """The last assistant turn: the reference answer at evaluation."""

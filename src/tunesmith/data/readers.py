@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunesmith.data import textfiles
-from tunesmith.data.conversation import Conversation, Message, location
+from tunesmith.data.conversation import Conversation, Message, location, openai_tools
 from tunesmith.data.textfiles import UndecodableFile, duplicate_keys
 from tunesmith.errors import TunesmithError, UsageError
 
@@ -369,8 +369,7 @@ def _tools(row: Row) -> list[dict] | None:
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         row.error("tools", f"expected a list of function schemas, got {_type(tools)}")
         return None
-    return [t if t.get("type") == "function" and "function" in t else {"type": "function", "function": t}
-            for t in tools]
+    return openai_tools(tools)
 
 
 def _metadata(row: Row) -> dict:

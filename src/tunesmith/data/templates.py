@@ -13,10 +13,15 @@ untrained embedding rows. Use ``alpaca`` or ``seed`` (EOS only) with such a toke
 
 from __future__ import annotations
 
+import functools
+import re
 import sys
 from pathlib import Path
 
 from tunesmith.errors import UsageError
+
+# Tokens that close a turn in common chat templates; whichever the vocabulary has stops generation.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<end_of_turn>", "</s>")
 
 _CHATML = (
     "{% for message in messages %}"
@@ -130,3 +135,29 @@ def template_label(tokenizer) -> str:
         if text == builtin:
             return f"the built-in '{name}' template"
     return f"the chat template of {tokenizer.name_or_path or 'this tokenizer'}"
+
+
+# ---------------------------------------------------------------- control tokens
+
+def control_tokens(tokenizer) -> tuple[str, ...]:
+    """Every string the tokenizer turns into a special or added token wherever it appears in text
+    (turn markers, EOS, padding, tool tags...), longest first."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    return tuple(sorted({t for t in [*added, *tokenizer.all_special_tokens] if t}, key=lambda t: (-len(t), t)))
+
+
+@functools.lru_cache(maxsize=32)
+def _control_pattern(tokens: tuple[str, ...]) -> re.Pattern | None:
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+def find_control_token(text: str | None, tokenizer) -> str | None:
+    """The first control token spelled out in ``text``, or None.
+
+    Message content is pasted into the rendered prompt, and the whole prompt is tokenized at once:
+    a ``<|im_end|>`` typed by a user would become the real end-of-turn token, and what follows it
+    could pose as a system turn. Callers refuse such content (the server with a 400, training
+    with the file and line) rather than let it be read as template structure."""
+    pattern = _control_pattern(control_tokens(tokenizer))
+    found = pattern.search(text) if pattern and text else None
+    return found.group(0) if found else None

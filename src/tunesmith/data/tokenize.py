@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tunesmith.data.conversation import Conversation
-from tunesmith.data.templates import current_template, template_label
+from tunesmith.data.templates import END_OF_TURN_TOKENS, current_template, find_control_token, template_label
 from tunesmith.errors import TunesmithError, UsageError
-from tunesmith.inference import END_OF_TURN_TOKENS, find_control_token
 
 IGNORE = -100
 TRUNCATION_POLICIES = ("drop", "truncate_prompt", "error")
@@ -189,9 +188,21 @@ def refuse_control_tokens(conv: Conversation, tokenizer) -> None:
 
 def prompt_text(conv: Conversation, tokenizer) -> str:
     """What the model sees before the last assistant turn, rendered exactly as in training (tools included)."""
+    return generation_prompt(conv.prompt(), tokenizer)
+
+
+def generation_prompt(conv: Conversation, tokenizer) -> str:
+    """All of ``conv`` rendered as in training, followed by the template's generation prompt."""
     messages, tools = render_messages(conv, current_template(tokenizer) or "")
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return _apply(tokenizer, messages[:last], tools, True, conv)
+    return _apply(tokenizer, messages, tools, True, conv)
+
+
+class TemplateRefused(TunesmithError):
+    """The chat template's own raise_exception (roles not alternating, ...); ``reason`` is its message."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def _apply(tokenizer, messages, tools, generation_prompt: bool, conv: Conversation) -> str:
@@ -201,8 +212,8 @@ def _apply(tokenizer, messages, tools, generation_prompt: bool, conv: Conversati
         return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                              add_generation_prompt=generation_prompt)
     except TemplateError as exc:  # the template's own raise_exception: say which example upset it
-        raise TunesmithError(f"{conv.where}: messages: {template_label(tokenizer)} refused this "
-                             f"conversation: {exc}") from exc
+        raise TemplateRefused(f"{conv.where}: messages: {template_label(tokenizer)} refused this "
+                              f"conversation: {exc}", str(exc)) from exc
 
 
 def _turn_span(tokenizer, messages, tools, i: int, full: str, conv: Conversation) -> tuple[int, int]:
@@ -238,11 +249,6 @@ def _supervision_flags(conv: Conversation, count: int, options: EncodeOptions) -
 
 
 # ---------------------------------------------------------------------------- tokens and labels
-
-def assistant_char_spans(conv: Conversation, tokenizer, options: EncodeOptions | None = None) -> list[tuple[int, int]]:
-    """Character spans of the supervised assistant turns in the rendered text (for previews)."""
-    return [(start, end) for start, end, supervised in render(conv, tokenizer, options).spans if supervised]
-
 
 def _labels(ids: list[int], offsets, rendered: Rendered, train_on_prompt: bool) -> list[int]:
     if rendered.is_text:

@@ -26,7 +26,7 @@ import os
 import statistics
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith import atomic
@@ -181,13 +181,10 @@ def compare_target(model: str, compare: str) -> str:
     """The model to compare against: ``compare`` itself, or for "base" the base model of the run ``model``."""
     if compare != "base":
         return compare
-    from tunesmith.models.load import _adapter_base, read_run_info
+    from tunesmith.models.load import base_model
     from tunesmith.models.resolve import resolve
 
-    path = resolve(model)
-    base = read_run_info(path).get("base_model")
-    if not base and (path / "adapter_config.json").is_file():
-        base = _adapter_base(path)
+    base = base_model(resolve(model))
     if not base:
         raise UsageError(f"--compare base needs a run directory (tunesmith.json naming its base_model) or a peft "
                          f"adapter; {model} is a plain model: name the model to compare with instead")
@@ -208,11 +205,12 @@ def evaluate_model(name: str, conversations: list[Conversation], options: Genera
                    predictions_path: Path | None, *, system_prompt: str | None = None,
                    fallback_template: Path | None = None) -> ModelEval:
     """Generate, score and (when asked) measure perplexity for one model; the model is freed afterwards."""
+    from tunesmith.data.prompt import ensure_template, run_system_prompt, with_system_prompt
     from tunesmith.models.load import load
 
     loaded = load(name)
-    _ensure_template(loaded.tokenizer, fallback_template)
-    prompt = system_prompt if system_prompt is not None else loaded.run_info.get("system_prompt")
+    ensure_template(loaded.tokenizer, fallback_template)
+    prompt = system_prompt if system_prompt is not None else run_system_prompt(loaded.run_info)
     conversations = with_system_prompt(conversations, prompt)
     predictions = generate_predictions(loaded, conversations, options, settings, predictions_path, name)
     metrics = score_predictions(predictions, settings)
@@ -233,39 +231,7 @@ def evaluate_model(name: str, conversations: list[Conversation], options: Genera
     return model_eval
 
 
-def _ensure_template(tokenizer, fallback_dir: Path | str | None) -> None:
-    """A model without a chat template gets the compared run's one, else the same fallback training uses."""
-    from tunesmith.data.templates import apply_template
-
-    if getattr(tokenizer, "chat_template", None):
-        return
-    if fallback_dir is not None:
-        from tunesmith.models.load import load_tokenizer
-
-        template = load_tokenizer(fallback_dir).chat_template
-        if template:
-            tokenizer.chat_template = template
-            return
-    apply_template(tokenizer, None)
-
-
-def with_system_prompt(conversations: list[Conversation], system_prompt: str | None) -> list[Conversation]:
-    if not system_prompt:
-        return conversations
-    return [conv if conv.system else replace(conv, system=system_prompt) for conv in conversations]
-
-
 # ---------------------------------------------------------------- generation with resume
-
-def _prompt(tokenizer, conv: Conversation) -> str:
-    """The prompt as training rendered it (tool schemas and calls included) when there is a template."""
-    from tunesmith.data.tokenize import prompt_text
-    from tunesmith.inference import render_prompt
-
-    if getattr(tokenizer, "chat_template", None):
-        return prompt_text(conv, tokenizer)
-    return render_prompt(tokenizer, conv.prompt_messages())
-
 
 def generate_predictions(loaded, conversations: list[Conversation], options: GenerationOptions,
                          settings: EvalSettings, path: Path | None, label: str) -> list[dict]:
@@ -273,9 +239,11 @@ def generate_predictions(loaded, conversations: list[Conversation], options: Gen
     from rich.console import Console
     from rich.progress import Progress
 
+    from tunesmith.data.prompt import render_prompt
     from tunesmith.inference import generate
 
-    prompts = [_prompt(loaded.tokenizer, conv) for conv in conversations]
+    # The system prompt is already in the conversations (the run's, or the compared run's for its base).
+    prompts = [render_prompt(loaded.tokenizer, conv.prompt()) for conv in conversations]
     check_context(loaded, conversations, prompts, options)
     references = [conv.reference() for conv in conversations]
     done = _open_predictions(path, model_fingerprint(loaded, prompts, references, options)) if path else {}

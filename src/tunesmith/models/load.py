@@ -42,18 +42,33 @@ class Loaded:
     @property
     def system_prompt(self) -> str | None:
         """The system prompt the run was trained with (None: whatever the template inserts)."""
-        return self.run_info.get("system_prompt")
+        from tunesmith.data.prompt import run_system_prompt
+
+        return run_system_prompt(self.run_info)
 
     def with_system(self, messages: list[dict]) -> list[dict]:
-        """Messages as training rendered them: the run's system prompt when the caller gives none."""
-        if self.system_prompt and not any(m.get("role") == "system" for m in messages):
-            return [{"role": "system", "content": self.system_prompt}, *messages]
-        return list(messages)
+        """Messages as training rendered them: the run's system prompt when the caller gives none
+        (data.prompt owns the rule; render_prompt applies it given the run info)."""
+        from tunesmith.data.prompt import from_messages, with_system_prompt
+
+        if not self.system_prompt:
+            return list(messages)
+        return with_system_prompt([from_messages(messages)], self.system_prompt)[0].to_messages()
 
 
 def read_run_info(path: Path) -> dict:
     info = Path(path) / RUN_INFO
     return json.loads(info.read_text()) if info.is_file() else {}
+
+
+def base_model(path: Path) -> str | None:
+    """The base model a run or a peft adapter directory was trained from (tunesmith.json's base_model, else
+    the adapter config's); None for a plain model."""
+    path = Path(path)
+    base = read_run_info(path).get("base_model")
+    if not base and (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return base or None
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -127,8 +142,7 @@ def load(name_or_run: str | Path, *, dtype: torch.dtype | None = None, device: s
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base_name = info.get("base_model") or _adapter_base(path)
-        base_path = resolve(base_name)
+        base_path = resolve(base_model(path))
         require_safetensors(path, allow_pickle)
         base = _from_pretrained(base_path, dtype, allow_pickle)
         with refusing_remote_code(path):
@@ -136,7 +150,7 @@ def load(name_or_run: str | Path, *, dtype: torch.dtype | None = None, device: s
         if merge:
             model = model.merge_and_unload()
     else:
-        base_path = resolve(info["base_model"]) if info.get("base_model") else path
+        base_path = resolve(info["base_model"]) if info.get("base_model") else path  # a full fine-tune
         model = _from_pretrained(path, dtype, allow_pickle)
     tokenizer = load_tokenizer(path if (path / "tokenizer_config.json").is_file() else base_path)
     model.to(device).eval()
@@ -150,8 +164,3 @@ def _from_pretrained(path: Path, dtype: torch.dtype, allow_pickle: bool):
     with refusing_remote_code(path):
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False,
                                                     use_safetensors=None if allow_pickle else True)
-
-
-def _adapter_base(path: Path) -> str:
-    config = json.loads((path / "adapter_config.json").read_text())
-    return config["base_model_name_or_path"]

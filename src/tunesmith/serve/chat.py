@@ -1,7 +1,8 @@
 """`tunesmith chat`: talk to a model or run in the terminal, tokens printed as they are generated.
 
-The conversation is kept and rendered with the run's own chat template every turn, so what the
-model sees is what it was trained on. Commands:
+The conversation is kept and rendered every turn by data.prompt.render_prompt, with the run's own
+chat template, system prompt and the tools given with --tools, so what the model sees is what it
+was trained on. Commands:
 
     /reset         forget the conversation (the system prompt stays)
     /system TEXT   set the system prompt (no TEXT: remove it); the conversation is kept
@@ -14,16 +15,18 @@ from __future__ import annotations
 
 import sys
 
-from tunesmith.inference import GenerationOptions, render_prompt, stream
+from tunesmith.data.prompt import read_tools, render_prompt, run_system_prompt
+from tunesmith.inference import GenerationOptions, stream
 
 HELP = "commands: /reset, /system TEXT, /history, /prompt, /exit"
 
 
 class Session:
-    """One conversation: the system prompt and the user/assistant turns."""
+    """One conversation: the system prompt, the tools offered and the user/assistant turns."""
 
-    def __init__(self, system: str | None = None):
+    def __init__(self, system: str | None = None, tools: list[dict] | None = None):
         self.system = system
+        self.tools = tools
         self.turns: list[dict] = []
 
     def messages(self, next_user: str | None = None) -> list[dict]:
@@ -31,17 +34,26 @@ class Session:
         tail = [{"role": "user", "content": next_user}] if next_user is not None else []
         return head + self.turns + tail
 
+    def prompt(self, tokenizer, next_user: str) -> str:
+        """What the model sees when ``next_user`` is asked next (the system prompt here is already the run's
+        unless /system changed it, so no run info is passed: a removed system prompt stays removed)."""
+        return render_prompt(tokenizer, self.messages(next_user), tools=self.tools)
 
-def chat_repl(model, *, system: str | None = None, max_new_tokens: int = 512, temperature: float = 0.0) -> int:
-    """Run the interactive chat on ``model`` (alias, model dir or run dir) until /exit or end of input."""
+
+def chat_repl(model, *, system: str | None = None, tools: str | None = None, max_new_tokens: int = 512,
+              temperature: float = 0.0) -> int:
+    """Run the interactive chat on ``model`` (alias, model dir or run dir) until /exit or end of input.
+
+    ``tools``: a JSON file of function schemas offered to the model."""
     from tunesmith.models.load import load
 
+    schemas = read_tools(tools)
     loaded = load(model)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature)
-    session = Session(system or loaded.system_prompt)
+    session = Session(system or run_system_prompt(loaded.run_info), schemas)
     print(f"chatting with {loaded.path} ({HELP})", flush=True)
     while (line := _read(interactive)) is not None:
         if line.startswith("/"):
@@ -75,14 +87,14 @@ def _command(line: str, session: Session, tokenizer) -> bool:
             print(f"[{message['role']}] {message['content']}")
         print(f"({len(session.turns)} messages{', plus the system prompt' if session.system else ''})")
     elif name == "/prompt":
-        print(render_prompt(tokenizer, session.messages("…")))
+        print(session.prompt(tokenizer, "…"))
     else:
         print(f"unknown command {name}; {HELP}")
     return True
 
 
 def _answer(text: str, session: Session, loaded, options: GenerationOptions) -> None:
-    prompt = render_prompt(loaded.tokenizer, session.messages(text))
+    prompt = session.prompt(loaded.tokenizer, text)
     print("assistant> ", end="", flush=True)
     pieces = []
     for piece in stream(loaded.model, loaded.tokenizer, prompt, options):

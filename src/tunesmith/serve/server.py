@@ -45,12 +45,13 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from tunesmith.inference import GenerationOptions, find_control_token, generate, render_prompt, stream
+from tunesmith.data.prompt import render_prompt
+from tunesmith.data.tokenize import TemplateRefused
+from tunesmith.inference import GenerationOptions, find_control_token, generate, stream
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_BODY_MB = 4.0  # a 128k-token prompt is well under 1 MB of JSON; anything far larger is abuse
@@ -69,11 +70,24 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls, rendered as training rendered them
 
     def as_template_message(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
         # "developer" is OpenAI's newer name for the system role; templates know only "system".
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        return {**message, "tool_calls": self.tool_calls} if self.tool_calls else message
+
+
+class FunctionSchema(BaseModel):
+    model_config = ConfigDict(extra="allow")  # description, parameters, strict...
+
+    name: str
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionSchema
 
 
 class StreamOptions(BaseModel):
@@ -115,6 +129,7 @@ class SamplingRequest(BaseModel):
 
 class ChatRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: list[Tool] | None = None  # shown to the model as training showed a conversation's tools
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens
 
 
@@ -172,15 +187,19 @@ def create_app(loaded, *, api_key: str | None = None, max_body_mb: float = DEFAU
     async def chat_completions(request: ChatRequest):
         engine.check_model(request.model)
         messages = [m.as_template_message() for m in request.messages]
-        for i, message in enumerate(messages):
-            if token := find_control_token(message["content"], engine.tokenizer):
-                raise BadRequest(f"messages.{i}.content contains the control token {token!r}, which the model "
-                                 "would read as template structure (a turn boundary), not as text; remove it",
-                                 f"messages.{i}.content", "control_token_in_content")
+        tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
+        fields = [(f"messages.{i}.content", m["content"]) for i, m in enumerate(messages)]
+        fields += [(f"messages.{i}.tool_calls", json.dumps(m["tool_calls"], ensure_ascii=False))
+                   for i, m in enumerate(messages) if m.get("tool_calls")]
+        for param, text in fields + ([("tools", json.dumps(tools, ensure_ascii=False))] if tools else []):
+            if token := find_control_token(text, engine.tokenizer):
+                raise BadRequest(f"{param} contains the control token {token!r}, which the model would read as "
+                                 "template structure (a turn boundary), not as text; remove it", param,
+                                 "control_token_in_content")
         try:
-            prompt = render_prompt(engine.tokenizer, engine.loaded.with_system(messages))
-        except TemplateError as exc:  # the chat template's own raise_exception, e.g. roles not alternating
-            raise BadRequest(f"the model's chat template refused these messages: {exc}", "messages") from exc
+            prompt = render_prompt(engine.tokenizer, messages, engine.loaded.run_info, tools=tools)
+        except TemplateRefused as exc:  # the chat template's own raise_exception, e.g. roles not alternating
+            raise BadRequest(f"the model's chat template refused these messages: {exc.reason}", "messages") from exc
         return await engine.respond(prompt, request, chat=True)
 
     @app.post("/v1/completions")
