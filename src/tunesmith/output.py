@@ -55,3 +55,10 @@ def json_stdout(enabled: bool):
 def print_json(document) -> None:
     """The one JSON document a --json command prints on stdout."""
     print(json.dumps(document, indent=2, ensure_ascii=False))
+
+
+def fmt_number(value, digits: int = 4, missing: str = "") -> str:
+    """A metric or loss for a table or a line: whole numbers as they are, others to ``digits`` places."""
+    if value is None:
+        return missing
+    return str(value) if isinstance(value, int) else f"{value:.{digits}f}"

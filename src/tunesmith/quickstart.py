@@ -21,13 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunesmith.models.resolve import DEFAULT_MODEL, resolve
-
-# No hyperparameter here: the quickstart trains with `tunesmith train`'s own defaults, which the
-# run plan sizes to the data, so the main job proves the defaults a user gets with their own file.
-QUICKSTART_TRAIN_ARGS = {
-    "--output.overwrite": "true",
-    "--eval-data": None,  # filled with the held-out file
-}
+from tunesmith.output import fmt_number
 
 
 def write_identity_data(out_dir: Path, name: str, author: str) -> tuple[Path, Path]:
@@ -45,13 +39,15 @@ def write_identity_data(out_dir: Path, name: str, author: str) -> tuple[Path, Pa
     return paths[0], paths[1]
 
 
-def train_args(model: str, train_file: Path, eval_file: Path, run_dir: Path, max_steps: int | None) -> list[str]:
-    args = ["--model", model, "--data", str(train_file), "--output-dir", str(run_dir)]
-    for flag, value in QUICKSTART_TRAIN_ARGS.items():
-        args += [flag, str(eval_file) if flag == "--eval-data" else value]
-    if max_steps:
-        args += ["--max-steps", str(max_steps)]
-    return args
+def train_overrides(model: str, train_file: Path, eval_file: Path, run_dir: Path,
+                    max_steps: int | None) -> dict[str, str]:
+    """The train flags (name -> value) that give both the printed command and the Config.
+
+    No hyperparameter here: the quickstart trains with `tunesmith train`'s own defaults, which the
+    run plan sizes to the data, so the main job proves the defaults a user gets with their own file."""
+    overrides = {"model": model, "data": str(train_file), "output-dir": str(run_dir), "output.overwrite": "true",
+                 "eval-data": str(eval_file)}
+    return {**overrides, "max-steps": str(max_steps)} if max_steps else overrides
 
 
 def quickstart(name: str = "Aurora", author: str = "the tunesmith community", out: str | None = None,
@@ -59,7 +55,6 @@ def quickstart(name: str = "Aurora", author: str = "the tunesmith community", ou
     from tunesmith.config import load_config
     from tunesmith.data.doctor import check_data, print_report
     from tunesmith.evaluate.pipeline import evaluate
-    from tunesmith.train.commands import parse_train_args
     from tunesmith.train.loop import finetune, prepare_run
 
     console = Console()
@@ -77,18 +72,19 @@ def quickstart(name: str = "Aurora", author: str = "the tunesmith community", ou
         raise SystemExit(1)
 
     console.rule("2. fine-tune (LoRA)")
-    args = train_args(model, train_file, eval_file, run_dir, max_steps)
+    overrides = train_overrides(model, train_file, eval_file, run_dir, max_steps)
+    args = [word for flag, value in overrides.items() for word in (f"--{flag}", value)]
     console.print("equivalent command:\n  [cyan]tunesmith train " + shlex.join(args) + "[/cyan]")
-    _, overrides, _ = parse_train_args(args)
-    config = load_config(None, overrides)
+    config = load_config(None, [f"{flag}={value}" for flag, value in overrides.items()])
     run = prepare_run(config)
     console.print("run plan (chosen from the data; every value can be set by hand):")
     for line in run.plan.lines():
         console.print(f"  {line}", highlight=False, markup=False)
     result = finetune(config, run)
-    console.print(f"trained {result.steps} steps in {result.elapsed_s:.0f} s: train loss "
-                  f"{_fmt(result.final_train_loss)}, held-out eval loss {_fmt(result.initial_eval_loss)} -> "
-                  f"{_fmt(result.final_eval_loss)}")
+    train_loss, before, after = (fmt_number(v, 3, "n/a") for v in (result.final_train_loss, result.initial_eval_loss,
+                                                                   result.final_eval_loss))
+    console.print(f"trained {result.steps} steps in {result.elapsed_s:.0f} s: train loss {train_loss}, "
+                  f"held-out eval loss {before} -> {after}")
     for warning in result.warnings:
         console.print(f"[yellow]WARNING: {warning}[/yellow]")
 
@@ -99,10 +95,6 @@ def quickstart(name: str = "Aurora", author: str = "the tunesmith community", ou
     _print_side_by_side(console, evaluation, name)
     _print_next_steps(console, result, run_dir, time.perf_counter() - started)
     return run_dir
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _print_metrics(console: Console, evaluation) -> None:

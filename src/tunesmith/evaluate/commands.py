@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tunesmith.errors import UsageError
-from tunesmith.output import json_stdout, print_json, print_table, stdout_console
+from tunesmith.output import fmt_number, json_stdout, print_json, print_table, stdout_console
 
 
 def run_eval_command(args) -> int:
@@ -51,9 +51,9 @@ def print_summary(result) -> None:
     for key, value in result.metrics.items():
         if not isinstance(value, int | float) or isinstance(value, bool) or key in SETTINGS:
             continue
-        row = [key + (" ↓" if key in LOWER_IS_BETTER else ""), _fmt(value)]
+        row = [key + (" ↓" if key in LOWER_IS_BETTER else ""), fmt_number(value)]
         if compared:
-            row += [_fmt(result.compare_metrics.get(key)), fmt_delta(result.deltas.get(key))]
+            row += [fmt_number(result.compare_metrics.get(key)), fmt_delta(result.deltas.get(key))]
         rows.append(row)
     console = stdout_console()
     title = f"{result.model} on {result.data} ({len(result.predictions)} examples)"
@@ -64,7 +64,3 @@ def print_summary(result) -> None:
         console.print("(pass --out DIR for predictions.jsonl, report.md and charts)")
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return ""
-    return str(value) if isinstance(value, int) else f"{value:.4f}"

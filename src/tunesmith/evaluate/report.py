@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tunesmith import atomic
 from tunesmith.evaluate.text import length
+from tunesmith.output import fmt_number
 
 # Metrics on a 0..1 scale (BLEU and chrF are 0..100 and are divided by 100 in the chart).
 QUALITY = ["rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match", "bertscore_f1", "accuracy", "macro_f1"]
@@ -73,9 +74,9 @@ def metrics_table(result) -> list[str]:
         if not _is_number(value) or key in SETTINGS:
             continue
         name = f"{key} (lower is better)" if key in LOWER_IS_BETTER else key
-        cells = [name, _fmt(value)]
+        cells = [name, fmt_number(value)]
         if compared is not None:
-            cells += [_fmt(compared.get(key)), fmt_delta(result.deltas.get(key))]
+            cells += [fmt_number(compared.get(key)), fmt_delta(result.deltas.get(key))]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -168,12 +169,6 @@ def _short(name: str) -> str:
 
 def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return ""
-    return str(value) if isinstance(value, int) else f"{value:.4f}"
 
 
 def fmt_delta(delta) -> str:

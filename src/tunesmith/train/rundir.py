@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tunesmith import __version__
 from tunesmith.errors import UsageError
+from tunesmith.output import fmt_number
 
 METRICS = "metrics.jsonl"
 
@@ -210,8 +211,8 @@ def write_model_card(run_dir: Path, config, info: dict, *, trainable: int, total
         f"| system prompt | {config.data.system_prompt or 'the template default'} |",
         f"| steps | {info['steps']} (lr {config.train.lr}, batch {config.train.batch_size} x "
         f"{config.train.grad_accum} accumulation, max length {config.data.max_length}) |",
-        f"| final train loss | {_fmt(info['final_train_loss'])} |",
-        f"| final eval loss | {_fmt(eval_loss)} |",
+        f"| final train loss | {fmt_number(info['final_train_loss'], missing='n/a')} |",
+        f"| final eval loss | {fmt_number(eval_loss, missing='n/a')} |",
         f"| data fingerprint | `{info['data_fingerprint'][:16]}` |",
         "",
         "![loss](loss.png)",
@@ -253,5 +254,3 @@ def _python_usage(config, run: Path) -> str:
     return f"With plain transformers/peft:\n\n```python\n{body}\n```"
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
