@@ -505,7 +505,7 @@ def _start(run: PreparedRun) -> Session:
         state.initial_eval_loss = evaluate_loss(accelerator, model, run.data.val, config, session.pad_id)
         _print(f"held-out loss before training: {state.initial_eval_loss:.4f}")
         if log:
-            log.write({"step": 0, "eval_loss": state.initial_eval_loss})
+            log.write({"step": 0, "initial_eval_loss": state.initial_eval_loss})
     return session
 
 

@@ -148,7 +148,9 @@ def plot_losses(run_dir: Path) -> Path | None:
 
     rows = read_metrics(Path(run_dir) / METRICS)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    # the held-out loss before training (step 0) starts the eval curve
+    evals = [(r["step"], r.get("eval_loss", r.get("initial_eval_loss"))) for r in rows
+             if r.get("eval_loss", r.get("initial_eval_loss")) is not None]
     if not train and not evals:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
