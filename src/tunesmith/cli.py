@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from tunesmith import __version__
+from tunesmith.config import choices as config_choices
 
 
 def _quickstart(args) -> int:
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", help="data files or directories")
     p.add_argument("--model", default=None, help="tokenizer and chat template for token statistics (default: the default model)")
     p.add_argument("--max-length", type=int, default=None, help="report what this sequence length truncates or drops")
-    p.add_argument("--truncation", default="truncate_prompt", choices=["drop", "truncate_prompt", "error"],
+    p.add_argument("--truncation", default="truncate_prompt", choices=config_choices("data.truncation"),
                    help="policy for examples over --max-length")
     p.add_argument("--template", default=None, help="built-in template (chatml, llama3, alpaca, seed) instead of the tokenizer's")
     p.add_argument("--eval", dest="eval_files", action="append", default=[], help="eval file: check train/eval overlap")

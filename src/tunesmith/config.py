@@ -30,12 +30,19 @@ from tunesmith.errors import UsageError
 from tunesmith.models.resolve import DEFAULT_MODEL
 
 
-def opt(default: Any, help: str, choices: tuple | None = None):
-    """A config field: its default, its help text (shown by --help) and, optionally, its valid values."""
-    meta = {"help": help, "choices": choices}
+def opt(default: Any, help: str, choices: tuple | None = None, *, minimum: float | None = None,
+        fingerprint: bool = True):
+    """A config field: its default, its help text (shown by --help) and, optionally, its valid values, its lower
+    bound (checked by ``validate``) and ``fingerprint=False`` for a field that does not change what is learned
+    (a resume may differ in it without --resume-force)."""
+    meta = {"help": help, "choices": choices, "minimum": minimum, "fingerprint": fingerprint}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# peft adapter methods; the others ("full", "freeze") train the model's own weights.
+ADAPTER_METHODS = ("lora", "dora", "rslora", "qlora")
 
 
 @dataclass
@@ -44,7 +51,7 @@ class ModelConfig:
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, ~30% slower")
     attn_implementation: str | None = opt(None, "attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice")
     allow_pickle: bool = opt(False, "load pickled weights (pytorch_model.bin) when a model has no safetensors; "
-                                    "a pickle can run arbitrary code, so only for models you trust")
+                                    "a pickle can run arbitrary code, so only for models you trust", fingerprint=False)
 
 
 @dataclass
@@ -58,25 +65,28 @@ class DataConfig:
     template: str | None = opt(None, "chat template: chatml, llama3, alpaca, seed; default: the tokenizer's own")
     system_prompt: str | None = opt(None, "system prompt for conversations that have none (saved with the run and used "
                                           "by chat/generate); default: whatever the template inserts")
-    max_length: int = opt(1024, "longest training sequence in tokens")
+    max_length: int = opt(1024, "longest training sequence in tokens", minimum=8)
     pack_length: int | None = opt(None, "tokens per packed row; default: max_length, or shorter on small data so that "
                                         "an epoch still has enough optimizer steps (see the run plan)")
-    truncation: str = opt("truncate_prompt", "what happens to longer examples", ("truncate_prompt", "drop", "error"))
+    truncation: str = opt("truncate_prompt", "what happens to longer examples: drop them, truncate_prompt (the oldest "
+                          "prompt tokens go first; the response keeps its end token), or error",
+                          ("truncate_prompt", "drop", "error"))
     packing: bool = opt(True, "pack several examples into each row (block-diagonal attention, no padding); "
                               "false: length-grouped padded batches")
     train_on_prompt: bool = opt(False, "also compute the loss on prompt (system/user) tokens")
     last_turn_only: bool = opt(False, "supervise only the last assistant turn of each conversation")
-    val_size: float = opt(0.0, "held-out validation split: a fraction (<1) or a number of examples (>=1); 0 disables")
+    val_size: float = opt(0.0, "held-out validation split: a fraction (<1) or a number of examples (>=1); 0 disables",
+                          minimum=0)
 
 
 @dataclass
 class MethodConfig:
-    name: str = opt("lora", "fine-tuning method", ("lora", "dora", "rslora", "qlora", "full", "freeze"))
-    r: int = opt(16, "LoRA rank")
+    name: str = opt("lora", "fine-tuning method", (*ADAPTER_METHODS, "full", "freeze"))
+    r: int = opt(16, "LoRA rank", minimum=1)
     alpha: int = opt(32, "LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) for rslora)")
     dropout: float = opt(0.05, "dropout on the LoRA input")
     target_modules: list[str] = opt(["all-linear"], "modules that get adapters: names (q_proj,v_proj) or all-linear")
-    trainable_layers: int = opt(2, "freeze: train only the last N transformer layers")
+    trainable_layers: int = opt(2, "freeze: train only the last N transformer layers", minimum=0)
     train_norm: bool = opt(True, "freeze: also train the final norm")
     train_lm_head: bool = opt(False, "freeze: also train the output head (tied to the input embeddings in many "
                                      "small models, which then train too)")
@@ -89,12 +99,12 @@ class TrainConfig:
     max_steps: int = opt(0, "optimizer steps to run; 0: derived from epochs")
     lr: float | None = opt(None, "peak learning rate; default: chosen from the method and the model's width")
     batch_size: int | None = opt(None, "rows per micro-batch per process (with packing, each row holds up to "
-                                       "pack_length tokens); default: chosen from the data and max_length")
+                                       "pack_length tokens); default: chosen from the data and max_length", minimum=1)
     grad_accum: int | None = opt(None, "micro-batches per optimizer step; the loss is averaged over every supervised "
-                                       "token of the step; default: chosen from the data size")
+                                       "token of the step; default: chosen from the data size", minimum=1)
     scheduler: str = opt("cosine", "learning-rate schedule after warmup", ("cosine", "linear", "constant"))
     warmup_steps: int | None = opt(None, "linear warmup steps (wins over warmup_ratio); default: 5% of the steps, "
-                                         "none in runs under 10 steps")
+                                         "none in runs under 10 steps", minimum=0)
     warmup_ratio: float | None = opt(None, "warmup as a fraction of all steps; default: see warmup_steps")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     adam_beta1: float = opt(0.9, "AdamW beta1")
@@ -104,29 +114,36 @@ class TrainConfig:
                          ("auto", "fp32", "bf16", "fp16"))
     neftune_alpha: float = opt(0.0, "NEFTune: noise scale on input embeddings during training (5 is typical); 0 disables")
     seed: int = opt(42, "seed for data order, splits, dropout and adapter init; CPU fp32 runs are bit-for-bit repeatable")
-    log_every: int = opt(10, "write a metrics.jsonl line every N steps")
-    resume: str | None = opt(None, "auto: continue from the newest complete checkpoint in output_dir; or a checkpoint path")
-    resume_force: bool = opt(False, "resume even if the config or the data changed since the checkpoint")
+    log_every: int = opt(10, "write a metrics.jsonl line every N steps", fingerprint=False)
+    resume: str | None = opt(None, "auto: continue from the newest complete checkpoint in output_dir; or a checkpoint path",
+                             fingerprint=False)
+    resume_force: bool = opt(False, "resume even if the config or the data changed since the checkpoint",
+                             fingerprint=False)
 
 
 @dataclass
 class EvalConfig:
     eval_every: int = opt(0, "compute the validation loss every N steps (and at the end); 0: only at the end")
-    batch_size: int = opt(0, "validation micro-batch size; 0: train.batch_size")
+    batch_size: int = opt(0, "validation micro-batch size; 0: train.batch_size", fingerprint=False)
     early_stopping_patience: int = opt(0, "stop after N evaluations without improvement; 0 disables")
     load_best: bool = opt(True, "end with the weights of the best validation loss (its checkpoint is always kept)")
 
 
 @dataclass
 class OutputConfig:
-    output_dir: str = opt("runs/train", "run directory: final weights, tokenizer, config, metrics, checkpoints")
-    save_every: int = opt(0, "write a checkpoint every N steps; 0: none except for the best evaluation")
-    save_total_limit: int = opt(2, "checkpoints to keep (the best and the newest are never deleted); 0 keeps all")
-    overwrite: bool = opt(False, "allow writing into an output_dir that already holds a run (without --resume)")
+    output_dir: str = opt("runs/train", "run directory: final weights, tokenizer, config, metrics, checkpoints",
+                          fingerprint=False)
+    save_every: int = opt(0, "write a checkpoint every N steps; 0: none except for the best evaluation",
+                          fingerprint=False)
+    save_total_limit: int = opt(2, "checkpoints to keep (the best and the newest are never deleted); 0 keeps all",
+                                fingerprint=False)
+    overwrite: bool = opt(False, "allow writing into an output_dir that already holds a run (without --resume)",
+                          fingerprint=False)
     report_to: list[str] = opt([], "experiment trackers that also get the config, every metrics row and the final "
                                    "losses (comma separated): tensorboard, mlflow, wandb, trackio; none by default. "
-                                   "Each needs its library (`pip install tunesmith[NAME]`)")
-    tensorboard: bool = opt(False, "older spelling of report_to=tensorboard (TensorBoard under output_dir/tensorboard)")
+                                   "Each needs its library (`pip install tunesmith[NAME]`)", fingerprint=False)
+    tensorboard: bool = opt(False, "older spelling of report_to=tensorboard (TensorBoard under output_dir/tensorboard)",
+                            fingerprint=False)
 
 
 @dataclass
@@ -162,6 +179,8 @@ class FieldInfo:
     default: Any
     help: str
     choices: tuple | None
+    minimum: float | None = None
+    fingerprint: bool = True
 
 
 def fields_info() -> list[FieldInfo]:
@@ -173,8 +192,24 @@ def fields_info() -> list[FieldInfo]:
         defaults = section_cls()
         for f in dataclasses.fields(section_cls):
             out.append(FieldInfo(f"{section.name}.{f.name}", hints[f.name], getattr(defaults, f.name),
-                                 f.metadata["help"], f.metadata.get("choices")))
+                                 f.metadata["help"], f.metadata.get("choices"), f.metadata.get("minimum"),
+                                 f.metadata.get("fingerprint", True)))
     return out
+
+
+def choices(key: str) -> tuple:
+    """The valid values of option ``key`` ("data.truncation"), for the CLI and the libraries that take it."""
+    return _field_map()[key].choices
+
+
+def minimum(key: str) -> float:
+    """The lower bound of option ``key`` ("data.max_length")."""
+    return _field_map()[key].minimum
+
+
+def fingerprint_keys() -> list[str]:
+    """The options a resume must find unchanged (without --resume-force): those that change what is learned."""
+    return [info.key for info in fields_info() if info.fingerprint]
 
 
 def _field_map() -> dict[str, FieldInfo]:
@@ -298,26 +333,30 @@ def apply_overrides(config: Config, overrides: typing.Iterable[str]) -> None:
         set_value(config, key.strip().lstrip("-"), value)
 
 
-def validate(config: Config) -> Config:
-    """Cross-field checks that a type alone cannot express."""
+def check_config(config: Config) -> Config:
+    """The checks a type alone cannot express: each field's lower bound (declared with the field) and the
+    cross-field ones."""
     t, d = config.train, config.data
     checks = [
         (bool(d.path), "data.path: no training data given (--data FILE)"),
-        ((t.batch_size or 1) >= 1 and (t.grad_accum or 1) >= 1, "train.batch_size and train.grad_accum must be >= 1"),
         (t.max_steps >= 0 and (t.epochs is None or t.epochs > 0), "train.epochs must be > 0 (or set train.max_steps)"),
         (t.lr is None or t.lr > 0, "train.lr must be > 0"),
-        (d.max_length >= 8, "data.max_length must be >= 8"),
-        (d.pack_length is None or 8 <= d.pack_length <= d.max_length, "data.pack_length must be in [8, max_length]"),
+        (d.pack_length is None or minimum("data.max_length") <= d.pack_length <= d.max_length,
+         f"data.pack_length must be in [{minimum('data.max_length')}, max_length]"),
         (t.warmup_ratio is None or 0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
-        (t.warmup_steps is None or t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
-        (d.val_size >= 0, "data.val_size must be >= 0"),
-        (config.method.r >= 1, "method.r must be >= 1"),
-        (config.method.trainable_layers >= 0, "method.trainable_layers must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    for info in fields_info():
+        section, name = info.key.split(".")
+        value = getattr(getattr(config, section), name)
+        if info.minimum is not None and value is not None and value < info.minimum:
+            raise UsageError(f"{info.key} must be >= {info.minimum}")
     return config
+
+
+validate = check_config  # the name train/loop.py imports until it switches to check_config
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
@@ -326,13 +365,4 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     if path is not None:
         apply_yaml(config, path)
     apply_overrides(config, overrides)
-    return config
-
-
-def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config from ``Config.to_dict()`` output (e.g. a run's config.yaml)."""
-    config = Config()
-    for section, values in data.items():
-        for key, value in (values or {}).items():
-            set_value(config, f"{section}.{key}", value)
     return config

@@ -93,3 +93,33 @@ def test_the_seed_example_loads():
     assert (config.train.warmup_steps, config.train.lr, config.train.log_every) == (100, 2e-4, 10)
     assert (config.output.save_every, config.eval.eval_every, config.output.save_total_limit) == (500, 500, 2)
     assert config.eval.load_best is True
+
+
+def test_fingerprint_leaves_out_exactly_the_fields_that_do_not_change_what_is_learned():
+    from tunesmith.config import fingerprint_keys
+
+    left_out = {info.key for info in fields_info()} - set(fingerprint_keys())
+    assert left_out == {"train.resume", "train.resume_force", "train.log_every", "eval.batch_size",
+                        "model.allow_pickle", *(info.key for info in fields_info() if info.key.startswith("output."))}
+
+
+def test_bounds_and_choices_are_declared_with_their_fields():
+    from tunesmith.config import ADAPTER_METHODS, choices, minimum, validate
+    from tunesmith.data.tokenize import TRUNCATION_POLICIES
+    from tunesmith.train.methods import is_adapter
+
+    assert TRUNCATION_POLICIES == choices("data.truncation")
+    assert all(is_adapter(m) == (m in ADAPTER_METHODS) for m in choices("method.name"))
+    config = load_config(None, ["data.path=a.jsonl", f"data.max_length={minimum('data.max_length') - 1}"])
+    with pytest.raises(UsageError, match="data.max_length must be >= 8"):
+        validate(config)
+
+
+def test_data_check_refuses_a_max_length_training_would_refuse(tmp_path, capsys):
+    """`data check --max-length` previews training, so it takes the same lower bound (it accepted 2 to 7)."""
+    from tunesmith.cli import main
+
+    path = tmp_path / "ok.jsonl"
+    path.write_text('{"instruction": "hi", "output": "hello"}\n')
+    assert main(["data", "check", str(path), "--max-length", "4", "--no-tokens"]) == 2
+    assert "--max-length must be at least 8, not 4" in capsys.readouterr().err

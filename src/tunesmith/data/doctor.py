@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from tunesmith.config import minimum
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.readers import DataIssue, read_dataset
 from tunesmith.errors import TunesmithError, UsageError
@@ -351,8 +352,8 @@ def check_data(files, *, model: str | None = None, max_length: int | None = None
     """Check ``files`` (and optionally ``eval_files``) and return the full report."""
     started = time.perf_counter()
     files = [str(f) for f in ([files] if isinstance(files, str | os.PathLike) else files)]
-    if max_length is not None and max_length < 2:
-        raise UsageError(f"--max-length must be at least 2, not {max_length}")
+    if max_length is not None and max_length < minimum("data.max_length"):  # what training accepts
+        raise UsageError(f"--max-length must be at least {minimum('data.max_length')}, not {max_length}")
     read = read_dataset(files, format=format, columns=columns, encoding=encoding)
     convs = read.conversations
     report = DataReport(files=files, num_examples=read.num_rows, num_valid=len(convs),

@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tunesmith.config import choices
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.templates import END_OF_TURN_TOKENS, current_template, find_control_token, template_label
 from tunesmith.errors import TunesmithError, UsageError
 
-IGNORE = -100
-TRUNCATION_POLICIES = ("drop", "truncate_prompt", "error")
+IGNORE = -100  # the label cross-entropy skips (PyTorch's ignore_index)
+TRUNCATION_POLICIES = choices("data.truncation")
 TOOLS_PREAMBLE = "You can call the following tools (JSON schemas):\n"
 
 
@@ -56,6 +57,7 @@ class EncodeOptions:
     def __post_init__(self):
         if self.truncation not in TRUNCATION_POLICIES:
             raise UsageError(f"truncation must be one of {', '.join(TRUNCATION_POLICIES)}, not '{self.truncation}'")
+        # The encoder's own limit (a label needs a token before it); training asks more (data.max_length's minimum).
         if self.max_length is not None and self.max_length < 2:
             raise UsageError(f"max_length must be at least 2, not {self.max_length}")
 

@@ -16,10 +16,8 @@ import importlib.util
 
 import torch
 
-from tunesmith.config import MethodConfig
+from tunesmith.config import ADAPTER_METHODS, MethodConfig
 from tunesmith.errors import UsageError
-
-ADAPTER_METHODS = ("lora", "dora", "rslora", "qlora")
 
 
 def is_adapter(method: str) -> bool:
