@@ -96,6 +96,12 @@ def _export(args) -> int:
     return run_export_command(args)
 
 
+def _verify(args) -> int:
+    from tunesmith.export.commands import run_verify_command
+
+    return run_verify_command(args)
+
+
 def _number(kind, low: float, high: float | None = None, low_open: bool = False):
     """An argparse type that refuses values transformers would reject later with a traceback."""
     def parse(text: str):
@@ -232,12 +238,27 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--merge", action="store_true", help="write a merged Hugging Face model directory")
     mode.add_argument("--gguf", action="store_true", help="write a GGUF file")
-    p.add_argument("--dtype", default="f16", choices=["f32", "f16", "q8_0"], help="GGUF tensor type")
+    p.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
+                   help="GGUF tensor type (4- and 5-bit types keep the embedding and output matrices in q8_0)")
     p.add_argument("--out", required=True, help="output directory (--merge) or .gguf file (--gguf)")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object: format (merge or gguf), path, bytes, dtype (null for merge), source")
+                   help="print one JSON object: format (merge or gguf), path, bytes, dtype (null for merge), source, "
+                        "verify (the verify report, null with --no-verify)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
+    p.add_argument("--no-verify", action="store_true", help="skip `tunesmith verify` on the written export")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("verify", help="check that training, generate, serve, the merged export and a GGUF "
+                                      "render the same prompts, stop at the trained end token and answer alike")
+    p.add_argument("model", help="run directory or model")
+    p.add_argument("--gguf", default=None, metavar="FILE", help="a .gguf export to check as llama.cpp reads it")
+    p.add_argument("--merged", default=None, metavar="DIR", help="a merged export (default: merge to a temp dir)")
+    p.add_argument("--data", default=None, help="held-out conversations (default: a few built-in questions)")
+    p.add_argument("--prompts", type=_number(int, 1), default=4, help="how many conversations")
+    p.add_argument("--max-new-tokens", type=_number(int, 1), default=24, help="greedy answer length compared")
+    p.add_argument("--json", action="store_true", help="print one JSON object: source, ok, checks (name, path, "
+                                                       "ok, detail, required)")
+    p.set_defaults(func=_verify)
     return parser
 
 

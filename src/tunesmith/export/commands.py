@@ -1,4 +1,6 @@
-"""`tunesmith export RUN --merge|--gguf`: the command-line layer over merge_to_dir and export_gguf."""
+"""`tunesmith export RUN --merge|--gguf` and `tunesmith verify`: the command-line layer over merge_to_dir,
+export_gguf and verify. Export verifies what it wrote (one line; --no-verify skips it) and fails when the
+export would not behave as the run did."""
 
 from __future__ import annotations
 
@@ -10,16 +12,47 @@ from tunesmith.output import json_stdout, print_json
 def run_export_command(args) -> int:
     with json_stdout(args.json):
         out = _export(args)
+        report = None if args.no_verify else _verify_export(args, out)
     if args.json:
         print_json({"format": "merge" if args.merge else "gguf", "path": str(out), "bytes": _bytes(out),
-                    "dtype": None if args.merge else args.dtype, "source": str(args.model)})
-    elif args.merge:
-        print(f"merged model written to {out} ({_bytes(out) / 1e6:.1f} MB)")
-        print(f"next: tunesmith chat {out}    or    tunesmith export {out} --gguf --out model.gguf")
+                    "dtype": None if args.merge else args.dtype, "source": str(args.model),
+                    "verify": report.to_dict() if report else None})
     else:
-        print(f"GGUF ({args.dtype}) written to {out} ({_bytes(out) / 1e6:.1f} MB)")
-        print(f"next: tunesmith generate {out} --prompt 'Hello'    or with llama.cpp: llama-cli -m {out} -cnv")
-    return 0
+        if args.merge:
+            print(f"merged model written to {out} ({_bytes(out) / 1e6:.1f} MB)")
+        else:
+            print(f"GGUF ({args.dtype}) written to {out} ({_bytes(out) / 1e6:.1f} MB)")
+        if report:
+            from tunesmith.export.verify import summary_line
+
+            print(f"{summary_line(report)} (ran automatically; details: tunesmith verify {args.model} "
+                  f"{'--merged' if args.merge else '--gguf'} {out})")
+        if args.merge:
+            print(f"next: tunesmith chat {out}    or    tunesmith export {out} --gguf --out model.gguf")
+        else:
+            print(f"next: tunesmith generate {out} --prompt 'Hello'    or with llama.cpp: llama-cli -m {out} -cnv")
+    return 1 if report and not report.ok else 0
+
+
+def run_verify_command(args) -> int:
+    from tunesmith.export.verify import print_report, verify
+
+    with json_stdout(args.json):
+        report = verify(args.model, gguf=args.gguf, merged=args.merged, data=args.data, prompts=args.prompts,
+                        max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        print_report(report)
+    return 0 if report.ok else 1
+
+
+def _verify_export(args, out: Path):
+    from tunesmith.export.verify import verify
+
+    if args.merge:
+        return verify(args.model, merged=out)
+    return verify(args.model, gguf=out)
 
 
 def _export(args) -> Path:

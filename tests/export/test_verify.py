@@ -1,0 +1,78 @@
+"""`tunesmith verify` on a tiny LoRA run: passes as exported, and names the path and token when a template
+or a stop id is broken."""
+
+import json
+import shutil
+
+import pytest
+
+from tunesmith.cli import main
+from tunesmith.export.gguf import export_gguf
+from tunesmith.export.verify import verify
+
+
+@pytest.fixture(scope="module")
+def run_gguf(lora_run_dir, tmp_path_factory):
+    return export_gguf(lora_run_dir, tmp_path_factory.mktemp("gguf") / "run.gguf", dtype="f16")
+
+
+def _lines(report):
+    return {(c.name, c.path): c for c in report.checks}
+
+
+def test_verify_passes_on_the_run_and_its_exports(lora_run_dir, run_gguf):
+    report = verify(lora_run_dir, gguf=run_gguf, prompts=3, max_new_tokens=8)
+    assert report.ok, [c for c in report.checks if not c.ok]
+    lines = _lines(report)
+    for path in ("generate", "serve", "merged", "gguf (F16)"):
+        assert lines[("prompt ids", path)].ok and lines[("stop ids", path)].ok
+    assert lines[("answers", "gguf (F16)")].required and lines[("answers", "merged")].ok
+    assert "'<|im_end|>'" in lines[("stop ids", "merged")].detail
+
+
+def _run_with_template(lora_run_dir, out, edit):
+    from transformers import AutoTokenizer
+
+    shutil.copytree(lora_run_dir, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.chat_template = edit(tokenizer.chat_template)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_a_template_without_the_end_of_turn_token_fails(lora_run_dir, tmp_path, capsys):
+    broken = _run_with_template(lora_run_dir, tmp_path / "run", lambda t: t.replace("'<|im_end|>'", "''"))
+    assert main(["verify", str(broken), "--prompts", "2", "--max-new-tokens", "4"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "prompt ids\ttraining\tFAIL" in out and "'<|im_end|>'" in out
+    assert "verify: FAILED" in out and "stop ids [generate]" in out
+
+
+def test_an_end_of_turn_token_generation_does_not_stop_at_fails(lora_run_dir, tmp_path, capsys):
+    # Turns closed by <pad>: training supervises it, but no path stops there.
+    broken = _run_with_template(lora_run_dir, tmp_path / "run", lambda t: t.replace("'<|im_end|>'", "'<pad>'"))
+    assert main(["verify", str(broken), "--prompts", "2", "--max-new-tokens", "4", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    failed = {(c["name"], c["path"]) for c in report["checks"] if not c["ok"]}
+    assert {("stop ids", "generate"), ("stop ids", "serve"), ("stop ids", "merged")} <= failed
+    assert all(c["ok"] for c in report["checks"] if c["name"] == "prompt ids")
+    assert "'<pad>' supervised in training is not a stop id" in next(
+        c["detail"] for c in report["checks"] if (c["name"], c["path"]) == ("stop ids", "serve"))
+
+
+def test_a_gguf_with_another_template_fails_on_its_path(lora_run_dir, tmp_path):
+    other = _run_with_template(lora_run_dir, tmp_path / "run", lambda t: t.replace("assistant\n'", "assistant\n\n'"))
+    gguf_file = export_gguf(other, tmp_path / "other.gguf", dtype="q8_0")
+    report = verify(lora_run_dir, gguf=gguf_file, prompts=2, max_new_tokens=4)
+    lines = _lines(report)
+    assert not report.ok and not lines[("prompt ids", "gguf (Q8_0)")].ok
+    assert lines[("prompt ids", "merged")].ok and not lines[("answers", "gguf (Q8_0)")].required
+    assert [c.path for c in report.failed] == ["gguf (Q8_0)"]
+
+
+def test_export_verifies_what_it_wrote(lora_run_dir, tmp_path, capsys):
+    assert main(["export", str(lora_run_dir), "--gguf", "--dtype", "f16", "--out", str(tmp_path / "m.gguf")]) == 0
+    out = capsys.readouterr().out
+    assert "verify: all" in out and "ran automatically" in out
+    assert main(["export", str(lora_run_dir), "--merge", "--out", str(tmp_path / "m"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verify"]["ok"] is True
