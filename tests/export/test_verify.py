@@ -76,3 +76,18 @@ def test_export_verifies_what_it_wrote(lora_run_dir, tmp_path, capsys):
     assert "verify: all" in out and "ran automatically" in out
     assert main(["export", str(lora_run_dir), "--merge", "--out", str(tmp_path / "m"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["verify"]["ok"] is True
+
+
+def test_the_runs_system_prompt_travels_into_both_exports(lora_run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run_dir, run)
+    info = json.loads((run / "tunesmith.json").read_text())
+    (run / "tunesmith.json").write_text(json.dumps({**info, "system_prompt": 'You are "Tuney", 一个助手.\nBe brief.'}))
+    report = verify(run, gguf=export_gguf(run, tmp_path / "run.gguf", dtype="f16"), prompts=2, max_new_tokens=4)
+    assert report.ok, report.failed
+    assert _lines(report)[("system prompt", "all")].detail.startswith("training's system prompt 'You are \"Tuney\"")
+    # A file written without it (as from a run that had none) is caught: llama.cpp would not render it.
+    plain = export_gguf(lora_run_dir, tmp_path / "plain.gguf", dtype="f16")
+    failed = {(c.name, c.path) for c in verify(run, gguf=plain, prompts=2, max_new_tokens=4).failed}
+    assert {("prompt ids", "gguf (F16)"), ("system prompt", "gguf (F16)")} <= failed
+    assert all(path == "gguf (F16)" for _, path in failed)

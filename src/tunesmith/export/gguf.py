@@ -23,6 +23,7 @@ import torch
 
 from tunesmith import atomic
 from tunesmith.errors import TunesmithError, UsageError
+from tunesmith.export.merge import template_with_system
 
 DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 
@@ -55,7 +56,8 @@ def export_gguf(run_or_model, out, dtype: str = "f16", *, overwrite: bool = Fals
     loaded = load(run_or_model, dtype=torch.float32, device="cpu", merge=True)
     check_supported(loaded.model.config)
     with atomic.atomic_path(out) as partial:  # a half-written file never carries the final name
-        _write(loaded.model, loaded.tokenizer, partial, dtype, name=Path(loaded.path).name)
+        _write(loaded.model, loaded.tokenizer, partial, dtype, name=Path(loaded.path).name,
+               system_prompt=loaded.system_prompt)
     return out
 
 
@@ -101,7 +103,7 @@ def _gemma3_local_base(config) -> float:
     return float(local.get("rope_theta", getattr(config, "rope_local_base_freq", 10000.0)))
 
 
-def _write(model, tokenizer, path: Path, dtype: str, name: str) -> None:
+def _write(model, tokenizer, path: Path, dtype: str, name: str, system_prompt: str | None = None) -> None:
     import gguf
 
     writer = gguf.GGUFWriter(str(path), ARCHITECTURES[model.config.model_type][0])
@@ -109,7 +111,7 @@ def _write(model, tokenizer, path: Path, dtype: str, name: str) -> None:
     writer.add_file_type(_FILE_TYPES[dtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_hyperparameters(writer, model.config)
-    add_tokenizer(writer, tokenizer, model.config.vocab_size)
+    add_tokenizer(writer, tokenizer, model.config.vocab_size, system_prompt)
     add_tensors(writer, model, dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -209,7 +211,7 @@ def _encode(data: np.ndarray, dtype: str):
 
 # -------------------------------------------------------------------------------------- tokenizer
 
-def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+def add_tokenizer(writer, tokenizer, vocab_size: int, system_prompt: str | None = None) -> None:
     """Byte-level BPE (llama 3, qwen, SmolLM, tekken) as ``gpt2``; BPE with byte fallback over "▁"-spaced
     pieces (llama 2, mistral, gemma: SentencePiece converted to tokenizer.json) as ``llama``."""
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -237,7 +239,7 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     writer.add_add_eos_token(False)
     template = getattr(tokenizer, "chat_template", None)
     if template:
-        writer.add_chat_template(template)
+        writer.add_chat_template(template_with_system(template, system_prompt))
 
 
 def piece_scores(tokens: list[str], merges: list[str]) -> list[float]:

@@ -21,7 +21,7 @@ questions) and the results are compared, one pass/fail line each:
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -128,11 +128,12 @@ class Training:
 
 def _training_path(adapter, convs, report: VerifyReport) -> Training:
     """Each conversation encoded as training encodes it (the run's system prompt given to those without)."""
+    from tunesmith.data.prompt import run_system_prompt, with_system_prompt
     from tunesmith.data.tokenize import IGNORE, EncodeOptions, encode, prompt_text
 
-    system = adapter.run_info.get("system_prompt")  # given by training to every conversation without one
+    system = run_system_prompt(adapter.run_info)
     prompts, ends, texts, problems = [], set(), [], []
-    for conv in [replace(c, system=system) if system and not c.system else c for c in convs]:
+    for conv in with_system_prompt(convs, system):
         try:
             encoded = encode(conv, adapter.tokenizer, EncodeOptions())
             text = prompt_text(conv, adapter.tokenizer)
@@ -159,12 +160,8 @@ def _training_path(adapter, convs, report: VerifyReport) -> Training:
 
 def render(loaded, messages: list[dict]) -> str:
     """The prompt generate, chat and serve render for ``messages`` (the run's system prompt included)."""
-    try:
-        from tunesmith.data.prompt import render_prompt
-    except ImportError:  # before prompt rendering moved to data.prompt
-        from tunesmith.inference import render_prompt as old_render
+    from tunesmith.data.prompt import render_prompt
 
-        return old_render(loaded.tokenizer, loaded.with_system(messages))
     return render_prompt(loaded.tokenizer, messages, loaded.run_info)
 
 
