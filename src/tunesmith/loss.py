@@ -16,6 +16,9 @@ how examples are grouped into batches or how much padding there is.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -29,6 +32,34 @@ def supervised_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     """(sum of NLL over supervised tokens, number of supervised tokens)."""
     nll, _ = _supervised_nll(model, batch)
     return nll.sum(), nll.numel()
+
+
+@torch.inference_mode()
+def sum_nll(model, examples: Sequence, batch_size: int, pad_id: int | None, *, device=None,
+            shard: tuple[int, int] = (0, 1), autocast: Callable = nullcontext,
+            on_batch: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """(sum of NLL, count) over the supervised tokens of encoded ``examples``: the eval loss of training's
+    validation and of `tunesmith eval` alike.
+
+    Examples go in length-sorted, right-padded batches of ``batch_size`` (similar lengths: little padding).
+    ``shard=(index, count)``: only every count-th batch from ``index`` (the others run in other processes;
+    their sums add up). ``on_batch(n)`` is called after each batch of n examples (a progress bar)."""
+    from tunesmith.data.packing import collate_padded
+
+    pad_id = 0 if pad_id is None else pad_id  # any id works: padding is masked out of attention and loss
+    device = device if device is not None else model.device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    total_nll, total_tokens = 0.0, 0
+    for batch in batches[shard[0]::shard[1]]:
+        inputs = {k: v.to(device) for k, v in collate_padded([examples[i] for i in batch], pad_id).items()}
+        with autocast():
+            nll, count = supervised_loss(model, inputs)
+        total_nll += float(nll.double())  # accumulate in float64: thousands of batches, no drift
+        total_tokens += count
+        if on_batch:
+            on_batch(len(batch))
+    return total_nll, total_tokens
 
 
 def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,3 +78,17 @@ def test_prompt_tokens_are_not_scored(tiny):
 def test_bad_batch_size(tiny):
     with pytest.raises(UsageError, match="batch_size"):
         perplexity(tiny.model, tiny.tokenizer, _conversations(), batch_size=0, progress=False)
+
+
+def test_shards_of_sum_nll_add_up_to_the_whole(tiny):
+    """loss.sum_nll is the one eval-loss sum: what processes compute on their shards adds up to it."""
+    from tunesmith.data.tokenize import EncodeOptions, encode_all
+    from tunesmith.loss import sum_nll
+
+    examples = encode_all(_conversations(), tiny.tokenizer, EncodeOptions(), progress=False).examples
+    whole = sum_nll(tiny.model, examples, 2, tiny.tokenizer.pad_token_id)
+    parts = [sum_nll(tiny.model, examples, 2, tiny.tokenizer.pad_token_id, shard=(i, 3)) for i in range(3)]
+    assert sum(count for _, count in parts) == whole[1]
+    assert sum(nll for nll, _ in parts) == pytest.approx(whole[0], rel=1e-9)
+    result = perplexity(tiny.model, tiny.tokenizer, _conversations(), batch_size=2, progress=False)
+    assert result.eval_loss == pytest.approx(whole[0] / whole[1], rel=1e-12)

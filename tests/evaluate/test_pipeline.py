@@ -172,3 +172,13 @@ def test_tunesmith_evaluate_is_callable_even_after_submodule_imports(tiny_run):
     assert result.predictions[0]["reference"] == "Hello!" and "exact_match" in result.metrics
     with pytest.raises(UsageError, match="no evaluation data"):
         tunesmith.evaluate(str(tiny_run), [], **FAST)
+
+
+def test_perplexity_cuts_examples_at_the_runs_max_length_for_the_run_and_its_base(tiny_model_dir, qa_file, tmp_path):
+    """Eval loss is the quantity training validated: examples cut at the run's max_length (it used the model's
+    whole context, so a run trained on short rows was scored on tokens it never saw)."""
+    whole = evaluate(str(make_lora_run(tmp_path / "long", tiny_model_dir)), str(qa_file), metrics="perplexity", **FAST)
+    run = make_lora_run(tmp_path / "short", tiny_model_dir, info={"max_length": 8})
+    short = evaluate(str(run), str(qa_file), compare="base", metrics="perplexity", **FAST)
+    assert 0 < short.metrics["supervised_tokens"] == short.compare_metrics["supervised_tokens"] \
+        < whole.metrics["supervised_tokens"]

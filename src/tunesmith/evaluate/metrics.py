@@ -426,26 +426,34 @@ def classification(predictions, references, labels) -> dict:
 # --- everything at once ------------------------------------------------------------------------
 
 
-def score(predictions, references, *, metrics: list[str] | None = None, labels=None, jieba=False,
+def metric_names(names, labels, extra: tuple[str, ...] = ()) -> list[str]:
+    """The metrics to run, checked up front so a typo fails before any work: ``names``, or the defaults
+    (plus classification when there are labels). ``extra``: names the caller computes itself (perplexity)."""
+    names = list(names) if names is not None else [*DEFAULT_METRICS, *(["classification"] if labels else []), *extra]
+    unknown = [m for m in names if m not in ALL_METRICS and m not in extra]
+    if unknown:
+        raise UsageError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join([*ALL_METRICS, *extra])}")
+    if "classification" in names and not labels:
+        raise UsageError("the classification metric needs labels (e.g. --labels yes,no)")
+    return names
+
+
+def score(predictions, references, *, metrics: list[str] | None = None, labels=None, gold=None, jieba=False,
           use_stemmer=True, lang=None, bertscore_model=None, bertscore_num_layers=None,
           bertscore_rescale=False, bertscore_baseline_path=None, per_example=False) -> dict:
     """Run the metrics named in ``metrics`` and merge their results into one flat-ish dict.
 
     Default: rouge, bleu, chrf, exact_match, length, repetition, plus classification when labels
-    are given. BERTScore loads an encoder, so it runs only when named. With ``per_example`` the
+    are given. Classification compares with ``gold`` (one label per pair) when given, else with the
+    references. BERTScore loads an encoder, so it runs only when named. With ``per_example`` the
     result also holds ``rouge_per_example`` (one {rouge1, rouge2, rougeL} per pair), computed in
     the same pass as the means.
     """
     predictions, references = _check_pairs(predictions, references)
-    metrics = list(metrics) if metrics is not None else DEFAULT_METRICS + (["classification"] if labels else [])
-    unknown = [m for m in metrics if m not in ALL_METRICS]
-    if unknown:
-        raise UsageError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(ALL_METRICS)}")
-    if "classification" in metrics and not labels:
-        raise UsageError("the classification metric needs labels (e.g. --labels yes,no)")
+    metrics = metric_names(metrics, labels)
     result: dict = {"n": len(predictions)}
     for name in metrics:
-        result.update(_run_metric(name, predictions, references, labels=labels, jieba=jieba,
+        result.update(_run_metric(name, predictions, references, labels=labels, gold=gold, jieba=jieba,
                                   use_stemmer=use_stemmer, lang=lang, bertscore_model=bertscore_model,
                                   bertscore_num_layers=bertscore_num_layers, bertscore_rescale=bertscore_rescale,
                                   bertscore_baseline_path=bertscore_baseline_path))
@@ -470,7 +478,7 @@ def _run_metric(name, predictions, references, **opts) -> dict:
     if name == "repetition":
         return repetition(predictions)
     if name == "classification":
-        return classification(predictions, references, opts["labels"])
+        return classification(predictions, opts["gold"] if opts["gold"] is not None else references, opts["labels"])
     return bertscore(predictions, references, model=opts["bertscore_model"], num_layers=opts["bertscore_num_layers"],
                      rescale=opts["bertscore_rescale"], baseline_path=opts["bertscore_baseline_path"],
                      lang=opts["lang"])

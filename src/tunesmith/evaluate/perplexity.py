@@ -3,9 +3,9 @@
 Token-weighted: the negative log-likelihood is summed over every supervised token of every
 example and divided by the number of those tokens, and only then exponentiated. A mean of
 per-batch or per-sequence perplexities would change with the batch size and would let short
-examples weigh as much as long ones. Padding is never supervised (collate_padded puts -100 there),
+examples weigh as much as long ones. Padding is never supervised (collate_padded puts IGNORE there),
 and the masks are the ones training uses (tokenize.encode_all), so the eval loss here is the
-same quantity as the training run's validation loss.
+same quantity as the training run's validation loss, summed by loss.sum_nll.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-
-import torch
 
 from tunesmith.data.conversation import Conversation
 from tunesmith.errors import UsageError
@@ -46,31 +44,20 @@ def perplexity(model, tokenizer, conversations: Sequence[Conversation], *, batch
     examples = [e for e in encoded.examples if e.num_supervised > 0]
     if not examples:
         raise UsageError("no supervised tokens to score: every example's assistant turns are masked or dropped")
-    total_nll, total_tokens = sum_nll(model, examples, batch_size, tokenizer.pad_token_id, progress)
+    total_nll, total_tokens = _sum_nll(model, examples, batch_size, tokenizer.pad_token_id, progress)
     loss = total_nll / total_tokens
     return PerplexityResult(eval_loss=loss, perplexity=math.exp(loss), supervised_tokens=total_tokens,
                             examples=len(examples), truncated=encoded.truncated)
 
 
-@torch.inference_mode()
-def sum_nll(model, examples, batch_size: int, pad_id: int | None, progress: bool = True) -> tuple[float, int]:
-    """(sum of NLL, count) over the supervised tokens of encoded ``examples``, in length-sorted batches."""
+def _sum_nll(model, examples, batch_size: int, pad_id: int | None, progress: bool) -> tuple[float, int]:
+    """loss.sum_nll (the quantity training validates with) under a progress bar."""
     from rich.console import Console
     from rich.progress import Progress
 
-    from tunesmith.data.packing import collate_padded
-    from tunesmith.loss import supervised_loss
+    from tunesmith.loss import sum_nll
 
-    pad_id = 0 if pad_id is None else pad_id  # any id works: padding is masked out of attention and loss
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # similar lengths: less padding
-    total_nll, total_tokens = 0.0, 0
     with Progress(*Progress.get_default_columns(), console=Console(stderr=True), transient=True,
                   disable=not progress) as bar:
         task = bar.add_task("perplexity", total=len(examples))
-        for start in range(0, len(order), batch_size):
-            batch = collate_padded([examples[i] for i in order[start:start + batch_size]], pad_id)
-            nll, count = supervised_loss(model, {k: v.to(model.device) for k, v in batch.items()})
-            total_nll += float(nll.double())  # accumulate in float64: thousands of batches, no drift
-            total_tokens += count
-            bar.advance(task, len(order[start:start + batch_size]))
-    return total_nll, total_tokens
+        return sum_nll(model, examples, batch_size, pad_id, on_batch=lambda n: bar.advance(task, n))

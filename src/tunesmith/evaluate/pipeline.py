@@ -33,7 +33,7 @@ from tunesmith import atomic
 from tunesmith.data import textfiles
 from tunesmith.data.conversation import Conversation
 from tunesmith.errors import TunesmithError, UsageError
-from tunesmith.evaluate.metrics import ALL_METRICS, DEFAULT_METRICS
+from tunesmith.evaluate.metrics import metric_names
 from tunesmith.inference import GenerationOptions
 
 PERPLEXITY = "perplexity"
@@ -106,11 +106,10 @@ def evaluate(model: str, data: str | Sequence, *, metrics: Sequence[str] | str |
                         options={"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                                  "batch_size": batch_size, "limit": limit})
     if compare_name:
-        # The base answers exactly what the run answered: the run's system prompt, and its template when the
-        # base has none. Another run keeps its own system prompt, as it was trained.
-        system_prompt = main.run_info.get("system_prompt") if compare == "base" else None
+        # The base answers exactly what the run answered: the run's system prompt and max_length, and its
+        # template when the base has none. Another run keeps its own, as it was trained.
         other = evaluate_model(compare_name, conversations, options, settings, paths["compare_predictions"],
-                               system_prompt=system_prompt, fallback_template=main.path)
+                               like_run=main.run_info if compare == "base" else None, fallback_template=main.path)
         result.compare = compare if compare != "base" else f"base ({compare_name})"
         result.compare_metrics, result.compare_predictions = other.metrics, other.predictions
         result.deltas = metric_deltas(main.metrics, other.metrics)
@@ -128,13 +127,7 @@ def make_settings(metrics, labels, **kwargs) -> EvalSettings:
     """Check metric and label names up front, so a typo fails before minutes of generation."""
     labels = [s.strip() for s in labels.split(",") if s.strip()] if isinstance(labels, str) else labels
     names = [s.strip() for s in metrics.split(",") if s.strip()] if isinstance(metrics, str) else metrics
-    if names is None:
-        names = [*DEFAULT_METRICS, *(["classification"] if labels else []), PERPLEXITY]
-    unknown = [m for m in names if m not in ALL_METRICS and m != PERPLEXITY]
-    if unknown:
-        raise UsageError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join([*ALL_METRICS, PERPLEXITY])}")
-    if "classification" in names and not labels:
-        raise UsageError("the classification metric needs labels (e.g. --labels yes,no)")
+    names = metric_names(names, labels, extra=(PERPLEXITY,))
     return EvalSettings(metrics=[m for m in names if m != PERPLEXITY], perplexity=PERPLEXITY in names,
                         labels=list(labels) if labels else None, **kwargs)
 
@@ -202,25 +195,29 @@ def _predictions_path(out: Path | None, compare: str | None) -> Path | None:
 # ---------------------------------------------------------------- one model
 
 def evaluate_model(name: str, conversations: list[Conversation], options: GenerationOptions, settings: EvalSettings,
-                   predictions_path: Path | None, *, system_prompt: str | None = None,
+                   predictions_path: Path | None, *, like_run: dict | None = None,
                    fallback_template: Path | None = None) -> ModelEval:
-    """Generate, score and (when asked) measure perplexity for one model; the model is freed afterwards."""
+    """Generate, score and (when asked) measure perplexity for one model; the model is freed afterwards.
+
+    ``like_run``: the tunesmith.json whose system prompt and max_length to use (default: the model's own)."""
     from tunesmith.data.prompt import ensure_template, run_system_prompt, with_system_prompt
     from tunesmith.models.load import load
 
     loaded = load(name)
     ensure_template(loaded.tokenizer, fallback_template)
-    prompt = system_prompt if system_prompt is not None else run_system_prompt(loaded.run_info)
-    conversations = with_system_prompt(conversations, prompt)
+    run_info = like_run if like_run is not None else loaded.run_info
+    conversations = with_system_prompt(conversations, run_system_prompt(run_info))
     predictions = generate_predictions(loaded, conversations, options, settings, predictions_path, name)
     metrics = score_predictions(predictions, settings)
     metrics.update(generation_stats(predictions))
     if settings.perplexity:
         from tunesmith.evaluate.perplexity import perplexity
 
-        # Cut to the context as training does (the prompt first); the report counts what was cut.
+        # Cut as training cut (the run's max_length, else the model's context; the prompt first): the eval loss
+        # is then the one training validated with. The report counts what was cut.
         result = perplexity(loaded.model, loaded.tokenizer, conversations, batch_size=settings.batch_size,
-                            max_length=context_length(loaded.model), progress=settings.progress)
+                            max_length=run_info.get("max_length") or context_length(loaded.model),
+                            progress=settings.progress)
         metrics.update(eval_loss=result.eval_loss, perplexity=result.perplexity,
                        supervised_tokens=result.supervised_tokens)
     if predictions_path:
@@ -355,17 +352,14 @@ def score_predictions(records: list[dict], settings: EvalSettings) -> dict:
 
     Classification compares against a record's ``label`` when it has one, else its reference text.
     """
-    from tunesmith.evaluate.metrics import classification, score
+    from tunesmith.evaluate.metrics import score
 
     predictions = [r["prediction"] for r in records]
     references = [r["reference"] for r in records]
-    text_metrics = [m for m in settings.metrics if m != "classification"]
-    result = score(predictions, references, metrics=text_metrics, jieba=settings.jieba,
+    result = score(predictions, references, metrics=settings.metrics, labels=settings.labels,
+                   gold=[r.get("label", r["reference"]) for r in records], jieba=settings.jieba,
                    bertscore_model=settings.bertscore_model, per_example=True)
     rows = result.pop("rouge_per_example", None)  # ROUGE is the slowest metric: computed once
-    if "classification" in settings.metrics:
-        gold = [r.get("label", r["reference"]) for r in records]
-        result.update(classification(predictions, gold, settings.labels))
     if rows is not None:
         for record, row in zip(records, rows, strict=True):
             record["rougeL"] = row["rougeL"]

@@ -178,6 +178,7 @@ def write_run_info(run_dir: Path, config, *, base_model_path: Path, steps: int, 
         "method": config.method.name,
         "template": config.data.template,
         "system_prompt": config.data.system_prompt,
+        "max_length": config.data.max_length,  # eval's perplexity cuts examples as training did
         "steps": steps,
         "data_fingerprint": data_fingerprint,
         "final_train_loss": _finite_or_none(final_train_loss),
