@@ -31,7 +31,6 @@ LLAMA_CPP_EOG_NAMES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "
                        "<|end_of_text|>", "<end_of_utterance>")
 PROBES = ["Who are you?", "What is the capital of France?", "Explain machine learning in one sentence.",
           "你好，你是谁？", "Give me three tips for staying healthy.", "Translate 'good morning' into French."]
-EXACT_GGUF_TYPES = ("F32", "F16", "MOSTLY_F16", "ALL_F32")
 
 
 @dataclass
