@@ -5,6 +5,10 @@ not), GET /v1/models, GET /health. Requests are validated by pydantic; every 4xx
 OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``, so the official
 clients raise their usual ``BadRequestError``, ``AuthenticationError`` or ``NotFoundError``.
 
+Chat prompts are rendered by data.prompt.render_prompt, as training rendered its conversations: the
+run's template and system prompt, and a request's ``tools`` (and assistant ``tool_calls``) where
+training put a conversation's function schemas and calls.
+
 Guards, cheapest first (``Guard``, an ASGI middleware that runs before any body is read):
 an API key (``--api-key`` or TUNESMITH_API_KEY) required on everything but /health, compared in
 constant time; a body-size limit checked on Content-Length before reading and counted while
@@ -188,14 +192,7 @@ def create_app(loaded, *, api_key: str | None = None, max_body_mb: float = DEFAU
         engine.check_model(request.model)
         messages = [m.as_template_message() for m in request.messages]
         tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
-        fields = [(f"messages.{i}.content", m["content"]) for i, m in enumerate(messages)]
-        fields += [(f"messages.{i}.tool_calls", json.dumps(m["tool_calls"], ensure_ascii=False))
-                   for i, m in enumerate(messages) if m.get("tool_calls")]
-        for param, text in fields + ([("tools", json.dumps(tools, ensure_ascii=False))] if tools else []):
-            if token := find_control_token(text, engine.tokenizer):
-                raise BadRequest(f"{param} contains the control token {token!r}, which the model would read as "
-                                 "template structure (a turn boundary), not as text; remove it", param,
-                                 "control_token_in_content")
+        _refuse_control_tokens(messages, tools, engine.tokenizer)
         try:
             prompt = render_prompt(engine.tokenizer, messages, engine.loaded.run_info, tools=tools)
         except TemplateRefused as exc:  # the chat template's own raise_exception, e.g. roles not alternating
@@ -209,6 +206,19 @@ def create_app(loaded, *, api_key: str | None = None, max_body_mb: float = DEFAU
         return await engine.respond(prompt, request, chat=False)
 
     return app
+
+
+def _refuse_control_tokens(messages: list[dict], tools: list[dict] | None, tokenizer) -> None:
+    """A 400 naming the first field (content, tool calls, tool schemas) that spells out a control token."""
+    fields = [(f"messages.{i}.content", m["content"]) for i, m in enumerate(messages)]
+    fields += [(f"messages.{i}.tool_calls", json.dumps(m["tool_calls"], ensure_ascii=False))
+               for i, m in enumerate(messages) if m.get("tool_calls")]
+    fields += [("tools", json.dumps(tools, ensure_ascii=False))] if tools else []
+    for param, text in fields:
+        if token := find_control_token(text, tokenizer):
+            raise BadRequest(f"{param} contains the control token {token!r}, which the model would read as "
+                             "template structure (a turn boundary), not as text; remove it", param,
+                             "control_token_in_content")
 
 
 def _error_body(message: str, param: str | None = None, type_: str = "invalid_request_error",
