@@ -62,6 +62,7 @@ def _tokenizer(family: str):
         vocab, merges = _bpe(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"],
                              byte_fallback=True)
         tok = GemmaTokenizer(vocab=vocab, merges=merges)
+        tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})  # whole, as Gemma's
         tok.chat_template = GEMMA_TEMPLATE
     return tok
 

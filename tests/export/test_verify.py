@@ -91,3 +91,20 @@ def test_the_runs_system_prompt_travels_into_both_exports(lora_run_dir, tmp_path
     failed = {(c.name, c.path) for c in verify(run, gguf=plain, prompts=2, max_new_tokens=4).failed}
     assert {("prompt ids", "gguf (F16)"), ("system prompt", "gguf (F16)")} <= failed
     assert all(path == "gguf (F16)" for _, path in failed)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "mistral", "gemma3_text"])
+def test_verify_passes_on_other_families_and_their_gguf(arch, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.export.test_gguf_architectures import FAMILY, _config, _tokenizer
+
+    tokenizer = _tokenizer(FAMILY[arch])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_config(arch, len(tokenizer), tokenizer)).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    gguf_file = export_gguf(tmp_path / "m", tmp_path / "m.gguf", dtype="f16")
+    report = verify(tmp_path / "m", gguf=gguf_file, prompts=2, max_new_tokens=4)
+    assert report.ok, report.failed
+    assert _lines(report)[("prompt ids", "gguf (F16)")].ok

@@ -240,12 +240,21 @@ def _gguf_path(file: Path, convs, max_new_tokens: int) -> Route:
     else:
         path.texts = [tokenizer.apply_chat_template(_user_messages(c), tokenize=False, add_generation_prompt=True)
                       for c in convs]
-    path.prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in path.texts]
+    path.prompts = [_with_bos(reader, tokenizer(t, add_special_tokens=False)["input_ids"]) for t in path.texts]
     model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = sorted(path.stop_ids)
     path.answers = _greedy(model, tokenizer, path.texts, max_new_tokens)
     path.name = f"gguf ({_gguf_type(reader)})"
     return path
+
+
+def _with_bos(reader, ids: list[int]) -> list[int]:
+    """llama.cpp adds BOS to a prompt when the file says so, unless the template already wrote it."""
+    fields = reader.fields
+    if "tokenizer.ggml.add_bos_token" not in fields or not fields["tokenizer.ggml.add_bos_token"].contents():
+        return ids
+    bos = int(fields["tokenizer.ggml.bos_token_id"].contents())
+    return ids if ids[:1] == [bos] else [bos, *ids]
 
 
 def _gguf_stop_ids(reader) -> set[int]:
