@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.inference import GenerationOptions, generate, render_prompt
+from tunesmith.data.prompt import render_prompt
+from tunesmith.inference import GenerationOptions, generate
 from tunesmith.models.load import load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     loaded = load(args.model, dtype=torch.float32)
-    prompts = [render_prompt(loaded.tokenizer, m) for m in read_prompts(Path(args.data), args.prompts)]
+    prompts = [render_prompt(loaded.tokenizer, m, loaded.run_info) for m in read_prompts(Path(args.data), args.prompts)]
     options = GenerationOptions(max_new_tokens=args.max_new_tokens)
     generate(loaded.model, loaded.tokenizer, prompts[:2], GenerationOptions(max_new_tokens=4))  # warm-up
 
