@@ -49,7 +49,8 @@ def _own_cpu() -> float:
 
 
 def _cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "tunesmith.cli", *args], check=True, stdout=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same threads as the plain loop
+    subprocess.run([sys.executable, "-m", "tunesmith.cli", *args], check=True, stdout=subprocess.DEVNULL, env=env)
 
 
 def accuracy(predictions: list[str], rows: list[dict]) -> float:
@@ -135,10 +136,12 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of the plain loop (scored after each)")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="threads for both systems (1 keeps CPU seconds honest on a busy machine)")
     args = parser.parse_args()
     from tunesmith.models.resolve import resolve
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     model_path = str(resolve(args.model))
     work = Path(args.work or tempfile.mkdtemp(prefix="efficacy-"))
     paths = write_facts(work / "data")
@@ -147,7 +150,7 @@ def main() -> None:
     started = time.perf_counter()
     rows = [run_tunesmith(paths, work, heldout), *run_plain_loop(model_path, train, heldout, args.epochs)]
     print(f"\n{len(train)} training examples, {len(heldout)} held-out questions, model {args.model}, "
-          f"{os.cpu_count()} CPUs, {time.perf_counter() - started:.0f} s in all\n")
+          f"{args.threads} thread(s), {time.perf_counter() - started:.0f} s in all\n")
     print("| system | held-out accuracy | CPU s | |\n| --- | ---: | ---: | --- |")
     for row in rows:
         print(f"| {row['system']} | {row['accuracy']:.0%} | {row['cpu_s']:.0f} | {row['detail']} |")
