@@ -182,3 +182,13 @@ def test_perplexity_cuts_examples_at_the_runs_max_length_for_the_run_and_its_bas
     short = evaluate(str(run), str(qa_file), compare="base", metrics="perplexity", **FAST)
     assert 0 < short.metrics["supervised_tokens"] == short.compare_metrics["supervised_tokens"] \
         < whole.metrics["supervised_tokens"]
+
+
+def test_a_run_records_the_max_length_eval_cuts_at(tmp_path):
+    from tunesmith.config import load_config
+    from tunesmith.train.rundir import write_run_info
+
+    config = load_config(None, ["data.max_length=96"])
+    info = write_run_info(tmp_path, config, base_model_path=tmp_path, steps=1, data_fingerprint="x",
+                          final_train_loss=1.0, final_eval_loss=None)
+    assert info["max_length"] == json.loads((tmp_path / "tunesmith.json").read_text())["max_length"] == 96
