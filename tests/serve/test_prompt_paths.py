@@ -50,11 +50,21 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _trained_prompt_ids(tokenizer) -> list[int]:
-    """The tokens training puts before the first supervised one (the run's system prompt added as in training)."""
-    conv = with_system_prompt([_conversation()], SYSTEM)[0]
-    encoded = encode(conv, tokenizer, EncodeOptions())
+def _trained_prompt_ids(tokenizer, tmp_path) -> list[int]:
+    """The tokens training puts before the first supervised one: the conversation read from a file and encoded
+    by the training loop's own data preparation, with data.system_prompt set as the run was trained."""
+    from tunesmith.config import load_config
+    from tunesmith.train.loop import prepare_data
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": QUESTION},
+                                             {"role": "assistant", "content": "It is sunny."}], "tools": TOOLS}))
+    config = load_config(None, [f"data.path={data}", f"data.system_prompt={SYSTEM}"])
+    encoded = prepare_data(config, tokenizer).train[0]
     first = next(i for i, label in enumerate(encoded.labels) if label != IGNORE)
+    # The same ids as the renderer's own rule for the run's system prompt gives.
+    same = encode(with_system_prompt([_conversation()], SYSTEM)[0], tokenizer, EncodeOptions())
+    assert same.input_ids == encoded.input_ids
     return encoded.input_ids[:first]
 
 
@@ -106,9 +116,9 @@ def _serve_prompt(loaded, tools: list[dict] | None) -> str:
     return seen[0]
 
 
-def test_every_path_renders_the_prompt_training_trained_on(run_dir, loaded, monkeypatch, capsys):
+def test_every_path_renders_the_prompt_training_trained_on(run_dir, loaded, monkeypatch, capsys, tmp_path):
     tokenizer = loaded.tokenizer
-    trained = _trained_prompt_ids(tokenizer)
+    trained = _trained_prompt_ids(tokenizer, tmp_path)
     prompts = {"eval": _eval_prompt(run_dir), "generate": _generate_prompt(run_dir, monkeypatch, capsys),
                "chat": _chat_prompt(run_dir, monkeypatch, capsys), "serve": _serve_prompt(loaded, TOOLS)}
     assert SYSTEM in prompts["serve"] and "get_weather" in prompts["serve"]
