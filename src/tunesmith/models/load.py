@@ -138,11 +138,11 @@ def load(name_or_run: str | Path, *, dtype: torch.dtype | None = None, device: s
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     path = resolve(name_or_run)
-    info = read_run_info(path)
+    info, base = read_run_info(path), base_model(path)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base_path = resolve(base_model(path))
+        base_path = resolve(base)
         require_safetensors(path, allow_pickle)
         base = _from_pretrained(base_path, dtype, allow_pickle)
         with refusing_remote_code(path):
@@ -150,7 +150,7 @@ def load(name_or_run: str | Path, *, dtype: torch.dtype | None = None, device: s
         if merge:
             model = model.merge_and_unload()
     else:
-        base_path = resolve(info["base_model"]) if info.get("base_model") else path  # a full fine-tune
+        base_path = resolve(base) if base else path  # a full fine-tune names its base; a plain model is its own
         model = _from_pretrained(path, dtype, allow_pickle)
     tokenizer = load_tokenizer(path if (path / "tokenizer_config.json").is_file() else base_path)
     model.to(device).eval()
