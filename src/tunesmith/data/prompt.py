@@ -1,7 +1,9 @@
 """The one prompt renderer: what a model sees before its answer, exactly as training rendered it.
 
-Training, eval, generate, chat and serve all render through here (export renders no prompt; it
-copies the template). This module owns three rules:
+Eval, generate, chat and serve render through ``render_prompt``; training renders whole
+conversations with tokenize.render, on the same pieces (render_messages, the template) and with
+the system prompt given by ``with_system_prompt``; export writes the template, and its verify
+renders through here. This module owns three rules:
 
 - the template: the tokenizer's own (a run's tokenizer carries the template it trained with); a
   tokenizer with none gets the built-in fallback training uses (templates.apply_template), or the
