@@ -108,7 +108,7 @@ def test_bounds_and_choices_are_declared_with_their_fields():
     from tunesmith.data.tokenize import TRUNCATION_POLICIES
     from tunesmith.train.methods import is_adapter
 
-    assert TRUNCATION_POLICIES == choices("data.truncation")
+    assert choices("data.truncation") == TRUNCATION_POLICIES
     assert all(is_adapter(m) == (m in ADAPTER_METHODS) for m in choices("method.name"))
     config = load_config(None, ["data.path=a.jsonl", f"data.max_length={minimum('data.max_length') - 1}"])
     with pytest.raises(UsageError, match="data.max_length must be >= 8"):
