@@ -33,7 +33,7 @@ from tunesmith.models.resolve import DEFAULT_MODEL
 def opt(default: Any, help: str, choices: tuple | None = None, *, minimum: float | None = None,
         fingerprint: bool = True):
     """A config field: its default, its help text (shown by --help) and, optionally, its valid values, its lower
-    bound (checked by ``validate``) and ``fingerprint=False`` for a field that does not change what is learned
+    bound (checked by ``check_config``) and ``fingerprint=False`` for a field that does not change what is learned
     (a resume may differ in it without --resume-force)."""
     meta = {"help": help, "choices": choices, "minimum": minimum, "fingerprint": fingerprint}
     if isinstance(default, list):
@@ -354,9 +354,6 @@ def check_config(config: Config) -> Config:
         if info.minimum is not None and value is not None and value < info.minimum:
             raise UsageError(f"{info.key} must be >= {info.minimum}")
     return config
-
-
-validate = check_config  # the name train/loop.py imports until it switches to check_config
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:

@@ -104,7 +104,7 @@ def test_fingerprint_leaves_out_exactly_the_fields_that_do_not_change_what_is_le
 
 
 def test_bounds_and_choices_are_declared_with_their_fields():
-    from tunesmith.config import ADAPTER_METHODS, choices, minimum, validate
+    from tunesmith.config import ADAPTER_METHODS, check_config, choices, minimum
     from tunesmith.data.tokenize import TRUNCATION_POLICIES
     from tunesmith.train.methods import is_adapter
 
@@ -112,7 +112,7 @@ def test_bounds_and_choices_are_declared_with_their_fields():
     assert all(is_adapter(m) == (m in ADAPTER_METHODS) for m in choices("method.name"))
     config = load_config(None, ["data.path=a.jsonl", f"data.max_length={minimum('data.max_length') - 1}"])
     with pytest.raises(UsageError, match="data.max_length must be >= 8"):
-        validate(config)
+        check_config(config)
 
 
 def test_data_check_refuses_a_max_length_training_would_refuse(tmp_path, capsys):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.config import Config, validate
+from tunesmith.config import Config, check_config, fingerprint_keys
 from tunesmith.errors import TunesmithError, UsageError
 
 
@@ -93,15 +93,12 @@ class Data:
 
 
 def _read(paths: list[str], config: Config) -> list:
+    from tunesmith.data.prompt import with_system_prompt
     from tunesmith.data.readers import load_conversations
 
     convs = load_conversations(paths, format=config.data.format, columns=config.data.columns,
                                encoding=config.data.encoding)
-    if config.data.system_prompt is not None:
-        for conv in convs:
-            if not conv.system and not conv.is_text:
-                conv.system = config.data.system_prompt
-    return convs
+    return with_system_prompt(convs, config.data.system_prompt)
 
 
 def _split(convs: list, val_size: float, seed: int) -> tuple[list, list]:
@@ -129,7 +126,7 @@ def _encode(convs: list, tokenizer, config: Config, what: str) -> list:
     result = encode_cached(convs, tokenizer, options, config.data.template, progress=PartialState().is_main_process)
     examples, unsupervised = [], []
     for e in result.examples:
-        (examples if any(label != -100 for label in e.labels) else unsupervised).append(e)
+        (examples if e.num_supervised else unsupervised).append(e)
     if unsupervised:
         # Nothing to learn from them (e.g. every assistant turn has weight 0); said, never silent.
         where = ", ".join(f"{e.source}:{e.line}" for e in unsupervised[:5])
@@ -190,7 +187,7 @@ def _collate(examples: list, batch: list[list[int]], packing: bool, pad_id: int)
 
 
 def _supervised_count(examples: list, batch: list[list[int]]) -> int:
-    return sum(sum(label != -100 for label in examples[i].labels) for row in batch for i in row)
+    return sum(examples[i].num_supervised for row in batch for i in row)
 
 
 def _token_count(examples: list, batch: list[list[int]]) -> int:
@@ -249,14 +246,11 @@ def _prepare_output_dir(config: Config) -> Path:
     return out
 
 
-# Keys that do not change what is learned: a resume may differ in them without --resume-force.
-_NOT_IN_FINGERPRINT = {"output", "train.resume", "train.resume_force", "train.log_every", "eval.batch_size",
-                       "model.allow_pickle"}
-
-
 def _config_fingerprint(config: Config) -> dict:
+    """The options that change what is learned (config.py marks the others), and their hash."""
     flat = {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
-    kept = {k: v for k, v in flat.items() if k not in _NOT_IN_FINGERPRINT and k.split(".")[0] not in _NOT_IN_FINGERPRINT}
+    keys = set(fingerprint_keys())
+    kept = {k: v for k, v in flat.items() if k in keys}
     return {"config": hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest(), "config_values": kept}
 
 
@@ -342,19 +336,15 @@ def train_step(accelerator, model, data: Data, window: list, packing: bool, pad_
 @torch.no_grad()
 def evaluate_loss(accelerator, model, examples: list, config: Config, pad_id: int) -> float:
     """Mean NLL per supervised token over ``examples``, split across processes, in a fixed order."""
-    from tunesmith.loss import supervised_loss
+    from tunesmith.loss import sum_nll
 
-    size = config.eval.batch_size or config.train.batch_size
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    batches = [[[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for batch in batches[accelerator.process_index::accelerator.num_processes]:
-        with accelerator.autocast():
-            nll, n = supervised_loss(model, _move(_collate(examples, batch, False, pad_id), accelerator.device))
-        totals += torch.tensor([nll.float().item(), float(n)], dtype=torch.float64, device=accelerator.device)
+    nll, n = sum_nll(model, examples, config.eval.batch_size or config.train.batch_size, pad_id,
+                     device=accelerator.device, shard=(accelerator.process_index, accelerator.num_processes),
+                     autocast=accelerator.autocast)
     model.train()
-    totals = accelerator.reduce(totals, reduction="sum")
+    totals = accelerator.reduce(torch.tensor([nll, float(n)], dtype=torch.float64, device=accelerator.device),
+                                reduction="sum")
     return (totals[0] / totals[1]).item()
 
 
@@ -390,7 +380,7 @@ def prepare_run(config: Config) -> PreparedRun:
     from tunesmith.train.methods import check_available
     from tunesmith.train.rundir import check_trackers
 
-    validate(config)
+    check_config(config)
     check_available(config.method)  # before any model is loaded
     check_trackers(config.output)  # a tracker asked for but not installed fails before any work
     base_path = resolve(config.model.name)
