@@ -102,6 +102,12 @@ def _verify(args) -> int:
     return run_verify_command(args)
 
 
+def _runs(args) -> int:
+    from tunesmith.runs import print_runs
+
+    return print_runs(args.dir, as_json=args.json)
+
+
 def _number(kind, low: float, high: float | None = None, low_open: bool = False):
     """An argparse type that refuses values transformers would reject later with a traceback."""
     def parse(text: str):
@@ -259,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object: source, ok, checks (name, path, "
                                                        "ok, detail, required)")
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser("runs", help="every run under a folder: status, method, data, steps, losses",
+                       description="Runs under DIR: a table on a terminal, tab-separated lines in a pipe.")
+    p.add_argument("dir", nargs="?", default="runs", help="folder holding run directories (default: runs)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: root, runs: [{path, name, status "
+                   "(running, finished, stopped, failed), method, data, steps, total_steps, train_loss, eval_loss, "
+                   "checkpoint, pid, modified}]")
+    p.set_defaults(func=_runs)
+
     return parser
 
 
