@@ -95,8 +95,8 @@ def verify(run_or_model, *, gguf=None, merged=None, data=None, prompts: int = 4,
 # ------------------------------------------------------------------------------------- conversations
 
 def _conversations(data, count: int) -> list:
-    """The last ``count`` conversations of ``data`` (held out from nothing: pass the validation file), or
-    the built-in questions with a placeholder answer (only their prompts are compared)."""
+    """The last ``count`` conversations of ``data`` (pass held-out data: a validation file), or the built-in
+    questions with a placeholder answer (their prompts are compared, and the answer's closing token)."""
     from tunesmith.data.conversation import Conversation, Message
 
     if data is not None:
@@ -284,15 +284,22 @@ def _compare(report: VerifyReport, adapter, training: Training, paths: list[Rout
     for path in paths:
         same = [t is not None and t == p for t, p in zip(training.prompts, path.prompts, strict=True)]
         first = next((i for i, s in enumerate(same) if not s), None)
-        report.checks.append(Check("prompt ids", path.name, all(same),
-                                   f"{sum(same)}/{len(same)} identical to training" + (
-                                       "" if first is None else f"; first difference in: {path.texts[first][:160]!r}")))
+        if first is not None and training.prompts[first] is None:
+            detail = "training cannot encode these conversations (see the training line); nothing to compare"
+        else:
+            detail = f"{sum(same)}/{len(same)} identical to training" + (
+                "" if first is None else f"; first difference in: {path.texts[first][:160]!r}")
+        report.checks.append(Check("prompt ids", path.name, all(same), detail))
     for path in paths:
         missing = [names[i] for i in training.end_ids if i not in path.stop_ids]
-        ended = ", ".join(repr(names[i]) for i in sorted(training.end_ids)) or "none found"
-        report.checks.append(Check("stop ids", path.name, bool(training.end_ids) and not missing,
-                                   f"end-of-turn {', '.join(map(repr, missing))} supervised in training is not a stop "
-                                   "id here" if missing else f"training's end-of-turn {ended} stops generation"))
+        stops = ", ".join(repr(path.tokenizer.convert_ids_to_tokens(i)) for i in sorted(path.stop_ids))
+        if not training.end_ids:
+            detail = f"training supervises no end-of-turn token, so nothing learned to emit this path's stops ({stops})"
+        elif missing:
+            detail = f"end-of-turn {', '.join(map(repr, missing))} supervised in training is not a stop id here ({stops})"
+        else:
+            detail = f"training's end-of-turn {', '.join(repr(names[i]) for i in sorted(training.end_ids))} stops generation"
+        report.checks.append(Check("stop ids", path.name, bool(training.end_ids) and not missing, detail))
     reference = next(p for p in paths if p.name == "generate")
     for path in paths:
         if path is reference or path.answers is None:
