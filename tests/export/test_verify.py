@@ -108,3 +108,17 @@ def test_verify_passes_on_other_families_and_their_gguf(arch, tmp_path):
     report = verify(tmp_path / "m", gguf=gguf_file, prompts=2, max_new_tokens=4)
     assert report.ok, report.failed
     assert _lines(report)[("prompt ids", "gguf (F16)")].ok
+
+
+def test_verify_reads_held_out_conversations(lora_run_dir, tmp_path, capsys):
+    from tests.conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "val.jsonl", [
+        {"messages": [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hello"},
+                      {"role": "assistant", "content": "Bonjour"}]},
+        {"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "A model."},
+                      {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Tiny."}]},
+    ])
+    assert main(["verify", str(lora_run_dir), "--data", str(data), "--max-new-tokens", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and "2 conversations encoded" in report["checks"][0]["detail"]
