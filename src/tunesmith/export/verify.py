@@ -11,8 +11,9 @@ questions) and the results are compared, one pass/fail line each:
 - stop ids: the token that closes an assistant turn in training (its last supervised label) is one of the
   ids generation stops at on every path; for the GGUF, llama.cpp's end-of-generation set: the file's EOS
   and EOT ids and the control tokens it recognises by name;
-- answers: greedy answers of the adapter, the merged model and the GGUF agree on every prompt (required
-  for f32/f16 files; for bf16, q8_0 and smaller the agreement is reported, never required);
+- answers: greedy answers of the adapter, the server, the merged model and the GGUF agree on every prompt
+  (required for f32/f16 files; for bf16, q8_0 and smaller the agreement is reported, never required, and
+  an f16 file is written alongside in a temporary directory so the exact comparison is still made);
 - system prompt: the one training used (the run's, or the template's default) is in every served prompt.
 
 ``verify`` returns a report; ``ok`` holds only when every required line passes.
@@ -88,6 +89,11 @@ def verify(run_or_model, *, gguf=None, merged=None, data=None, prompts: int = 4,
             paths.append(_merged_path(merged_dir, convs, max_new_tokens))
         if gguf is not None:
             paths.append(_gguf_path(Path(gguf), convs, max_new_tokens))
+            if not _exact(paths[-1]):  # answers are only required of an exact type: write the f16 one too
+                from tunesmith.export.gguf import export_gguf
+
+                f16 = export_gguf(run_or_model, Path(tmp) / "f16.gguf", dtype="f16")
+                paths.append(_gguf_path(f16, convs, max_new_tokens))
         _compare(report, adapter, training, paths)
     return report
 
@@ -271,6 +277,10 @@ def _gguf_type(reader) -> str:
     return gguf.LlamaFileType(int(reader.fields["general.file_type"].contents())).name.removeprefix("MOSTLY_")
 
 
+def _exact(path: Route) -> bool:
+    return path.name in ("gguf (F16)", "gguf (ALL_F32)")
+
+
 def _greedy(model, tokenizer, texts: list[str], max_new_tokens: int) -> list[str]:
     from tunesmith.inference import GenerationOptions, generate
 
@@ -305,7 +315,7 @@ def _compare(report: VerifyReport, adapter, training: Training, paths: list[Rout
         if path is reference or path.answers is None:
             continue
         agree = sum(a == b for a, b in zip(reference.answers, path.answers, strict=True))
-        required = not path.name.startswith("gguf") or any(t in path.name for t in ("(F16)", "(ALL_F32)"))
+        required = not path.name.startswith("gguf") or _exact(path)
         differ = next((b for a, b in zip(reference.answers, path.answers, strict=True) if a != b), None)
         detail = f"{agree}/{len(path.answers)} greedy answers equal the adapter's" + (
             "" if differ is None else f"; e.g. {differ[:80]!r}") + ("" if required else " (reported, not required)")
