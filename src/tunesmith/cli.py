@@ -108,6 +108,13 @@ def _runs(args) -> int:
     return print_runs(args.dir, as_json=args.json)
 
 
+def _ui(args) -> int:
+    from tunesmith.ui.app import run_ui
+
+    run_ui(host=args.host, port=args.port, lang=args.lang, runs_dir=args.runs_dir)
+    return 0
+
+
 def _number(kind, low: float, high: float | None = None, low_open: bool = False):
     """An argparse type that refuses values transformers would reject later with a traceback."""
     def parse(text: str):
@@ -274,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint, pid, modified}]")
     p.set_defaults(func=_runs)
 
+    p = sub.add_parser("ui", help="the web UI: data check, train, runs (English and Chinese)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--lang", default="en", choices=["en", "zh"], help="page language (switchable in the page)")
+    p.add_argument("--runs-dir", default="runs", help="where runs are listed and new runs are written")
+    p.set_defaults(func=_ui)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""The web UI (`tunesmith ui`): see app.py."""

@@ -1,0 +1,101 @@
+"""The trainings the web UI starts: `tunesmith train ...` child processes, never threads of the server.
+
+A child runs in its own session (a Ctrl-C on the server's terminal does not reach it) with its
+output in ``ui-train.log`` inside the run directory, and its pid and command in ``process.json``
+(runs.PROCESS_FILE), which ``tunesmith runs`` reads to call the run "running". A waiter thread
+records the exit code there when the child ends. A browser reload, a closed tab or a second page
+changes nothing: the state is in the run directory, and the page reads it again.
+
+Stop sends SIGINT to a child this server started, and to nothing else: training then finishes
+its step, writes a complete checkpoint and exits with 130 (train/loop.py, _Interrupt).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tunesmith.errors import UsageError
+from tunesmith.runs import PROCESS_FILE
+
+LOG_FILE = "ui-train.log"
+
+
+def cli_argv(argv: list[str]) -> list[str]:
+    """The command line that runs ``tunesmith ARGV`` with this Python (whatever `tunesmith` is on PATH)."""
+    return [sys.executable, "-m", "tunesmith.cli", *argv]
+
+
+def shown_command(argv: list[str]) -> str:
+    """What the page shows and a user copies: the same command, as typed in a shell."""
+    return shlex.join(["tunesmith", *argv])
+
+
+class Jobs:
+    """The children started by this server, by run directory."""
+
+    def __init__(self):
+        self.children: dict[Path, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+
+    def start(self, train_args: list[str], run_dir: Path) -> subprocess.Popen:
+        run_dir = Path(run_dir).resolve()
+        with self.lock:
+            child = self.children.get(run_dir)
+            if child is not None and child.poll() is None:
+                raise UsageError(f"{run_dir}: a training started here is still running")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            argv = ["train", *train_args]
+            with (run_dir / LOG_FILE).open("w", encoding="utf-8") as log:
+                child = subprocess.Popen(cli_argv(argv), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.children[run_dir] = child
+            _write_record(run_dir, {"pid": child.pid, "command": shown_command(argv), "started": time.time(),
+                                    "returncode": None})
+        threading.Thread(target=self._wait, args=(run_dir, child), daemon=True).start()
+        return child
+
+    def _wait(self, run_dir: Path, child: subprocess.Popen) -> None:
+        code = child.wait()
+        record = _read_record(run_dir)
+        record.update(returncode=code, ended=time.time())
+        _write_record(run_dir, record)
+
+    def owns(self, run_dir: Path) -> bool:
+        child = self.children.get(Path(run_dir).resolve())
+        return child is not None and child.poll() is None
+
+    def stop(self, run_dir: Path) -> int:
+        """SIGINT to this server's own child training in ``run_dir``; returns its pid."""
+        child = self.children.get(Path(run_dir).resolve())
+        if child is None or child.poll() is not None:
+            raise UsageError(f"{run_dir}: no training started by this UI is running there")
+        child.send_signal(signal.SIGINT)
+        return child.pid
+
+
+def _read_record(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / PROCESS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_record(run_dir: Path, record: dict) -> None:
+    tmp = run_dir / f".{PROCESS_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(run_dir / PROCESS_FILE)
+
+
+def log_tail(run_dir: Path, chars: int = 4000) -> str:
+    path = Path(run_dir) / LOG_FILE
+    if not path.is_file():
+        return ""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return text[-chars:]

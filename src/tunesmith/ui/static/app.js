@@ -1,0 +1,257 @@
+// The page: draws what the server's /api returns and sends the form back. No training logic here.
+"use strict";
+let settings = null;
+let lang = localStorage.getItem("tunesmith.lang") || "en";
+let selectedRun = localStorage.getItem("tunesmith.run") || null;
+let timer = null;
+
+const $ = (sel) => document.querySelector(sel);
+const t = (key) => (settings && settings.strings[lang][key]) || key;
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "text") node.textContent = v; else node.setAttribute(k, v);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+async function api(method, url, body) {
+  const options = { method, headers: { "Content-Type": "application/json" } };
+  if (body !== undefined) options.body = JSON.stringify(body);
+  const response = await fetch(url, options);
+  const data = await response.json();
+  if (!response.ok) throw new Error(data.error || data.detail || response.statusText);
+  return data;
+}
+
+function showError(target, error) {
+  target.replaceChildren(el("div", { class: "error", text: `${t("error")}: ${error.message}` }));
+}
+
+// ------------------------------------------------------------------ language and pages
+
+function applyLang() {
+  document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
+  $("#lang").value = lang;
+  document.querySelectorAll("[data-i18n]").forEach((node) => { node.textContent = t(node.dataset.i18n); });
+  document.querySelectorAll("[data-status]").forEach((node) => { node.textContent = t(`status.${node.dataset.status}`); });
+}
+
+function showPage(name) {
+  document.querySelectorAll(".page").forEach((p) => p.classList.toggle("active", p.id === `page-${name}`));
+  document.querySelectorAll(".tab").forEach((b) => b.classList.toggle("active", b.dataset.page === name));
+  localStorage.setItem("tunesmith.page", name);
+  clearInterval(timer);
+  if (name === "runs") { refreshRuns(); timer = setInterval(refreshRuns, 1500); }
+}
+
+// ------------------------------------------------------------------ Train: a form generated from config.py
+
+function fieldInput(field, value) {
+  const attrs = { name: field.key, id: `field-${field.key}` };
+  if (field.choices || field.kind === "bool") {
+    const options = field.choices || ["true", "false"];
+    const select = el("select", attrs);
+    if (field.nullable) select.append(el("option", { value: "", text: "" }));
+    for (const choice of options) select.append(el("option", { value: choice, text: choice }));
+    select.value = value;
+    return select;
+  }
+  return el("input", { ...attrs, value, size: 28 });
+}
+
+function buildForm() {
+  const form = $("#train-form");
+  form.replaceChildren();
+  for (const section of settings.sections) {
+    const fieldset = el("fieldset", {}, el("legend", { "data-i18n": `section.${section.name}` }));
+    for (const field of section.fields) {
+      const value = settings.suggested[field.key] ?? field.default;
+      const shownDefault = field.default === "" ? t("auto") : field.default;
+      const help = el("span", { class: "help" }, `${field.help} (`,
+        el("span", { "data-i18n": "default" }), `: ${shownDefault})`);
+      fieldset.append(el("div", { class: "field" }, el("label", { for: `field-${field.key}`, text: field.key }),
+        fieldInput(field, value), help));
+    }
+    form.append(fieldset);
+  }
+  form.addEventListener("input", updateCommand);
+  form.addEventListener("submit", (e) => e.preventDefault());
+}
+
+function formValues() {
+  const values = {};
+  for (const node of $("#train-form").elements) if (node.name) values[node.name] = node.value;
+  return values;
+}
+
+async function updateCommand() {
+  try {
+    $("#train-command").textContent = (await api("POST", "/api/train/command", formValues())).command;
+    $("#train-message").replaceChildren();
+  } catch (error) { showError($("#train-message"), error); }
+}
+
+async function planRun() {
+  $("#plan-output").textContent = t("train.planning");
+  try {
+    const result = await api("POST", "/api/train/plan", formValues());
+    $("#plan-output").textContent = result.lines.join("\n");
+    $("#train-command").textContent = result.command;
+    $("#train-message").replaceChildren();
+  } catch (error) { $("#plan-output").textContent = ""; showError($("#train-message"), error); }
+}
+
+async function startRun() {
+  try {
+    const result = await api("POST", "/api/train/start", formValues());
+    $("#train-message").textContent = `${t("train.started")} ${result.run_dir}`;
+    selectRun(result.run_dir);
+    showPage("runs");
+  } catch (error) { showError($("#train-message"), error); }
+}
+
+// ------------------------------------------------------------------ Runs
+
+const fmt = (v) => (v === null || v === undefined ? "" : Number(v).toFixed(4));
+
+async function refreshRuns() {
+  let data;
+  try { data = await api("GET", "/api/runs"); } catch (error) { return; }
+  const body = $("#runs-table tbody");
+  body.replaceChildren();
+  for (const run of data.runs) {
+    const open = el("button", { class: "open-run", text: t("runs.open"), "data-i18n": "runs.open" });
+    open.addEventListener("click", () => selectRun(run.path));
+    body.append(el("tr", { "data-path": run.path }, el("td", { text: run.name }),
+      el("td", { class: `status-${run.status}`, "data-status": run.status, text: t(`status.${run.status}`) }),
+      el("td", { text: run.method || "" }), el("td", { text: run.data.join(", ") }),
+      el("td", { text: `${run.steps}/${run.total_steps ?? "?"}` }), el("td", { text: fmt(run.train_loss) }),
+      el("td", { text: fmt(run.eval_loss) }), el("td", {}, open)));
+  }
+  $("#runs-empty").hidden = data.runs.length > 0;
+  if (!selectedRun) {  // after a reload: show the run that is training, if any
+    const running = data.runs.find((r) => r.status === "running");
+    if (running) selectedRun = running.path;
+  }
+  if (selectedRun) await refreshDetail();
+}
+
+function selectRun(path) {
+  selectedRun = path;
+  localStorage.setItem("tunesmith.run", path);
+  refreshDetail();
+}
+
+async function refreshDetail() {
+  let run;
+  try { run = await api("GET", `/api/run?path=${encodeURIComponent(selectedRun)}`); } catch (error) { return; }
+  $("#run-detail").hidden = false;
+  $("#run-name").replaceChildren(`${run.name} — `,
+    el("span", { class: `status-${run.status}`, "data-status": run.status, text: t(`status.${run.status}`) }));
+  $("#run-progress").max = run.total_steps || 1;
+  $("#run-progress").value = run.steps;
+  $("#run-steps").textContent = `${run.steps}/${run.total_steps ?? "?"}`;
+  $("#run-stop").hidden = !run.stoppable;
+  drawChart(run.metrics);
+  $("#run-files").replaceChildren(...run.files.map((name) => el("li", {}, el("a", {
+    href: `/api/run/file?path=${encodeURIComponent(run.path)}&name=${encodeURIComponent(name)}`, text: name }))));
+  $("#run-log").textContent = run.log;
+}
+
+function drawChart(rows) {
+  const train = rows.filter((r) => r.loss !== undefined).map((r) => [r.step, r.loss]);
+  const evals = rows.filter((r) => (r.eval_loss ?? r.initial_eval_loss) !== undefined)
+    .map((r) => [r.step, r.eval_loss ?? r.initial_eval_loss]);
+  const all = train.concat(evals);
+  const svg = $("#loss-chart");
+  svg.replaceChildren();
+  if (!all.length) return;
+  const maxStep = Math.max(1, ...all.map((p) => p[0]));
+  const lo = Math.min(...all.map((p) => p[1])), hi = Math.max(...all.map((p) => p[1]));
+  const x = (s) => 30 + (600 * s) / maxStep;
+  const y = (v) => 220 - (200 * (v - lo)) / (hi - lo || 1);
+  const ns = "http://www.w3.org/2000/svg";
+  for (const [id, points, color] of [["train-line", train, "#36c"], ["eval-line", evals, "#c60"]]) {
+    const line = document.createElementNS(ns, "polyline");
+    line.setAttribute("id", id);
+    line.setAttribute("data-points", points.length);
+    line.setAttribute("fill", "none");
+    line.setAttribute("stroke", color);
+    line.setAttribute("points", points.map(([s, v]) => `${x(s)},${y(v)}`).join(" "));
+    svg.append(line);
+  }
+  const label = document.createElementNS(ns, "text");
+  label.setAttribute("x", 30); label.setAttribute("y", 12);
+  label.textContent = `${hi.toFixed(3)} … ${lo.toFixed(3)}`;
+  svg.append(label);
+}
+
+async function stopRun() {
+  try { await api("POST", "/api/train/stop", { path: selectedRun }); } catch (error) { showError($("#run-log"), error); }
+}
+
+// ------------------------------------------------------------------ Data
+
+async function checkData() {
+  const target = $("#data-report");
+  target.textContent = t("data.checking");
+  const files = $("#data-files").value.split(",").map((s) => s.trim()).filter(Boolean);
+  try {
+    const report = await api("POST", "/api/data/check",
+      { files, model: $("#data-model").value, max_length: $("#data-max-length").value });
+    drawReport(report);
+  } catch (error) { showError(target, error); }
+}
+
+function issueList(title, issues) {
+  const items = issues.map((i) => el("li", { class: "issue",
+    text: `${i.line >= 0 ? `${i.file}:${i.line}` : i.file} ${i.field}: ${i.message}` }));
+  return [el("h3", { "data-i18n": title, text: t(title) }), el("ul", {}, ...items)];
+}
+
+function drawReport(report) {
+  const target = $("#data-report");
+  const tokens = report.token_lengths;
+  const facts = [["data.examples", report.num_examples], ["data.valid", report.num_valid],
+    ["data.duplicates", report.duplicates.length],
+    ["data.tokens", tokens ? `${tokens.p50} / ${tokens.p90} / ${tokens.max}` : ""],
+    ["data.supervised", report.supervised_token_share ?? ""]];
+  const parts = [el("ul", { id: "data-facts" }, ...facts.map(([k, v]) =>
+    el("li", {}, el("span", { "data-i18n": k, text: t(k) }), `: ${v}`)))];
+  if (report.ok) parts.push(el("p", { class: "ok", "data-i18n": "data.ok", text: t("data.ok") }));
+  if (report.errors.length) parts.push(...issueList("data.errors", report.errors));
+  if (report.warnings.length) parts.push(...issueList("data.warnings", report.warnings));
+  if (report.preview) {
+    const spans = report.preview.segments.map((s) => el("span", { class: s.supervised ? "supervised" : "", text: s.text }));
+    parts.push(el("h3", { "data-i18n": "data.preview", text: t("data.preview") }),
+      el("pre", { id: "mask-preview" }, ...spans));
+  }
+  target.replaceChildren(...parts);
+}
+
+// ------------------------------------------------------------------ start
+
+async function main() {
+  settings = await api("GET", "/api/settings");
+  if (!localStorage.getItem("tunesmith.lang")) lang = settings.lang;
+  buildForm();
+  applyLang();
+  updateCommand();
+  document.querySelectorAll(".tab").forEach((b) => b.addEventListener("click", () => showPage(b.dataset.page)));
+  $("#lang").addEventListener("change", () => { lang = $("#lang").value; localStorage.setItem("tunesmith.lang", lang); applyLang(); });
+  $("#plan-button").addEventListener("click", planRun);
+  $("#start-button").addEventListener("click", startRun);
+  $("#copy-button").addEventListener("click", async () => {
+    await navigator.clipboard.writeText($("#train-command").textContent);
+    $("#copy-button").textContent = t("train.copied");
+  });
+  $("#runs-refresh").addEventListener("click", refreshRuns);
+  $("#run-stop").addEventListener("click", stopRun);
+  $("#data-check").addEventListener("click", checkData);
+  showPage(localStorage.getItem("tunesmith.page") || "train");
+}
+
+main();
