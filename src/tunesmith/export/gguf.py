@@ -31,8 +31,19 @@ it ships as on PyPI, so q4_1 lands on the same grid and is exact, and every othe
     q5_1  16.9 / 1.8   differs  q5_0  9.0 / 1.1      greedy answer differs
     q4_1  0 / 0 (see above)     q4_0  25 / 3.2       greedy answer differs
 
-Plain round-to-nearest 4- and 5-bit blocks (no importance matrix) move a 135M model's logits a lot; q8_0
-is the smallest type that keeps its answers. On the tiny test models f16 2.5e-4 and q8_0 7e-3 to 1.5e-2.
+On the quickstart run (LoRA on the attention projections, merged; `python bench/gguf_error.py RUN`), the
+greedy answer to "Who are you?" ('I am Aurora, an AI assistant created by the tunesmith community.'):
+
+    f16   0.05 / 0.005  same    bf16  0.34 / 0.04   same      q8_0  1.1 / 0.13   same
+    q5_1  24 / 2.4      differs (one word)          q5_0  12 / 1.2     same
+    q4_1  19 / 2.3      differs: the base model's answer            q4_0  15 / 2.3     same
+
+q4_1 is the trap here: the merged weights are the base's Q4_1 grid plus a small LoRA delta, and rounding
+to that same grid snaps most of the delta back (per matrix its error is the smallest of the 4/5-bit types,
+yet the fine-tune is what it removes). Plain round-to-nearest 4- and 5-bit blocks (no importance matrix)
+move a 135M model's logits a lot; q8_0 is the smallest type whose answers held on both models, and
+`tunesmith verify` (run by export) reports whether a quantized file still answers as the run does. On the
+tiny test models f16 2.5e-4 and q8_0 7e-3 to 1.5e-2.
 """
 
 from __future__ import annotations
