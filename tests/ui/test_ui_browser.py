@@ -1,0 +1,187 @@
+"""The web UI in a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium),
+against a real uvicorn on 127.0.0.1 and real child trainings of the tiny model.
+
+Each test saves a screenshot of every page it visits into its temporary directory and fails if a
+page shows a Python traceback.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.train.helpers import chat_rows, tiny_overrides, write_chat
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+IDENTITY = Path(__file__).resolve().parents[2] / "src" / "tunesmith" / "assets" / "identity.jsonl"
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A real uvicorn serving the UI on a free port of 127.0.0.1; yields (base url, runs dir)."""
+    import uvicorn
+
+    from tunesmith.ui.app import create_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    runs = tmp_path / "runs"
+    uv = uvicorn.Server(uvicorn.Config(create_app(runs), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert uv.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}", runs
+    uv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    missing = [p for p in (CHROMIUM, DRIVER) if not shutil.which(p)]
+    assert not missing, f"{missing} not installed: apt-get install -y chromium chromium-driver (.ci/run does)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2000",
+                f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+def _wait(driver, condition, timeout: float, what: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition, message=f"waiting for {what}")
+
+
+def _by(css: str):
+    from selenium.webdriver.common.by import By
+
+    return By.CSS_SELECTOR, css
+
+
+def _shot(driver, tmp_path: Path, name: str) -> None:
+    driver.save_screenshot(str(tmp_path / f"{name}.png"))
+    assert "Traceback" not in driver.find_element(*_by("body")).text, f"the {name} page shows a traceback"
+
+
+def _tab(driver, page: str) -> None:
+    driver.find_element(*_by(f'.tab[data-page="{page}"]')).click()
+
+
+def _set(driver, key: str, value) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    field = driver.find_element(By.ID, f"field-{key}")
+    if field.tag_name == "select":
+        Select(field).select_by_value(str(value))
+    else:
+        field.clear()
+        field.send_keys(str(value))
+
+
+def _fill_tiny_run(driver, model: Path, data: Path, out: Path, **extra) -> None:
+    for item in tiny_overrides(model, data, out, **extra):
+        key, value = item.split("=", 1)
+        _set(driver, key, value)
+
+
+def _text(driver, css: str) -> str:
+    return driver.find_element(*_by(css)).text
+
+
+def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
+    """Data: the identity data's report and mask preview; Train: a field's help, the plan, a 5-step training;
+    Runs: the loss chart fills and the run finishes; then the page in Chinese."""
+    url, runs = server
+    browser.get(url)
+    _wait(browser, lambda d: d.find_elements(*_by("#train-form fieldset")), 30, "the generated form")
+
+    _tab(browser, "data")
+    browser.find_element(*_by("#data-files")).send_keys(str(IDENTITY))
+    browser.find_element(*_by("#data-model")).send_keys(str(tiny_model_dir))
+    browser.find_element(*_by("#data-check")).click()
+    _wait(browser, lambda d: d.find_elements(*_by("#mask-preview .supervised")), 60, "the mask preview")
+    assert "Examples: 32" in _text(browser, "#data-facts")
+    _shot(browser, tmp_path, "data")
+
+    _tab(browser, "train")
+    lr_help = browser.find_element(*_by('label[for="field-train.lr"] ~ .help')).text
+    assert "peak learning rate" in lr_help and "default: automatic" in lr_help
+    data = write_chat(tmp_path / "train.jsonl", chat_rows())
+    out = runs / "five-steps"
+    _fill_tiny_run(browser, tiny_model_dir, data, out, train__max_steps=5)
+    _wait(browser, lambda d: "--train.max_steps 5" in _text(d, "#train-command"), 30, "the command")
+    browser.find_element(*_by("#plan-button")).click()
+    _wait(browser, lambda d: "= 5 optimizer steps" in _text(d, "#plan-output"), 120, "the plan's steps line")
+    _shot(browser, tmp_path, "train")
+
+    browser.find_element(*_by("#start-button")).click()
+    _wait(browser, lambda d: d.find_element(*_by("#page-runs")).is_displayed(), 30, "the Runs page")
+    _wait(browser, lambda d: "finished" in _text(d, "#run-name"), 120, "the run to finish")
+    _wait(browser, lambda d: d.find_element(*_by("#train-line")).get_attribute("data-points") == "5", 10,
+          "five points on the loss chart")
+    assert _text(browser, "#run-steps") == "5/5"
+    _wait(browser, lambda d: not d.find_element(*_by("#run-stop")).is_displayed(), 30, "Stop to go once the child exits")
+    row = browser.find_element(*_by(f'#runs-table tr[data-path="{out.resolve()}"]')).text
+    assert "five-steps finished lora" in row
+    _shot(browser, tmp_path, "runs")
+
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element(*_by("#lang"))).select_by_value("zh")
+    assert _text(browser, '.tab[data-page="train"]') == "训练"
+    assert "已完成" in _text(browser, "#run-name") and _text(browser, "#runs-refresh") == "刷新"
+    _shot(browser, tmp_path, "runs-zh")
+    _tab(browser, "train")
+    assert _text(browser, "#plan-button") == "生成计划"
+    _shot(browser, tmp_path, "train-zh")
+
+
+def test_a_reload_reattaches_to_the_training_and_stop_leaves_a_checkpoint(server, browser, tiny_model_dir,
+                                                                          tmp_path):
+    from tunesmith.train.checkpoint import damage, list_checkpoints
+
+    url, runs = server
+    browser.get(url)
+    _wait(browser, lambda d: d.find_elements(*_by("#train-form fieldset")), 30, "the generated form")
+    out = runs / "long"
+    _fill_tiny_run(browser, tiny_model_dir, write_chat(tmp_path / "train.jsonl", chat_rows()), out,
+                   train__max_steps=500)
+    browser.find_element(*_by("#start-button")).click()
+
+    def steps(d) -> int:
+        done = _text(d, "#run-steps").split("/")[0]
+        return int(done) if done.isdigit() else 0
+
+    _wait(browser, lambda d: steps(d) >= 2, 120, "the first steps")
+    browser.execute_script("localStorage.removeItem('tunesmith.run')")  # a fresh tab knows nothing
+    browser.refresh()
+    _wait(browser, lambda d: "running" in _text(d, "#run-name"), 30, "the running run after the reload")
+    seen = steps(browser)
+    _wait(browser, lambda d: steps(d) > seen, 60, "progress after the reload")
+    _shot(browser, tmp_path, "runs-reloaded")
+
+    browser.find_element(*_by("#run-stop")).click()
+    _wait(browser, lambda d: "stopped" in _text(d, "#run-name"), 120, "the run to stop")
+    assert "--resume auto" in _text(browser, "#run-log")
+    complete = [path for _, path, ok in list_checkpoints(out) if ok]
+    assert complete and damage(complete[-1]) is None
+    _shot(browser, tmp_path, "runs-stopped")
