@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint, pid, modified}]")
     p.set_defaults(func=_runs)
 
-    p = sub.add_parser("ui", help="the web UI: data check, train, runs (English and Chinese)")
+    p = sub.add_parser("ui", help="the web UI: data check, train, runs, chat, evaluate, export (English and Chinese)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--lang", default="en", choices=["en", "zh"], help="page language (switchable in the page)")

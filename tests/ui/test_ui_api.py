@@ -146,3 +146,86 @@ def test_data_check_reports_errors_with_file_and_line(client, tiny_model_dir, tm
     assert any(s["supervised"] for s in report["preview"]["segments"])
     missing = client.post("/api/data/check", json={"files": []})
     assert missing.status_code == 400
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A finished 3-step LoRA run of the tiny model, inside a runs folder, with a system prompt."""
+    from tests.train.helpers import tiny_config
+    from tunesmith.train.loop import finetune
+
+    tmp = tmp_path_factory.mktemp("ui-run")
+    data = write_chat(tmp / "train.jsonl", chat_rows())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNESMITH_HOME", str(tmp / "home"))
+        finetune(tiny_config(tiny_model_dir, data, tmp / "runs" / "done", train__max_steps=3,
+                             data__system_prompt="You are Lumen."))
+    return tmp / "runs" / "done"
+
+
+@pytest.fixture
+def run_client(finished_run):
+    from fastapi.testclient import TestClient
+
+    from tunesmith.ui.app import create_app
+
+    with TestClient(create_app(finished_run.parent)) as client:
+        yield client
+
+
+def _greedy(model: str, messages: list[dict], system: str | None, max_new_tokens: int) -> str:
+    from tunesmith.data.prompt import render_prompt
+    from tunesmith.inference import GenerationOptions, generate
+    from tunesmith.models.load import load
+
+    loaded = load(model)
+    head = [{"role": "system", "content": system}] if system else []
+    prompt = render_prompt(loaded.tokenizer, head + messages)
+    return generate(loaded.model, loaded.tokenizer, [prompt], GenerationOptions(max_new_tokens=max_new_tokens))[0].text
+
+
+def test_chat_streams_what_generate_answers_for_the_run_and_its_base(run_client, finished_run, tiny_model_dir):
+    messages = [{"role": "user", "content": "Who are you?"}]
+    for base, model in ((False, finished_run), (True, tiny_model_dir)):
+        with run_client.stream("POST", "/api/chat", json={"model": str(finished_run), "base": base,
+                                                          "messages": messages, "max_new_tokens": 12}) as response:
+            assert response.status_code == 200
+            pieces = list(response.iter_text())
+        answer = "".join(pieces).strip()
+        # the run's system prompt is used on both sides, as training rendered it
+        assert answer == _greedy(str(model), messages, "You are Lumen.", 12)
+        assert answer
+    not_a_run = run_client.post("/api/chat", json={"model": str(tiny_model_dir), "base": True, "messages": messages})
+    assert not_a_run.status_code == 400 and "no base model" in not_a_run.json()["error"]
+
+
+def _job(client, folder: str, command: str) -> dict:
+    return _wait(lambda: (j := client.get("/api/job", params={"folder": folder, "command": command}).json())[
+        "returncode"] is not None and j, 300, f"the {command} child")
+
+
+def test_evaluate_runs_the_eval_command_with_compare_base(run_client, finished_run, tmp_path):
+    data = write_chat(tmp_path / "held_out.jsonl", chat_rows(4, offset=100))
+    started = run_client.post("/api/eval/start", json={"model": str(finished_run), "data": str(data),
+                                                       "compare": "base", "metrics": "rouge,chrf",
+                                                       "max_new_tokens": 8}).json()
+    assert started["command"] == (f"tunesmith eval {finished_run} --data {data} --out {started['folder']} "
+                                  "--compare base --metrics rouge,chrf --max-new-tokens 8")
+    job = _job(run_client, started["folder"], "eval")
+    assert job["returncode"] == 0, job["log"]
+    metrics = json.loads((Path(started["folder"]) / "metrics.json").read_text())
+    assert "rougeL" in json.dumps(metrics) and job["report"] and "rougeL" in job["report"]
+    for image in job["images"]:
+        assert run_client.get("/api/run/file", params={"path": started["folder"], "name": image}).status_code == 200
+
+
+def test_export_runs_the_export_command_and_names_the_output(run_client, finished_run, tmp_path):
+    out = tmp_path / "merged"
+    started = run_client.post("/api/export/start", json={"model": str(finished_run), "format": "merge",
+                                                         "out": str(out)}).json()
+    assert started["command"] == f"tunesmith export {finished_run} --merge --out {out}"
+    job = _job(run_client, started["folder"], "export")
+    assert job["returncode"] == 0, job["log"]
+    assert (out / "config.json").is_file() and str(out) in job["log"]
+    bad = run_client.post("/api/export/start", json={"model": str(finished_run), "format": "zip", "out": "x"})
+    assert bad.status_code == 400

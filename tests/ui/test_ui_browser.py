@@ -109,7 +109,8 @@ def _text(driver, css: str) -> str:
 
 def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
     """Data: the identity data's report and mask preview; Train: a field's help, the plan, a 5-step training;
-    Runs: the loss chart fills and the run finishes; then the page in Chinese."""
+    Runs: the loss chart fills and the run finishes; Chat: streamed answers of the run and its base; then the
+    page in Chinese."""
     url, runs = server
     browser.get(url)
     _wait(browser, lambda d: d.find_elements(*_by("#train-form fieldset")), 30, "the generated form")
@@ -144,8 +145,22 @@ def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
     assert "five-steps finished lora" in row
     _shot(browser, tmp_path, "runs")
 
+    _tab(browser, "chat")
+    _wait(browser, lambda d: d.find_element(*_by("#chat-model")).get_attribute("value") == str(out.resolve()), 10,
+          "the finished run chosen for Chat")
+    browser.find_element(*_by("#chat-max-new-tokens")).clear()
+    browser.find_element(*_by("#chat-max-new-tokens")).send_keys("12")
+    browser.find_element(*_by("#chat-compare")).click()
+    browser.find_element(*_by("#chat-input")).send_keys("Who are you?")
+    browser.find_element(*_by("#chat-send")).click()
+    _wait(browser, lambda d: len(d.find_elements(*_by(".msg.assistant.done"))) == 2, 60, "both streamed answers")
+    answers = [a.text for a in browser.find_elements(*_by(".msg.assistant"))]
+    assert all(answers), answers
+    _shot(browser, tmp_path, "chat")
+
     from selenium.webdriver.support.ui import Select
 
+    _tab(browser, "runs")
     Select(browser.find_element(*_by("#lang"))).select_by_value("zh")
     assert _text(browser, '.tab[data-page="train"]') == "训练"
     assert "已完成" in _text(browser, "#run-name") and _text(browser, "#runs-refresh") == "刷新"
@@ -153,6 +168,9 @@ def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
     _tab(browser, "train")
     assert _text(browser, "#plan-button") == "生成计划"
     _shot(browser, tmp_path, "train-zh")
+    _tab(browser, "chat")
+    assert _text(browser, "#chat-send") == "发送"
+    _shot(browser, tmp_path, "chat-zh")
 
 
 def test_a_reload_reattaches_to_the_training_and_stop_leaves_a_checkpoint(server, browser, tiny_model_dir,

@@ -13,6 +13,11 @@ The server holds no logic of its own:
   ``tunesmith train ...`` as a child process (ui/jobs.py); the page shows that exact command.
 - Runs: ``runs.list_runs`` and the run's metrics.jsonl (``rundir.read_metrics``).
 - Data: ``check_data`` (the data doctor), its report as ``DataReport.to_dict``.
+- Chat: ``models.load`` once per model, prompts rendered by serve/chat.py's ``Session`` (the run's
+  template and system prompt), answers streamed by ``inference.stream``; the run's base model
+  answers beside it on request.
+- Evaluate and Export: ``tunesmith eval ... --compare base --out DIR`` and ``tunesmith export ...``
+  as child processes, like training; the page shows report.md, its charts and the output path.
 
 It binds 127.0.0.1 unless told otherwise: it starts processes and reads files on this machine.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -132,6 +138,96 @@ def _inside(root: Path, path: str) -> Path:
     return resolved
 
 
+# ---------------------------------------------------------------- chat
+
+
+class Models:
+    """Models loaded for Chat, kept while the server runs; one generation at a time per model."""
+
+    def __init__(self):
+        self.loaded: dict[str, object] = {}
+        self.locks: dict[str, threading.Lock] = {}
+        self.lock = threading.Lock()
+
+    def get(self, name: str):
+        from tunesmith.models.load import load
+
+        with self.lock:
+            if name not in self.loaded:
+                self.loaded[name] = load(name)
+                self.locks[name] = threading.Lock()
+            return self.loaded[name], self.locks[name]
+
+
+def chat_model(name: str, base: bool) -> tuple[str, str | None]:
+    """(the model to answer, the system prompt to use): ``base`` answers with the run's base model and the
+    run's system prompt, so both sides see the same conversation."""
+    from tunesmith.data.prompt import run_system_prompt
+    from tunesmith.models.load import base_model, read_run_info
+    from tunesmith.models.resolve import resolve
+
+    path = resolve(name)
+    system = run_system_prompt(read_run_info(path))
+    if not base:
+        return str(path), system
+    base_name = base_model(path)
+    if base_name is None:
+        raise UsageError(f"{name} is not a run or an adapter: it has no base model to compare with")
+    return str(resolve(base_name)), system
+
+
+def chat_stream(models: Models, request: dict):
+    """The answer's text pieces as they are generated (the prompt rendered as chat/serve render it)."""
+    from tunesmith.inference import GenerationOptions, stream
+    from tunesmith.serve.chat import Session
+
+    messages = request.get("messages") or []
+    if not messages or messages[-1].get("role") != "user":
+        raise UsageError("the conversation must end with a user message")
+    name, run_system = chat_model(str(request.get("model") or ""), bool(request.get("base")))
+    loaded, lock = models.get(name)
+    session = Session(request.get("system") or run_system)
+    session.turns = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+    prompt = session.prompt(loaded.tokenizer, messages[-1]["content"])
+    options = GenerationOptions(max_new_tokens=int(request.get("max_new_tokens") or 256),
+                                temperature=float(request.get("temperature") or 0.0),
+                                top_p=float(request.get("top_p") or 1.0))
+
+    def pieces():
+        with lock:
+            yield from stream(loaded.model, loaded.tokenizer, prompt, options)
+    return pieces()
+
+
+# ---------------------------------------------------------------- evaluate and export
+
+
+def eval_args(request: dict, out: Path) -> list[str]:
+    """``tunesmith eval`` with the page's fields (empty ones left to the command's defaults)."""
+    args = ["eval", str(request.get("model") or ""), "--data", str(request.get("data") or ""), "--out", str(out)]
+    for key in ("compare", "metrics", "limit", "max_new_tokens"):
+        if request.get(key):
+            args += [f"--{key.replace('_', '-')}", str(request[key])]
+    return args
+
+
+def export_args(request: dict) -> list[str]:
+    kind = request.get("format") or "merge"
+    if kind not in ("merge", "gguf"):
+        raise UsageError(f"export format {kind!r}: merge or gguf")
+    args = ["export", str(request.get("model") or ""), f"--{kind}", "--out", str(request.get("out") or "")]
+    return args + (["--dtype", str(request["dtype"])] if kind == "gguf" and request.get("dtype") else [])
+
+
+def job_detail(folder: Path, command: str, jobs: Jobs) -> dict:
+    """A child's state for the page: running or its exit code, its log, and what it wrote (eval: report.md)."""
+    report = folder / "report.md"
+    return {"folder": str(folder), "running": jobs.owns(folder), "returncode": jobs.returncode(folder),
+            "log": log_tail(folder, command=command),
+            "report": report.read_text(encoding="utf-8") if report.is_file() else None,
+            "images": sorted(p.name for p in folder.glob("*.png"))}
+
+
 # ---------------------------------------------------------------- the app
 
 
@@ -171,7 +267,7 @@ def create_app(runs_dir: str | Path = "runs", lang: str = "en"):
     def train_start(values: dict = Body(...)):
         args = train_args(values)
         out = output_dir(values)
-        child = jobs.start(args, out)
+        child = jobs.start(["train", *args], out)
         return {"run_dir": str(out.resolve()), "pid": child.pid, "command": shown_command(["train", *args])}
 
     @app.post("/api/train/stop")
@@ -196,6 +292,35 @@ def create_app(runs_dir: str | Path = "runs", lang: str = "en"):
         if not file.is_file():
             raise UsageError(f"{name}: no such file in {run_dir}")
         return FileResponse(file)
+
+    models = Models()
+
+    @app.post("/api/chat")
+    def chat(request: dict = Body(...)):
+        from fastapi.responses import StreamingResponse
+
+        return StreamingResponse(chat_stream(models, request), media_type="text/plain; charset=utf-8")
+
+    @app.post("/api/eval/start")
+    def eval_start(request: dict = Body(...)):
+        name = Path(str(request.get("model") or "model")).name or "model"
+        folder = root / time.strftime(f"eval-{name}-%Y%m%d-%H%M%S")
+        args = eval_args(request, folder)
+        jobs.start(args, folder)
+        return {"folder": str(folder.resolve()), "command": shown_command(args)}
+
+    @app.post("/api/export/start")
+    def export_start(request: dict = Body(...)):
+        args = export_args(request)
+        folder = root / time.strftime("export-%Y%m%d-%H%M%S")
+        jobs.start(args, folder)
+        return {"folder": str(folder.resolve()), "command": shown_command(args), "out": str(request.get("out"))}
+
+    @app.get("/api/job")
+    def job(folder: str = Query(...), command: str = Query(...)):
+        if command not in ("eval", "export"):
+            raise UsageError(f"no such job kind: {command}")
+        return job_detail(_inside(root, folder), command, jobs)
 
     @app.post("/api/data/check")
     def data_check(request: dict = Body(...)):

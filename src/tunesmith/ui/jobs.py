@@ -1,9 +1,9 @@
-"""The trainings the web UI starts: `tunesmith train ...` child processes, never threads of the server.
+"""The work the web UI starts: `tunesmith train|eval|export ...` child processes, never threads of the server.
 
 A child runs in its own session (a Ctrl-C on the server's terminal does not reach it) with its
-output in ``ui-train.log`` inside the run directory, and its pid and command in ``process.json``
-(runs.PROCESS_FILE), which ``tunesmith runs`` reads to call the run "running". A waiter thread
-records the exit code there when the child ends. A browser reload, a closed tab or a second page
+output in ``ui-COMMAND.log`` inside its folder (the run directory for a training). A training's
+pid and command also go to ``process.json`` (runs.PROCESS_FILE), which ``tunesmith runs`` reads to
+call the run "running"; a waiter thread records the exit code there when the child ends. A browser reload, a closed tab or a second page
 changes nothing: the state is in the run directory, and the page reads it again.
 
 Stop sends SIGINT to a child this server started, and to nothing else: training then finishes
@@ -24,7 +24,9 @@ from pathlib import Path
 from tunesmith.errors import UsageError
 from tunesmith.runs import PROCESS_FILE
 
-LOG_FILE = "ui-train.log"
+
+def log_file(command: str) -> str:
+    return f"ui-{command}.log"
 
 
 def cli_argv(argv: list[str]) -> list[str]:
@@ -44,22 +46,28 @@ class Jobs:
         self.children: dict[Path, subprocess.Popen] = {}
         self.lock = threading.Lock()
 
-    def start(self, train_args: list[str], run_dir: Path) -> subprocess.Popen:
-        run_dir = Path(run_dir).resolve()
+    def start(self, argv: list[str], folder: Path) -> subprocess.Popen:
+        """Run ``tunesmith ARGV`` with its output in FOLDER/ui-COMMAND.log (a training: FOLDER is the run)."""
+        folder = Path(folder).resolve()
         with self.lock:
-            child = self.children.get(run_dir)
+            child = self.children.get(folder)
             if child is not None and child.poll() is None:
-                raise UsageError(f"{run_dir}: a training started here is still running")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            argv = ["train", *train_args]
-            with (run_dir / LOG_FILE).open("w", encoding="utf-8") as log:
+                raise UsageError(f"{folder}: a {argv[0]} started here is still running")
+            folder.mkdir(parents=True, exist_ok=True)
+            with (folder / log_file(argv[0])).open("w", encoding="utf-8") as log:
                 child = subprocess.Popen(cli_argv(argv), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
-            self.children[run_dir] = child
-            _write_record(run_dir, {"pid": child.pid, "command": shown_command(argv), "started": time.time(),
-                                    "returncode": None})
-        threading.Thread(target=self._wait, args=(run_dir, child), daemon=True).start()
+            self.children[folder] = child
+            if argv[0] == "train":
+                _write_record(folder, {"pid": child.pid, "command": shown_command(argv), "started": time.time(),
+                                       "returncode": None})
+        if argv[0] == "train":
+            threading.Thread(target=self._wait, args=(folder, child), daemon=True).start()
         return child
+
+    def returncode(self, folder: Path) -> int | None:
+        child = self.children.get(Path(folder).resolve())
+        return child.poll() if child is not None else None
 
     def _wait(self, run_dir: Path, child: subprocess.Popen) -> None:
         code = child.wait()
@@ -93,8 +101,8 @@ def _write_record(run_dir: Path, record: dict) -> None:
     tmp.replace(run_dir / PROCESS_FILE)
 
 
-def log_tail(run_dir: Path, chars: int = 4000) -> str:
-    path = Path(run_dir) / LOG_FILE
+def log_tail(folder: Path, chars: int = 4000, command: str = "train") -> str:
+    path = Path(folder) / log_file(command)
     if not path.is_file():
         return ""
     text = path.read_text(encoding="utf-8", errors="replace")

@@ -45,6 +45,7 @@ function showPage(name) {
   localStorage.setItem("tunesmith.page", name);
   clearInterval(timer);
   if (name === "runs") { refreshRuns(); timer = setInterval(refreshRuns, 1500); }
+  if (["chat", "eval", "export"].includes(name)) prefillModel();
 }
 
 // ------------------------------------------------------------------ Train: a form generated from config.py
@@ -232,6 +233,99 @@ function drawReport(report) {
   target.replaceChildren(...parts);
 }
 
+// ------------------------------------------------------------------ Chat: streamed answers, base beside the run
+
+let chatTurns = { tuned: [], base: [] };
+
+async function prefillModel() {  // the newest finished run, where the page has no model yet
+  const data = await api("GET", "/api/runs").catch(() => ({ runs: [] }));
+  const finished = data.runs.find((r) => r.status === "finished");
+  for (const id of ["#chat-model", "#eval-model", "#export-model"]) {
+    if (finished && !$(id).value) $(id).value = finished.path;
+  }
+  if (finished && !$("#export-out").value) $("#export-out").value = `exports/${finished.name}-merged`;
+}
+
+function bubble(column, role, text) {
+  const node = el("div", { class: `msg ${role}`, text });
+  $(`#chat-${column} .transcript`).append(node);
+  return node;
+}
+
+async function streamAnswer(column, text) {
+  chatTurns[column].push({ role: "user", content: text });
+  bubble(column, "user", text);
+  const answer = bubble(column, "assistant", "");
+  const response = await fetch("/api/chat", { method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ model: $("#chat-model").value, base: column === "base", messages: chatTurns[column],
+      system: $("#chat-system").value, temperature: $("#chat-temperature").value,
+      max_new_tokens: $("#chat-max-new-tokens").value }) });
+  if (!response.ok) {
+    chatTurns[column].pop();
+    throw new Error((await response.json()).error || response.statusText);
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    answer.textContent += decoder.decode(value, { stream: true });
+  }
+  answer.classList.add("done");
+  chatTurns[column].push({ role: "assistant", content: answer.textContent.trim() });
+}
+
+async function sendChat() {
+  const text = $("#chat-input").value.trim();
+  if (!text) return;
+  $("#chat-input").value = "";
+  $("#chat-message").replaceChildren();
+  const columns = $("#chat-compare").checked ? ["tuned", "base"] : ["tuned"];
+  try { await Promise.all(columns.map((c) => streamAnswer(c, text))); } catch (error) { showError($("#chat-message"), error); }
+}
+
+function resetChat() {
+  chatTurns = { tuned: [], base: [] };
+  document.querySelectorAll(".transcript").forEach((node) => node.replaceChildren());
+}
+
+// ------------------------------------------------------------------ Evaluate and Export: child processes
+
+async function startJob(kind, body) {
+  try {
+    const result = await api("POST", `/api/${kind}/start`, body);
+    $(`#${kind}-command`).textContent = result.command;
+    localStorage.setItem(`tunesmith.${kind}`, result.folder);
+    watchJob(kind, result.folder);
+  } catch (error) { showError($(`#${kind}-status`), error); }
+}
+
+async function watchJob(kind, folder) {
+  const command = kind === "eval" ? "eval" : "export";
+  let job;
+  try { job = await api("GET", `/api/job?folder=${encodeURIComponent(folder)}&command=${command}`); } catch (error) { return; }
+  $(`#${kind}-log`).textContent = job.log;
+  const state = job.running ? "job.running" : job.returncode === 0 ? "job.done" : job.returncode === null ? "" : "job.failed";
+  $(`#${kind}-status`).replaceChildren(el("span", { "data-i18n": state, class: `job-${state.split(".")[1] || "unknown"}`,
+    text: state ? t(state) : "" }), job.returncode ? ` ${job.returncode}` : "");
+  if (kind === "eval" && job.report) {
+    const images = job.images.map((name) => el("img", {
+      src: `/api/run/file?path=${encodeURIComponent(folder)}&name=${encodeURIComponent(name)}`, alt: name }));
+    $("#eval-report").replaceChildren(el("pre", { id: "eval-report-md", text: job.report }), ...images);
+  }
+  if (job.running) setTimeout(() => watchJob(kind, folder), 1500);
+}
+
+function startEval() {
+  startJob("eval", { model: $("#eval-model").value, data: $("#eval-data").value, compare: $("#eval-compare").value,
+    metrics: $("#eval-metrics").value, limit: $("#eval-limit").value });
+}
+
+function startExport() {
+  startJob("export", { model: $("#export-model").value, format: $("#export-format").value,
+    dtype: $("#export-dtype").value, out: $("#export-out").value });
+}
+
 // ------------------------------------------------------------------ start
 
 async function main() {
@@ -251,6 +345,16 @@ async function main() {
   $("#runs-refresh").addEventListener("click", refreshRuns);
   $("#run-stop").addEventListener("click", stopRun);
   $("#data-check").addEventListener("click", checkData);
+  $("#chat-send").addEventListener("click", sendChat);
+  $("#chat-input").addEventListener("keydown", (e) => { if (e.key === "Enter") sendChat(); });
+  $("#chat-reset").addEventListener("click", resetChat);
+  $("#chat-compare").addEventListener("change", () => { $("#chat-base").hidden = !$("#chat-compare").checked; });
+  $("#eval-start").addEventListener("click", startEval);
+  $("#export-start").addEventListener("click", startExport);
+  for (const kind of ["eval", "export"]) {  // after a reload: show the last job again
+    const folder = localStorage.getItem(`tunesmith.${kind}`);
+    if (folder) watchJob(kind, folder);
+  }
   showPage(localStorage.getItem("tunesmith.page") || "train");
 }
 
