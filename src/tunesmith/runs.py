@@ -7,9 +7,10 @@ so a run started from a terminal, a script or the web UI is listed alike. The st
 - running: a live training process owns the folder: the child the web UI started (its record,
   ``PROCESS_FILE``, names the pid), or a ``tunesmith train`` process whose command line names the
   folder as its output dir (read from /proc on Linux).
-- stopped: no final files, but a complete checkpoint to ``--resume auto`` from, or the UI's child
-  exited with 130 (a clean stop on SIGINT).
-- failed: neither: the process ended with an error (or was killed) before a checkpoint was kept.
+- stopped: the UI's child exited with 130 (a clean stop on SIGINT: its checkpoint is complete), or,
+  with no exit code recorded, no final files but a complete checkpoint to ``--resume auto`` from.
+- failed: the UI's child exited with an error, or, with no exit code recorded, the process ended
+  (an error, a kill) before a checkpoint was kept.
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ def _status(info: dict, process: dict, pid: int | None, checkpoint: Path | None)
         return "finished"
     if pid is not None:
         return "running"
-    if checkpoint is not None or process.get("returncode") == 130:
-        return "stopped"
+    code = process.get("returncode")
+    if code == 130 or (code is None and checkpoint is not None):
+        return "stopped"  # a clean stop, or a checkpoint left by a process whose end nobody recorded
     return "failed"
 
 

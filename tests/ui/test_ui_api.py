@@ -123,6 +123,32 @@ def test_start_and_stop_a_real_child_training(client, tiny_model_dir, tmp_path):
     assert "interrupted: stopped after step" in run["log"] and "--resume auto" in run["log"]
     assert not (out / "tunesmith.json").exists()
 
+    again = client.post("/api/train/start", json=tiny_form(tiny_model_dir, data, out, train__max_steps=500))
+    assert again.status_code == 400 and "already holds a run; set train.resume to auto" in again.json()["error"]
+    assert json.loads((out / PROCESS_FILE).read_text())["returncode"] == 130  # the stopped run's record is kept
+
+
+def test_a_child_that_fails_shows_as_failed_with_its_error(client, tiny_model_dir, tmp_path):
+    from tunesmith.runs import PROCESS_FILE
+
+    out = tmp_path / "runs" / "broken"
+    client.post("/api/train/start", json=tiny_form(tiny_model_dir, tmp_path / "missing.jsonl", out))
+    _wait(lambda: json.loads((out / PROCESS_FILE).read_text())["returncode"] is not None, 120, "the child to fail")
+    run = client.get("/api/run", params={"path": str(out)}).json()
+    assert run["status"] == "failed" and "missing.jsonl" in run["log"] and "Traceback" not in run["log"]
+    assert [r["status"] for r in client.get("/api/runs").json()["runs"]] == ["failed"]
+
+
+def test_requests_naming_another_host_are_refused(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tunesmith.ui.app import LOOPBACK, create_app
+
+    with TestClient(create_app(tmp_path, trusted_hosts=list(LOOPBACK)), base_url="http://127.0.0.1:7860") as client:
+        assert client.get("/api/runs").status_code == 200
+        assert client.get("/api/runs", headers={"host": "localhost:7860"}).status_code == 200
+        assert client.get("/api/runs", headers={"host": "attacker.example:7860"}).status_code == 400
+
 
 def test_stop_and_reads_are_refused_outside_what_this_server_owns(client, tmp_path):
     (tmp_path / "runs" / "other").mkdir(parents=True)

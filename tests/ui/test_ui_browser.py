@@ -28,13 +28,13 @@ def server(tmp_path):
     """A real uvicorn serving the UI on a free port of 127.0.0.1; yields (base url, runs dir)."""
     import uvicorn
 
-    from tunesmith.ui.app import create_app
+    from tunesmith.ui.app import LOOPBACK, create_app
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     runs = tmp_path / "runs"
-    uv = uvicorn.Server(uvicorn.Config(create_app(runs), host="127.0.0.1", port=port, log_level="warning"))
+    uv = uvicorn.Server(uvicorn.Config(create_app(runs, trusted_hosts=list(LOOPBACK)), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -91,6 +91,16 @@ def output_dir(values: dict[str, str]) -> Path:
     return Path(parse_value(_fields()[key], values.get(key, _fields()[key].default)))
 
 
+def refuse_existing_run(out: Path, args: list[str]) -> None:
+    """Training refuses a folder holding a run unless resumed or overwritten; say so before starting a child,
+    whose record would otherwise replace the earlier run's."""
+    from tunesmith.runs import is_run_dir
+
+    if is_run_dir(out) and not {"--train.resume", "--output.overwrite"} & set(args):
+        raise UsageError(f"{out} already holds a run; set train.resume to auto to continue it, "
+                         "output.overwrite to true to replace it, or choose another output.output_dir")
+
+
 def _fields() -> dict:
     from tunesmith.config import fields_info
 
@@ -231,15 +241,23 @@ def job_detail(folder: Path, command: str, jobs: Jobs) -> dict:
 # ---------------------------------------------------------------- the app
 
 
-def create_app(runs_dir: str | Path = "runs", lang: str = "en"):
+LOOPBACK = ("127.0.0.1", "localhost")
+
+
+def create_app(runs_dir: str | Path = "runs", lang: str = "en", trusted_hosts: list[str] | None = None):
+    """The app. ``trusted_hosts``: the Host names a request may carry (``tunesmith ui`` bound to this machine
+    allows only its loopback names, so a web page on another name that resolves here cannot drive it)."""
     from fastapi import Body, FastAPI, Query
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     root = Path(runs_dir)
     jobs = Jobs()
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
     app.state.jobs = jobs
+    if trusted_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(trusted_hosts))
 
     @app.exception_handler(TunesmithError)
     async def user_error(request, exc: TunesmithError):
@@ -267,6 +285,9 @@ def create_app(runs_dir: str | Path = "runs", lang: str = "en"):
     def train_start(values: dict = Body(...)):
         args = train_args(values)
         out = output_dir(values)
+        if jobs.owns(out):
+            raise UsageError(f"{out}: a training started here is still running")
+        refuse_existing_run(out, args)
         child = jobs.start(["train", *args], out)
         return {"run_dir": str(out.resolve()), "pid": child.pid, "command": shown_command(["train", *args])}
 
@@ -342,4 +363,5 @@ def run_ui(host: str = "127.0.0.1", port: int = 7860, lang: str = "en", runs_dir
     import uvicorn
 
     print(f"tunesmith ui on http://{host}:{port} (runs under {runs_dir}; Ctrl-C to quit, trainings keep running)")
-    uvicorn.run(create_app(runs_dir, lang), host=host, port=port, log_level="warning")
+    trusted = list(LOOPBACK) if host in LOOPBACK else None
+    uvicorn.run(create_app(runs_dir, lang, trusted), host=host, port=port, log_level="warning")
