@@ -127,6 +127,17 @@ def test_start_and_stop_a_real_child_training(client, tiny_model_dir, tmp_path):
     assert again.status_code == 400 and "already holds a run; set train.resume to auto" in again.json()["error"]
     assert json.loads((out / PROCESS_FILE).read_text())["returncode"] == 130  # the stopped run's record is kept
 
+    assert run["resumable"] is True
+    resumed = client.post("/api/train/resume", json={"path": str(out)}).json()
+    assert resumed["command"] == started["command"] + " --train.resume auto"
+    record = _wait(lambda: (r := json.loads((out / PROCESS_FILE).read_text()))["returncode"] is not None and r,
+                   300, "the resumed run to finish")
+    run = client.get("/api/run", params={"path": str(out)}).json()
+    assert record["returncode"] == 0 and (run["status"], run["steps"]) == ("finished", 500), run["log"][-2000:]
+    assert f"resumed from {complete[-1]}" in (out / "ui-train.log").read_text()
+    again = client.post("/api/train/resume", json={"path": str(out)})
+    assert again.status_code == 400 and "is finished" in again.json()["error"]
+
 
 def test_a_child_that_fails_shows_as_failed_with_its_error(client, tiny_model_dir, tmp_path):
     from tunesmith.runs import PROCESS_FILE

@@ -173,7 +173,7 @@ def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
     _shot(browser, tmp_path, "chat-zh")
 
 
-def test_a_reload_reattaches_to_the_training_and_stop_leaves_a_checkpoint(server, browser, tiny_model_dir,
+def test_a_reload_reattaches_to_the_training_stop_leaves_a_checkpoint_and_resume_finishes(server, browser, tiny_model_dir,
                                                                           tmp_path):
     from tunesmith.train.checkpoint import damage, list_checkpoints
 
@@ -203,3 +203,8 @@ def test_a_reload_reattaches_to_the_training_and_stop_leaves_a_checkpoint(server
     complete = [path for _, path, ok in list_checkpoints(out) if ok]
     assert complete and damage(complete[-1]) is None
     _shot(browser, tmp_path, "runs-stopped")
+
+    browser.find_element(*_by("#run-resume")).click()
+    _wait(browser, lambda d: "finished" in _text(d, "#run-name"), 120, "the resumed run to finish")
+    assert _text(browser, "#run-steps") == "500/500"
+    _shot(browser, tmp_path, "runs-resumed")

@@ -101,6 +101,33 @@ def refuse_existing_run(out: Path, args: list[str]) -> None:
                          "output.overwrite to true to replace it, or choose another output.output_dir")
 
 
+def resume_args(run_dir: Path) -> list[str]:
+    """The command the UI started the run with (its record), continued with ``--train.resume auto``."""
+    import shlex
+
+    from tunesmith.runs import PROCESS_FILE, read_run
+
+    record = _read_json(run_dir / PROCESS_FILE)
+    if not record.get("command"):
+        raise UsageError(f"{run_dir} was not started from this UI; continue it with its own "
+                         "`tunesmith train ... --resume auto`")
+    status = read_run(run_dir).status
+    if status not in ("stopped", "failed"):
+        raise UsageError(f"{run_dir} is {status}; only a stopped or failed run is resumed")
+    argv = shlex.split(record["command"])[1:]
+    if "--train.resume" in argv:
+        i = argv.index("--train.resume")
+        del argv[i:i + 2]
+    return [*argv, "--train.resume", "auto"]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def _fields() -> dict:
     from tunesmith.config import fields_info
 
@@ -136,7 +163,10 @@ def run_detail(path: Path, jobs: Jobs) -> dict:
 
     summary = read_run(path).to_dict()
     rows = read_metrics(path / METRICS) if (path / METRICS).is_file() else []
-    return {**summary, "metrics": rows, "log": log_tail(path), "stoppable": jobs.owns(path),
+    from tunesmith.runs import PROCESS_FILE
+
+    resumable = summary["status"] in ("stopped", "failed") and bool(_read_json(path / PROCESS_FILE).get("command"))
+    return {**summary, "metrics": rows, "log": log_tail(path), "stoppable": jobs.owns(path), "resumable": resumable,
             "files": sorted(p.name for p in path.iterdir()) if path.is_dir() else []}
 
 
@@ -290,6 +320,15 @@ def create_app(runs_dir: str | Path = "runs", lang: str = "en", trusted_hosts: l
         refuse_existing_run(out, args)
         child = jobs.start(["train", *args], out)
         return {"run_dir": str(out.resolve()), "pid": child.pid, "command": shown_command(["train", *args])}
+
+    @app.post("/api/train/resume")
+    def train_resume(path: str = Body(..., embed=True)):
+        run_dir = _inside(root, path)
+        if jobs.owns(run_dir):
+            raise UsageError(f"{run_dir}: a training started here is still running")
+        argv = resume_args(run_dir)
+        child = jobs.start(argv, run_dir)
+        return {"run_dir": str(run_dir), "pid": child.pid, "command": shown_command(argv)}
 
     @app.post("/api/train/stop")
     def train_stop(path: str = Body(..., embed=True)):

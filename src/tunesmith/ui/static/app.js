@@ -156,6 +156,7 @@ async function refreshDetail() {
   $("#run-progress").value = run.steps;
   $("#run-steps").textContent = `${run.steps}/${run.total_steps ?? "?"}`;
   $("#run-stop").hidden = !run.stoppable;
+  $("#run-resume").hidden = !run.resumable;
   drawChart(run.metrics);
   $("#run-files").replaceChildren(...run.files.map((name) => el("li", {}, el("a", {
     href: `/api/run/file?path=${encodeURIComponent(run.path)}&name=${encodeURIComponent(name)}`, text: name }))));
@@ -188,6 +189,10 @@ function drawChart(rows) {
   label.setAttribute("x", 30); label.setAttribute("y", 12);
   label.textContent = `${hi.toFixed(3)} … ${lo.toFixed(3)}`;
   svg.append(label);
+}
+
+async function resumeRun() {
+  try { await api("POST", "/api/train/resume", { path: selectedRun }); refreshDetail(); } catch (error) { showError($("#run-log"), error); }
 }
 
 async function stopRun() {
@@ -344,6 +349,7 @@ async function main() {
   });
   $("#runs-refresh").addEventListener("click", refreshRuns);
   $("#run-stop").addEventListener("click", stopRun);
+  $("#run-resume").addEventListener("click", resumeRun);
   $("#data-check").addEventListener("click", checkData);
   $("#chat-send").addEventListener("click", sendChat);
   $("#chat-input").addEventListener("keydown", (e) => { if (e.key === "Enter") sendChat(); });
