@@ -266,3 +266,25 @@ def test_export_runs_the_export_command_and_names_the_output(run_client, finishe
     assert (out / "config.json").is_file() and str(out) in job["log"]
     bad = run_client.post("/api/export/start", json={"model": str(finished_run), "format": "zip", "out": "x"})
     assert bad.status_code == 400
+
+
+def test_upload_check_with_overlap_and_convert(client, tiny_model_dir, tmp_path):
+    rows = chat_rows(6)
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    uploaded = client.post("/api/data/upload", params={"name": "../../chat.jsonl"}, content=body).json()
+    assert uploaded == {"path": str((tmp_path / "runs" / "uploads" / "chat.jsonl").resolve()), "bytes": len(body)}
+    assert Path(uploaded["path"]).read_bytes() == body
+
+    held_out = write_chat(tmp_path / "eval.jsonl", rows[:1])
+    report = client.post("/api/data/check", json={"files": [uploaded["path"]], "eval_files": [str(held_out)],
+                                                  "tokens": False}).json()
+    assert report["ok"] and report["overlap"] == [{"eval": f"{held_out}:1", "train": [f"{uploaded['path']}:1"]}]
+
+    out = tmp_path / "alpaca.jsonl"
+    converted = client.post("/api/data/convert", json={"file": uploaded["path"], "to": "alpaca", "out": str(out)})
+    assert converted.json()["command"] == f"tunesmith data convert {uploaded['path']} --to alpaca --out {out}"
+    assert "wrote 6 alpaca rows" in converted.json()["output"]
+    assert json.loads(out.read_text().splitlines()[0])["output"] == rows[0]["messages"][1]["content"]
+    again = client.post("/api/data/convert", json={"file": uploaded["path"], "to": "alpaca", "out": str(out)})
+    assert again.status_code == 400 and str(out) in again.json()["error"]
+    assert "alpaca" in client.get("/api/settings").json()["convert_targets"]

@@ -108,7 +108,7 @@ def _text(driver, css: str) -> str:
 
 
 def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
-    """Data: the identity data's report and mask preview; Train: a field's help, the plan, a 5-step training;
+    """Data: the identity data uploaded, its report and mask preview; Train: a field's help, the plan, a 5-step training;
     Runs: the loss chart fills and the run finishes; Chat: streamed answers of the run and its base; then the
     page in Chinese."""
     url, runs = server
@@ -116,7 +116,9 @@ def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
     _wait(browser, lambda d: d.find_elements(*_by("#train-form fieldset")), 30, "the generated form")
 
     _tab(browser, "data")
-    browser.find_element(*_by("#data-files")).send_keys(str(IDENTITY))
+    browser.find_element(*_by("#data-upload")).send_keys(str(IDENTITY))  # choose the file, as a person would
+    uploaded = str((runs / "uploads" / "identity.jsonl").resolve())
+    _wait(browser, lambda d: d.find_element(*_by("#data-files")).get_attribute("value") == uploaded, 10, "the upload")
     browser.find_element(*_by("#data-model")).send_keys(str(tiny_model_dir))
     browser.find_element(*_by("#data-check")).click()
     _wait(browser, lambda d: d.find_elements(*_by("#mask-preview .supervised")), 60, "the mask preview")

@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from fastapi import Request  # in a route's signature, so FastAPI must find it at module level
+
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.ui.jobs import Jobs, cli_argv, log_tail, shown_command
 from tunesmith.ui.strings import STRINGS
@@ -300,7 +302,10 @@ def create_app(runs_dir: str | Path = "runs", lang: str = "en", trusted_hosts: l
     @app.get("/api/settings")
     def settings():
         suggested = root / time.strftime("run-%Y%m%d-%H%M%S")
+        from tunesmith.data.convert import TARGETS
+
         return {"lang": lang, "strings": STRINGS, "runs_dir": str(root), "sections": form_schema(),
+                "convert_targets": list(TARGETS),
                 "suggested": {"output.output_dir": str(suggested)}}
 
     @app.post("/api/train/command")
@@ -382,6 +387,27 @@ def create_app(runs_dir: str | Path = "runs", lang: str = "en", trusted_hosts: l
             raise UsageError(f"no such job kind: {command}")
         return job_detail(_inside(root, folder), command, jobs)
 
+    @app.post("/api/data/upload")
+    async def data_upload(request: Request, name: str = Query(...)):
+        """The file's bytes as the body (no form encoding): saved as RUNS/uploads/NAME, its path returned."""
+        target = root / "uploads" / Path(name).name
+        if not Path(name).name or Path(name).name.startswith("."):
+            raise UsageError(f"upload name {name!r}: give the file's own name")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = await request.body()
+        target.write_bytes(data)
+        return {"path": str(target.resolve()), "bytes": len(data)}
+
+    @app.post("/api/data/convert")
+    def data_convert(request: dict = Body(...)):
+        args = ["data", "convert", str(request.get("file") or ""), "--to", str(request.get("to") or ""),
+                "--out", str(request.get("out") or "")] + (["--overwrite"] if request.get("overwrite") else [])
+        done = subprocess.run(cli_argv(args), capture_output=True, text=True, timeout=PLAN_TIMEOUT_S,
+                              stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise UsageError(_error_lines(done.stderr) or f"tunesmith data convert exited with {done.returncode}")
+        return {"command": shown_command(args), "output": done.stdout.strip()}
+
     @app.post("/api/data/check")
     def data_check(request: dict = Body(...)):
         from tunesmith.data.doctor import check_data
@@ -390,8 +416,10 @@ def create_app(runs_dir: str | Path = "runs", lang: str = "en", trusted_hosts: l
         if not files:
             raise UsageError("no data file given")
         max_length = int(request["max_length"]) if request.get("max_length") else None
+        evals = [f for f in request.get("eval_files", []) if f]
         report = check_data(files, model=request.get("model") or None, max_length=max_length,
-                            template=request.get("template") or None, tokens=bool(request.get("tokens", True)))
+                            template=request.get("template") or None, eval_files=evals,
+                            tokens=bool(request.get("tokens", True)))
         return report.to_dict()
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

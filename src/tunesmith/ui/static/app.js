@@ -204,12 +204,34 @@ async function stopRun() {
 async function checkData() {
   const target = $("#data-report");
   target.textContent = t("data.checking");
-  const files = $("#data-files").value.split(",").map((s) => s.trim()).filter(Boolean);
+  const files = splitList($("#data-files").value);
   try {
-    const report = await api("POST", "/api/data/check",
-      { files, model: $("#data-model").value, max_length: $("#data-max-length").value });
+    const report = await api("POST", "/api/data/check", { files, eval_files: splitList($("#data-eval-files").value),
+      model: $("#data-model").value, max_length: $("#data-max-length").value });
     drawReport(report);
   } catch (error) { showError(target, error); }
+}
+
+const splitList = (text) => text.split(",").map((s) => s.trim()).filter(Boolean);
+
+async function uploadData() {
+  const file = $("#data-upload").files[0];
+  if (!file) return;
+  try {
+    const response = await fetch(`/api/data/upload?name=${encodeURIComponent(file.name)}`, { method: "POST", body: file });
+    const result = await response.json();
+    if (!response.ok) throw new Error(result.error || response.statusText);
+    $("#data-files").value = result.path;
+  } catch (error) { showError($("#data-report"), error); }
+}
+
+async function convertData() {
+  try {
+    const result = await api("POST", "/api/data/convert", { file: splitList($("#data-files").value)[0] || "",
+      to: $("#convert-to").value, out: $("#convert-out").value });
+    $("#convert-command").textContent = result.command;
+    $("#convert-output").textContent = result.output;
+  } catch (error) { showError($("#convert-output"), error); }
 }
 
 function issueList(title, issues) {
@@ -351,6 +373,9 @@ async function main() {
   $("#run-stop").addEventListener("click", stopRun);
   $("#run-resume").addEventListener("click", resumeRun);
   $("#data-check").addEventListener("click", checkData);
+  $("#data-upload").addEventListener("change", uploadData);
+  $("#convert-button").addEventListener("click", convertData);
+  $("#convert-to").replaceChildren(...settings.convert_targets.map((name) => el("option", { value: name, text: name })));
   $("#chat-send").addEventListener("click", sendChat);
   $("#chat-input").addEventListener("keydown", (e) => { if (e.key === "Enter") sendChat(); });
   $("#chat-reset").addEventListener("click", resetChat);
