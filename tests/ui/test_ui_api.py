@@ -251,7 +251,7 @@ def test_evaluate_runs_the_eval_command_with_compare_base(run_client, finished_r
     job = _job(run_client, started["folder"], "eval")
     assert job["returncode"] == 0, job["log"]
     metrics = json.loads((Path(started["folder"]) / "metrics.json").read_text())
-    assert "rougeL" in json.dumps(metrics) and job["report"] and "rougeL" in job["report"]
+    assert "rougeL" in json.dumps(metrics) and job["report"] and "## Worst examples by ROUGE-L" in job["report"]
     for image in job["images"]:
         assert run_client.get("/api/run/file", params={"path": started["folder"], "name": image}).status_code == 200
 

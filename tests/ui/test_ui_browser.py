@@ -109,8 +109,8 @@ def _text(driver, css: str) -> str:
 
 def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
     """Data: the identity data uploaded, its report and mask preview; Train: a field's help, the plan, a 5-step training;
-    Runs: the loss chart fills and the run finishes; Chat: streamed answers of the run and its base; then the
-    page in Chinese."""
+    Runs: the loss chart fills and the run finishes; Chat: streamed answers of the run and its base; Evaluate
+    against the base with its report; Export merged weights; then the page in Chinese."""
     url, runs = server
     browser.get(url)
     _wait(browser, lambda d: d.find_elements(*_by("#train-form fieldset")), 30, "the generated form")
@@ -159,6 +159,28 @@ def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
     answers = [a.text for a in browser.find_elements(*_by(".msg.assistant"))]
     assert all(answers), answers
     _shot(browser, tmp_path, "chat")
+
+    _tab(browser, "eval")
+    assert browser.find_element(*_by("#eval-model")).get_attribute("value") == str(out.resolve())
+    browser.find_element(*_by("#eval-data")).send_keys(str(data))
+    browser.find_element(*_by("#eval-metrics")).send_keys("rouge,chrf")
+    browser.find_element(*_by("#eval-limit")).send_keys("4")
+    browser.find_element(*_by("#eval-start")).click()
+    _wait(browser, lambda d: d.find_elements(*_by("#eval-status .job-done")), 120, "the evaluation to end")
+    assert browser.find_elements(*_by('#eval-report img[alt="metric_deltas.png"]'))  # its charts, shown
+    report = _text(browser, "#eval-report-md")
+    assert "base" in report and "Worst examples by ROUGE-L" in report
+    assert _text(browser, "#eval-command").endswith("--compare base --metrics rouge,chrf --limit 4")
+    _shot(browser, tmp_path, "eval")
+
+    _tab(browser, "export")
+    merged = tmp_path / "merged"
+    browser.find_element(*_by("#export-out")).clear()
+    browser.find_element(*_by("#export-out")).send_keys(str(merged))
+    browser.find_element(*_by("#export-start")).click()
+    _wait(browser, lambda d: d.find_elements(*_by("#export-status .job-done")), 120, "the export")
+    assert str(merged) in _text(browser, "#export-log") and (merged / "config.json").is_file()
+    _shot(browser, tmp_path, "export")
 
     from selenium.webdriver.support.ui import Select
 
