@@ -111,8 +111,9 @@ def test_start_and_stop_a_real_child_training(client, tiny_model_dir, tmp_path):
     again = client.post("/api/train/start", json=tiny_form(tiny_model_dir, data, out, train__max_steps=500))
     assert again.status_code == 400 and "still running" in again.json()["error"]
 
-    assert client.post("/api/train/stop", json={"path": str(out)}).json() == {"pid": started["pid"],
-                                                                              "signal": "SIGINT"}
+    for _ in range(2):  # a second click must not turn the clean stop into an immediate one
+        assert client.post("/api/train/stop", json={"path": str(out)}).json() == {"pid": started["pid"],
+                                                                                  "signal": "SIGINT"}
     record = _wait(lambda: (r := json.loads((out / PROCESS_FILE).read_text()))["returncode"] is not None and r,
                    120, "the child to exit")
     assert record["returncode"] == 130
@@ -162,6 +163,9 @@ def test_requests_naming_another_host_are_refused(tmp_path):
 
 
 def test_stop_and_reads_are_refused_outside_what_this_server_owns(client, tmp_path):
+    outside_start = client.post("/api/train/start", json={"output.output_dir": str(tmp_path / "elsewhere")})
+    assert outside_start.status_code == 400 and "not under the runs folder" in outside_start.json()["error"]
+    assert not (tmp_path / "elsewhere").exists()
     (tmp_path / "runs" / "other").mkdir(parents=True)
     refused = client.post("/api/train/stop", json={"path": str(tmp_path / "runs" / "other")})
     assert refused.status_code == 400 and "no training started by this UI" in refused.json()["error"]

@@ -4,7 +4,7 @@ FastAPI (already a dependency, for `tunesmith serve`) with one plain HTML/JS pag
 package (ui/static): no npm build, no extra install, and nothing here that the CLI does not do.
 Gradio, which LlamaBoard users know, was the alternative; it is a large dependency with its own
 release churn, and its components would not let the Train form be generated from config.py as
-directly as a few lines of JS over ``/api/config`` do.
+directly as a few lines of JS over ``/api/settings`` do.
 
 The server holds no logic of its own:
 
@@ -319,7 +319,7 @@ def create_app(runs_dir: str | Path = "runs", lang: str = "en", trusted_hosts: l
     @app.post("/api/train/start")
     def train_start(values: dict = Body(...)):
         args = train_args(values)
-        out = output_dir(values)
+        out = _inside(root, str(output_dir(values)))  # the page lists and reads runs under its folder only
         if jobs.owns(out):
             raise UsageError(f"{out}: a training started here is still running")
         refuse_existing_run(out, args)

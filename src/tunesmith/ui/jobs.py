@@ -6,8 +6,9 @@ pid and command also go to ``process.json`` (runs.PROCESS_FILE), which ``tunesmi
 call the run "running"; a waiter thread records the exit code there when the child ends. A browser reload, a closed tab or a second page
 changes nothing: the state is in the run directory, and the page reads it again.
 
-Stop sends SIGINT to a child this server started, and to nothing else: training then finishes
-its step, writes a complete checkpoint and exits with 130 (train/loop.py, _Interrupt).
+Stop sends SIGINT to a child this server started, and to nothing else, once: training then
+finishes its step, writes a complete checkpoint and exits with 130 (train/loop.py, _Interrupt),
+where a second SIGINT would stop it at once without one.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Jobs:
 
     def __init__(self):
         self.children: dict[Path, subprocess.Popen] = {}
+        self.stopping: set[Path] = set()  # asked to stop once: a second SIGINT would stop without a checkpoint
         self.lock = threading.Lock()
 
     def start(self, argv: list[str], folder: Path) -> subprocess.Popen:
@@ -58,6 +60,7 @@ class Jobs:
                 child = subprocess.Popen(cli_argv(argv), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
             self.children[folder] = child
+            self.stopping.discard(folder)
             if argv[0] == "train":
                 _write_record(folder, {"pid": child.pid, "command": shown_command(argv), "started": time.time(),
                                        "returncode": None})
@@ -81,10 +84,13 @@ class Jobs:
 
     def stop(self, run_dir: Path) -> int:
         """SIGINT to this server's own child training in ``run_dir``; returns its pid."""
-        child = self.children.get(Path(run_dir).resolve())
+        folder = Path(run_dir).resolve()
+        child = self.children.get(folder)
         if child is None or child.poll() is not None:
             raise UsageError(f"{run_dir}: no training started by this UI is running there")
-        child.send_signal(signal.SIGINT)
+        if folder not in self.stopping:  # training takes a second Ctrl-C as "stop at once, no checkpoint"
+            self.stopping.add(folder)
+            child.send_signal(signal.SIGINT)
         return child.pid
 
 
