@@ -292,3 +292,36 @@ def test_upload_check_with_overlap_and_convert(client, tiny_model_dir, tmp_path)
     again = client.post("/api/data/convert", json={"file": uploaded["path"], "to": "alpaca", "out": str(out)})
     assert again.status_code == 400 and str(out) in again.json()["error"]
     assert "alpaca" in client.get("/api/settings").json()["convert_targets"]
+
+
+def test_the_ui_command_serves_the_page_on_loopback(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "ui", "--port", str(port), "--lang", "zh",
+                               "--runs-dir", str(tmp_path / "runs")], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        def settings():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/api/settings", timeout=2).json()
+            except httpx.HTTPError:
+                return None
+
+        document = _wait(settings, 60, "tunesmith ui to answer")
+        assert document["lang"] == "zh" and document["runs_dir"] == str(tmp_path / "runs")
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+        assert page.status_code == 200 and 'src="/static/app.js"' in page.text
+        assert httpx.get(f"http://127.0.0.1:{port}/static/app.js", timeout=5).status_code == 200
+        foreign = httpx.get(f"http://127.0.0.1:{port}/api/runs", headers={"host": "example.com"}, timeout=5)
+        assert foreign.status_code == 400
+    finally:
+        server.terminate()
+        out, _ = server.communicate(timeout=30)
+    assert f"tunesmith ui on http://127.0.0.1:{port}" in out
