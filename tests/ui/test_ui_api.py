@@ -45,9 +45,18 @@ def test_the_form_has_every_config_field_with_its_help_default_and_choices(clien
 
 
 def test_both_languages_have_every_string(client):
-    strings = client.get("/api/settings").json()["strings"]
+    from tunesmith.config import fields_info
+    from tunesmith.ui.strings import FIELD_HELP_ZH
+
+    settings = client.get("/api/settings").json()
+    strings = settings["strings"]
     assert set(strings) == {"en", "zh"} and set(strings["en"]) == set(strings["zh"])
     assert strings["zh"]["tab.train"] == "训练" and strings["en"]["tab.train"] == "Train"
+    # every field's help in Chinese, falling back to config.py's English for an option added since
+    assert set(FIELD_HELP_ZH) <= {info.key for info in fields_info()}  # no translation of a removed field
+    fields = {f["key"]: f for section in settings["sections"] for f in section["fields"]}
+    assert all(f["help_zh"] == FIELD_HELP_ZH.get(key, f["help"]) for key, f in fields.items())
+    assert fields["train.lr"]["help_zh"].startswith("峰值学习率")
 
 
 def test_the_command_holds_only_what_differs_from_the_defaults_and_is_checked_like_the_cli(client):

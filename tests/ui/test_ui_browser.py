@@ -191,6 +191,8 @@ def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
     _shot(browser, tmp_path, "runs-zh")
     _tab(browser, "train")
     assert _text(browser, "#plan-button") == "生成计划"
+    lr_help = browser.find_element(*_by('label[for="field-train.lr"] ~ .help')).text
+    assert lr_help.startswith("峰值学习率") and lr_help.endswith("(默认: 自动)")
     _shot(browser, tmp_path, "train-zh")
     _tab(browser, "chat")
     assert _text(browser, "#chat-send") == "发送"

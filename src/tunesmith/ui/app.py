@@ -34,7 +34,7 @@ from fastapi import Request  # in a route's signature, so FastAPI must find it a
 
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.ui.jobs import Jobs, cli_argv, log_tail, shown_command
-from tunesmith.ui.strings import STRINGS
+from tunesmith.ui.strings import FIELD_HELP_ZH, STRINGS
 
 STATIC = Path(__file__).parent / "static"
 PLAN_TIMEOUT_S = 600
@@ -50,7 +50,8 @@ def form_schema() -> list[dict]:
     sections: dict[str, list] = {}
     for info in fields_info():
         sections.setdefault(info.key.split(".")[0], []).append({
-            "key": info.key, "help": info.help, "default": _shown(info.default), "choices": info.choices,
+            "key": info.key, "help": info.help, "help_zh": FIELD_HELP_ZH.get(info.key, info.help),
+            "default": _shown(info.default), "choices": info.choices,
             "kind": _kind(info.type), "nullable": "None" in str(info.type)})
     return [{"name": name, "fields": fields} for name, fields in sections.items()]
 

@@ -37,6 +37,7 @@ function applyLang() {
   $("#lang").value = lang;
   document.querySelectorAll("[data-i18n]").forEach((node) => { node.textContent = t(node.dataset.i18n); });
   document.querySelectorAll("[data-status]").forEach((node) => { node.textContent = t(`status.${node.dataset.status}`); });
+  document.querySelectorAll("[data-help-en]").forEach((node) => { node.textContent = lang === "zh" ? node.dataset.helpZh : node.dataset.helpEn; });
 }
 
 function showPage(name) {
@@ -70,9 +71,9 @@ function buildForm() {
     const fieldset = el("fieldset", {}, el("legend", { "data-i18n": `section.${section.name}` }));
     for (const field of section.fields) {
       const value = settings.suggested[field.key] ?? field.default;
-      const shownDefault = field.default === "" ? t("auto") : field.default;
-      const help = el("span", { class: "help" }, `${field.help} (`,
-        el("span", { "data-i18n": "default" }), `: ${shownDefault})`);
+      const shownDefault = field.default === "" ? el("span", { "data-i18n": "auto" }) : field.default;
+      const help = el("span", { class: "help" }, el("span", { "data-help-en": field.help, "data-help-zh": field.help_zh }),
+        " (", el("span", { "data-i18n": "default" }), ": ", shownDefault, ")");
       fieldset.append(el("div", { class: "field" }, el("label", { for: `field-${field.key}`, text: field.key }),
         fieldInput(field, value), help));
     }
