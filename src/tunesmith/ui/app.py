@@ -280,7 +280,7 @@ LOOPBACK = ("127.0.0.1", "localhost")
 def create_app(runs_dir: str | Path = "runs", lang: str = "en", trusted_hosts: list[str] | None = None):
     """The app. ``trusted_hosts``: the Host names a request may carry (``tunesmith ui`` bound to this machine
     allows only its loopback names, so a web page on another name that resolves here cannot drive it)."""
-    from fastapi import Body, FastAPI, Query
+    from fastapi import FastAPI
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -308,6 +308,18 @@ def create_app(runs_dir: str | Path = "runs", lang: str = "en", trusted_hosts: l
         return {"lang": lang, "strings": STRINGS, "runs_dir": str(root), "sections": form_schema(),
                 "convert_targets": list(TARGETS),
                 "suggested": {"output.output_dir": str(suggested)}}
+
+    _train_routes(app, root, jobs)
+    _run_routes(app, root, jobs)
+    _job_routes(app, root, jobs)
+    _data_routes(app, root)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _train_routes(app, root: Path, jobs) -> None:
+    """Train: the command, the plan, start, resume and stop of a child `tunesmith train`."""
+    from fastapi import Body
 
     @app.post("/api/train/command")
     def command(values: dict = Body(...)):
@@ -340,6 +352,12 @@ def create_app(runs_dir: str | Path = "runs", lang: str = "en", trusted_hosts: l
     def train_stop(path: str = Body(..., embed=True)):
         return {"pid": jobs.stop(_inside(root, path)), "signal": "SIGINT"}
 
+
+def _run_routes(app, root: Path, jobs) -> None:
+    """Runs: the table, one run with its metrics, and its files."""
+    from fastapi import Query
+    from fastapi.responses import FileResponse
+
     @app.get("/api/runs")
     def runs():
         from tunesmith.runs import list_runs
@@ -358,6 +376,11 @@ def create_app(runs_dir: str | Path = "runs", lang: str = "en", trusted_hosts: l
         if not file.is_file():
             raise UsageError(f"{name}: no such file in {run_dir}")
         return FileResponse(file)
+
+
+def _job_routes(app, root: Path, jobs) -> None:
+    """Chat in this process; evaluation and export as child commands."""
+    from fastapi import Body, Query
 
     models = Models()
 
@@ -387,6 +410,11 @@ def create_app(runs_dir: str | Path = "runs", lang: str = "en", trusted_hosts: l
         if command not in ("eval", "export"):
             raise UsageError(f"no such job kind: {command}")
         return job_detail(_inside(root, folder), command, jobs)
+
+
+def _data_routes(app, root: Path) -> None:
+    """Data: upload, convert (a child command) and the doctor's report."""
+    from fastapi import Body, Query
 
     @app.post("/api/data/upload")
     async def data_upload(request: Request, name: str = Query(...)):
@@ -422,9 +450,6 @@ def create_app(runs_dir: str | Path = "runs", lang: str = "en", trusted_hosts: l
                             template=request.get("template") or None, eval_files=evals,
                             tokens=bool(request.get("tokens", True)))
         return report.to_dict()
-
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
 
 
 def run_ui(host: str = "127.0.0.1", port: int = 7860, lang: str = "en", runs_dir: str | Path = "runs") -> None:
