@@ -57,6 +57,16 @@ def print_json(document) -> None:
     print(json.dumps(document, indent=2, ensure_ascii=False))
 
 
+def finish_report(report, as_json: bool, print_human) -> int:
+    """A checking command's ending: ``report.to_dict()`` as one JSON document, or ``print_human(report)``;
+    exit code 0 only when ``report.ok``."""
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        print_human(report)
+    return 0 if report.ok else 1
+
+
 def fmt_number(value, digits: int = 4, missing: str = "") -> str:
     """A metric or loss for a table or a line: whole numbers as they are, others to ``digits`` places."""
     if value is None:

@@ -435,18 +435,14 @@ class _progress:
 
 
 def run_check_command(args) -> int:
-    from tunesmith.output import json_stdout, print_json
+    from tunesmith.output import finish_report, json_stdout
 
     with json_stdout(args.json):
         report = check_data(args.files, model=args.model, max_length=args.max_length, truncation=args.truncation,
                             template=args.template, eval_files=args.eval_files, format=args.format,
                             columns=args.columns, tokens=not args.no_tokens, progress=not args.json,
                             encoding=args.encoding)
-    if args.json:
-        print_json(report.to_dict())
-    else:
-        print_report(report)
-    return 0 if report.ok else 1
+    return finish_report(report, args.json, print_report)
 
 
 # ---------------------------------------------------------------- the terminal view

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunesmith.output import json_stdout, print_json
+from tunesmith.output import finish_report, json_stdout, print_json
 
 
 def run_export_command(args) -> int:
@@ -40,11 +40,7 @@ def run_verify_command(args) -> int:
     with json_stdout(args.json):
         report = verify(args.model, gguf=args.gguf, merged=args.merged, data=args.data, prompts=args.prompts,
                         max_new_tokens=args.max_new_tokens)
-    if args.json:
-        print_json(report.to_dict())
-    else:
-        print_report(report)
-    return 0 if report.ok else 1
+    return finish_report(report, args.json, print_report)
 
 
 def _verify_export(args, out: Path):
