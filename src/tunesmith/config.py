@@ -90,6 +90,15 @@ class MethodConfig:
     train_norm: bool = opt(True, "freeze: also train the final norm")
     train_lm_head: bool = opt(False, "freeze: also train the output head (tied to the input embeddings in many "
                                      "small models, which then train too)")
+    objective: str = opt("sft", "what is learned: sft (imitate the assistant turns) or, on preference pairs (a prompt "
+                         "with a chosen and a rejected answer), dpo, orpo or simpo. The preference objectives turn "
+                         "dropout off so the model is compared with itself", ("sft", "dpo", "orpo", "simpo"))
+    beta: float | None = opt(None, "preference strength: DPO's beta (how far from the reference model the policy may "
+                                   "move; default 0.1), SimPO's reward scale (default 2.0), ORPO's weight of the "
+                                   "odds-ratio term beside the SFT loss (default 0.1)", minimum=0)
+    gamma: float = opt(0.5, "simpo: the target margin between the chosen and the rejected reward", minimum=0)
+    label_smoothing: float = opt(0.0, "dpo/simpo: assumed fraction of pairs whose labels are flipped (conservative "
+                                      "DPO); 0 trusts every pair", minimum=0)
 
 
 @dataclass
@@ -344,6 +353,11 @@ def check_config(config: Config) -> Config:
         (d.pack_length is None or minimum("data.max_length") <= d.pack_length <= d.max_length,
          f"data.pack_length must be in [{minimum('data.max_length')}, max_length]"),
         (t.warmup_ratio is None or 0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
+        (config.method.label_smoothing < 0.5, "method.label_smoothing must be below 0.5 (at 0.5 every pair is a "
+                                               "coin flip)"),
+        (config.method.objective == "sft" or not d.train_on_prompt,
+         f"data.train_on_prompt does not apply to {config.method.objective}: a preference objective compares the "
+         "answers only"),
     ]
     for ok, message in checks:
         if not ok:

@@ -129,3 +129,17 @@ def model_inputs(model, batch: dict) -> dict:
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     inputs["attention_mask"] = mask
     return inputs
+
+
+def sequence_logps(model, batch: dict, sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability, supervised-token count) of each of ``sequences`` sequences in ``batch``.
+
+    ``batch["seq_ids"]`` [B, L] numbers the sequences (0 .. sequences-1, -1 on padding); a position
+    belongs to the sequence of the token it predicts from, which in a packed row is the sequence of
+    the token it predicts (every sequence's first label is ignored). The preference objectives use it.
+    """
+    nll, select = _supervised_nll(model, batch)
+    owner = batch["seq_ids"][select]
+    logps = torch.zeros(sequences, dtype=nll.dtype, device=nll.device).index_add(0, owner, -nll)
+    counts = torch.zeros(sequences, dtype=torch.long, device=nll.device).index_add(0, owner, torch.ones_like(owner))
+    return logps, counts

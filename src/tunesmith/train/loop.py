@@ -72,6 +72,8 @@ class TrainState:
     evals_since_best: int = 0
     last_eval_loss: float | None = None
     recent_losses: list[float] = field(default_factory=list)  # since the last metrics line
+    recent_stats: list[dict] = field(default_factory=list)  # the objective's statistics, since the last line
+    last_eval_stats: dict = field(default_factory=dict)
     initial_eval_loss: float | None = None
     first_loss: float | None = None
     collapse_steps: int = 0  # consecutive steps that look collapsed
@@ -141,14 +143,42 @@ def _encode(convs: list, tokenizer, config: Config, what: str) -> list:
 
 
 def prepare_data(config: Config, tokenizer) -> Data:
-    convs = _read(config.data.path, config)
+    """Examples for the objective: encoded conversations (SFT) or encoded preference pairs."""
+    from tunesmith.train.objectives import is_preference
+
+    read, encode = (_read_pairs, _encode_pairs) if is_preference(config.method.objective) else (_read, _encode)
+    convs = read(config.data.path, config)
     if config.data.eval_path:
-        train_convs, val_convs = convs, _read(config.data.eval_path, config)
+        train_convs, val_convs = convs, read(config.data.eval_path, config)
     else:
         train_convs, val_convs = _split(convs, config.data.val_size, config.train.seed)
-    train = _encode(train_convs, tokenizer, config, "training data")
-    val = _encode(val_convs, tokenizer, config, "validation data") if val_convs else []
+    train = encode(train_convs, tokenizer, config, "training data")
+    val = encode(val_convs, tokenizer, config, "validation data") if val_convs else []
     return Data(train, val, _data_fingerprint(train, val), len(train_convs))
+
+
+def _read_pairs(paths: list[str], config: Config) -> list:
+    from tunesmith.data.pairs import load_pairs
+
+    return load_pairs(paths, format=config.data.format, columns=config.data.columns, encoding=config.data.encoding)
+
+
+def _encode_pairs(pairs: list, tokenizer, config: Config, what: str) -> list:
+    from accelerate import PartialState
+
+    from tunesmith.data.tokenize import EncodeOptions
+    from tunesmith.train.objectives import encode_pairs
+
+    d = config.data
+    options = EncodeOptions(max_length=d.max_length, truncation=d.truncation)
+    kept, lost = encode_pairs(pairs, tokenizer, options, d.system_prompt, what, progress=PartialState().is_main_process)
+    if lost:
+        where = ", ".join(lost[:5]) + (", ..." if len(lost) > 5 else "")
+        _print(f"{what}: skipped {len(lost)} pair(s) with a side dropped by truncation={d.truncation} or left with no "
+               f"answer token at max_length={d.max_length} ({where}); `tunesmith data check` shows their lengths")
+    if not kept:
+        raise UsageError(f"{what}: no preference pair is left after tokenization")
+    return kept
 
 
 def _data_fingerprint(train: list, val: list) -> str:
@@ -176,14 +206,6 @@ def epoch_layout(examples: list, config: Config, epoch_seed: int) -> list[list[l
         return [rows[i:i + size] for i in range(0, len(rows), size)]
     batches = length_grouped_batches(lengths, config.train.batch_size, seed=epoch_seed)
     return [[[order[j]] for j in batch] for batch in batches]
-
-
-def _collate(examples: list, batch: list[list[int]], packing: bool, pad_id: int) -> dict:
-    from tunesmith.data.packing import collate_packed, collate_padded
-
-    if packing:
-        return collate_packed([[examples[i] for i in row] for row in batch], pad_id)
-    return collate_padded([examples[row[0]] for row in batch], pad_id)
 
 
 def _supervised_count(examples: list, batch: list[list[int]]) -> int:
@@ -309,43 +331,71 @@ def _move(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def train_step(accelerator, model, data: Data, window: list, packing: bool, pad_id: int) -> tuple[float, int, int]:
+@dataclass
+class StepSums:
+    """One step's window: this process's summed loss and statistics, and the window's totals."""
+
+    loss: float  # this process's share
+    stats: torch.Tensor  # this process's summed objective statistics (empty for SFT)
+    weight: int  # what the loss is averaged over: supervised tokens (SFT) or pairs, whole window
+    supervised: int
+    tokens: int
+
+
+def train_step(accelerator, model, data: Data, window: list, packing: bool, pad_id: int,
+               objective=None) -> StepSums:
     """Forward/backward over this process's share of one step's window.
 
-    Returns (this process's summed NLL, the window's supervised tokens, the window's tokens);
-    gradients end up as d(sum NLL over the window / supervised tokens in the window).
+    Gradients end up as d(summed loss over the window / the window's weight): every supervised
+    token (SFT) or every pair (preference objectives) of the step weighs the same.
     """
-    from tunesmith.loss import supervised_loss
+    from tunesmith.train.objectives import Objective
 
+    objective = objective or Objective()
+    weight = sum(objective.weight(data.train, b) for b in window)
     supervised = sum(_supervised_count(data.train, b) for b in window)
     tokens = sum(_token_count(data.train, b) for b in window)
     mine = window[accelerator.process_index::accelerator.num_processes]
-    nll_sum = 0.0
+    loss_sum, stats = 0.0, torch.zeros(0, dtype=torch.float64)
     for i, batch in enumerate(mine):
         # Gradients are synchronised once, on the last micro-batch; DDP averages over processes,
         # so each process scales its share back up by the number of processes.
         sync = nullcontext() if i == len(mine) - 1 else accelerator.no_sync(model)
         with sync:
+            inputs = _move(objective.collate(data.train, batch, packing, pad_id), accelerator.device)
             with accelerator.autocast():
-                nll, _ = supervised_loss(model, _move(_collate(data.train, batch, packing, pad_id), accelerator.device))
-            accelerator.backward(nll.float() * (accelerator.num_processes / supervised))
-        nll_sum += nll.detach().float().item()
-    return nll_sum, supervised, tokens
+                loss, batch_stats = objective.loss(model, data.train, batch, inputs)
+            accelerator.backward(loss.float() * (accelerator.num_processes / weight))
+        loss_sum += loss.detach().float().item()
+        stats = batch_stats if stats.numel() == 0 else stats + batch_stats
+    return StepSums(loss_sum, stats, weight, supervised, tokens)
+
+
+def evaluate_loss(accelerator, model, examples: list, config: Config, pad_id: int) -> float:
+    """The held-out loss: mean NLL per supervised token (SFT) or mean loss per pair (preference objectives)."""
+    return evaluate_held_out(accelerator, model, examples, config, pad_id)[0]
 
 
 @torch.no_grad()
-def evaluate_loss(accelerator, model, examples: list, config: Config, pad_id: int) -> float:
-    """Mean NLL per supervised token over ``examples``, split across processes, in a fixed order."""
+def evaluate_held_out(accelerator, model, examples: list, config: Config, pad_id: int) -> tuple[float, dict]:
+    """(held-out loss, the objective's statistics) over ``examples``, split across processes, in a fixed order."""
     from tunesmith.loss import sum_nll
+    from tunesmith.train.objectives import Objective, evaluate_pairs, step_stats
 
+    objective = Objective.of(config.method)
+    batch_size = config.eval.batch_size or config.train.batch_size
+    shard = (accelerator.process_index, accelerator.num_processes)
     model.eval()
-    nll, n = sum_nll(model, examples, config.eval.batch_size or config.train.batch_size, pad_id,
-                     device=accelerator.device, shard=(accelerator.process_index, accelerator.num_processes),
-                     autocast=accelerator.autocast)
+    if objective.preference:
+        sums = evaluate_pairs(model, objective, examples, batch_size, pad_id, device=accelerator.device, shard=shard,
+                              autocast=accelerator.autocast)
+    else:
+        nll, n = sum_nll(model, examples, batch_size, pad_id, device=accelerator.device, shard=shard,
+                         autocast=accelerator.autocast)
+        sums = torch.tensor([nll, float(n)], dtype=torch.float64)
     model.train()
-    totals = accelerator.reduce(torch.tensor([nll, float(n)], dtype=torch.float64, device=accelerator.device),
-                                reduction="sum")
-    return (totals[0] / totals[1]).item()
+    totals = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+    return (totals[0] / totals[-1]).item(), step_stats(totals[1:-1], int(totals[-1].item()))
 
 
 def _check_finite(loss: float, grad_norm: float, step: int, lr: float) -> None:
@@ -481,6 +531,7 @@ def _start(run: PreparedRun) -> Session:
         ckpt.check_fingerprint(resume_from, fingerprint, t.resume_force)
 
     model, n_total, n_trainable = _load_model(config, run.base_path)
+    _prepare_objective(model, run, accelerator)
     optimizer, scheduler = _optimizer_and_schedule(model, config, run.plan.total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per optimizer step, ours
     state = TrainState(epoch_seed=epoch_seed(t.seed, 0))
@@ -497,6 +548,30 @@ def _start(run: PreparedRun) -> Session:
         if log:
             log.write({"step": 0, "initial_eval_loss": state.initial_eval_loss})
     return session
+
+
+def _prepare_objective(model, run: PreparedRun, accelerator) -> None:
+    """Preference objectives: dropout off; DPO: every pair's reference log-probabilities, computed once."""
+    from tunesmith.train.methods import load_base_model
+    from tunesmith.train.objectives import Objective, compute_reference, disable_dropout, reference_model
+
+    config = run.config
+    objective = Objective.of(config.method)
+    if not objective.preference:
+        return
+    disable_dropout(model)
+    if not objective.needs_reference:
+        return
+
+    def load_base():
+        base = load_base_model(run.base_path, config.method, config.model.attn_implementation,
+                               allow_pickle=config.model.allow_pickle)
+        return base.to(accelerator.device)
+
+    with reference_model(model.to(accelerator.device), config.method, load_base) as reference:
+        for examples in (run.data.train, run.data.val):
+            compute_reference(reference, examples, run.tokenizer.pad_token_id, autocast=accelerator.autocast,
+                              progress=accelerator.is_main_process)
 
 
 def _train(s: Session) -> bool:
@@ -536,15 +611,18 @@ def _train(s: Session) -> bool:
 
 def _optimizer_step(s: Session, window: list, stop_requested: bool) -> tuple[float, float, float, bool]:
     """Forward/backward over the window, checks, then the update: (loss, grad norm, lr, stop asked anywhere)."""
+    from tunesmith.train.objectives import Objective, step_stats
+
     state, t = s.state, s.run.config.train
-    nll_local, supervised, tokens = train_step(s.accelerator, s.model, s.run.data, window, s.run.config.data.packing,
-                                               s.pad_id)
+    objective = Objective.of(s.run.config.method)
+    sums = train_step(s.accelerator, s.model, s.run.data, window, s.run.config.data.packing, s.pad_id, objective)
     state.batch_index += len(window)
     state.step += 1
-    # One reduction carries the loss and whether any process was asked to stop (Ctrl-C).
-    reduced = s.accelerator.reduce(torch.tensor([nll_local, float(stop_requested)], dtype=torch.float64,
-                                                device=s.accelerator.device), reduction="sum")
-    loss, interrupted = reduced[0].item() / supervised, reduced[1].item() > 0
+    # One reduction carries the loss, the objective's statistics and whether any process was asked to stop (Ctrl-C).
+    local = torch.cat([torch.tensor([sums.loss, float(stop_requested)], dtype=torch.float64), sums.stats])
+    reduced = s.accelerator.reduce(local.to(s.accelerator.device), reduction="sum").cpu()
+    loss, interrupted = reduced[0].item() / sums.weight, reduced[1].item() > 0
+    supervised, tokens = sums.supervised, sums.tokens
     grad_norm = s.accelerator.clip_grad_norm_(s.model.parameters(), t.max_grad_norm or float("inf"))
     grad_norm = float(grad_norm) if grad_norm is not None else 0.0
     lr = s.scheduler.get_last_lr()[0]
@@ -556,6 +634,8 @@ def _optimizer_step(s: Session, window: list, stop_requested: bool) -> tuple[flo
     state.tokens += tokens
     state.supervised_tokens += supervised
     state.recent_losses.append(loss)
+    if objective.preference:
+        state.recent_stats.append(step_stats(reduced[2:], sums.weight))
     return loss, grad_norm, lr, interrupted
 
 
@@ -569,9 +649,13 @@ def _log_step(s: Session, loss: float, grad_norm: float, lr: float, elapsed: flo
     record = {"step": state.step, "epoch": state.epoch, "loss": sum(state.recent_losses) / len(state.recent_losses),
               "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens, "supervised_tokens": state.supervised_tokens,
               "elapsed_s": round(elapsed, 3)}
+    if state.recent_stats:  # the preference objective's rewards, margin and accuracy: means since the last line
+        record.update({key: sum(d[key] for d in state.recent_stats) / len(state.recent_stats)
+                       for key in state.recent_stats[0]})
     if evaluated:
         record["eval_loss"] = state.last_eval_loss
-    state.recent_losses = []
+        record.update({f"eval_{key}": value for key, value in state.last_eval_stats.items()})
+    state.recent_losses, state.recent_stats = [], []
     if s.log:
         s.log.write(record)
 
@@ -704,10 +788,10 @@ def _maybe_evaluate(accelerator, model, data: Data, config: Config, state: Train
     due = state.step == total_steps or (every > 0 and state.step % every == 0)
     if not data.val or not due:
         return False, False
-    loss = evaluate_loss(accelerator, model, data.val, config, pad_id)
+    loss, stats = evaluate_held_out(accelerator, model, data.val, config, pad_id)
     if not math.isfinite(loss):
         raise TrainingDiverged(f"step {state.step}: non-finite validation loss ({loss})")
-    state.last_eval_loss = loss
+    state.last_eval_loss, state.last_eval_stats = loss, stats
     improved = state.best_eval_loss is None or loss < state.best_eval_loss
     if improved:
         state.best_eval_loss, state.best_step, state.evals_since_best = loss, state.step, 0

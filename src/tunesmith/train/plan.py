@@ -131,6 +131,7 @@ class RunPlan:
     estimate_basis: str
     choices: list[Choice] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    objective: str = "sft"
     measured_tokens_per_s: float | None = None  # filled in after the first steps
     elapsed_s: float | None = None  # filled in at the end
 
@@ -140,15 +141,17 @@ class RunPlan:
     def lines(self) -> list[str]:
         """The plan as the lines printed at the start of training and by ``train --plan``."""
         unit = "packed rows" if self.packing else "examples"
+        items = "examples" if self.objective == "sft" else "preference pairs (both sides counted in tokens)"
         out = [
-            f"data: {self.examples} examples, {self.tokens:,} tokens, {self.supervised_tokens:,} supervised "
+            f"data: {self.examples} {items}, {self.tokens:,} tokens, {self.supervised_tokens:,} supervised "
             f"({100 * self.supervised_tokens / max(self.tokens, 1):.0f}%); {self.val_examples} held out",
             f"batches: {self.rows_per_epoch} {unit} of up to {self.row_length} tokens per epoch; "
             f"{self.micro_batch} per micro-batch x {self.grad_accum} accumulation x {self.processes} process(es) "
             f"= ~{self.tokens_per_step:,.0f} tokens per optimizer step",
             f"steps: {self.steps_per_epoch} per epoch x {self.epochs:g} epochs = {self.total_steps} optimizer steps, "
             f"{self.warmup_steps} of warmup",
-            f"learning rate: {self.lr:.3g} peak, {self.scheduler} schedule ({self.method})",
+            f"learning rate: {self.lr:.3g} peak, {self.scheduler} schedule ({self.method}"
+            + (f", {self.objective})" if self.objective != "sft" else ")"),
             f"time: about {_duration(self.estimate_s)} ({self.estimate_basis})",
         ]
         out += [f"  {c.key} = {c.value}: {c.reason}" for c in self.choices if c.auto]
@@ -196,14 +199,23 @@ def default_epochs(n_examples: int, steps_per_epoch: int) -> tuple[float, str]:
 _LR_POWER = {"qwen": 0.0775}
 
 
-def default_lr(method: str, facts: ModelFacts) -> tuple[float, str]:
+# Preference objectives move a model that already follows instructions, and a pair's loss saturates fast:
+# they train at a fraction of the SFT rate, as their papers do (DPO and SimPO about 1/10 to 1/20 of the SFT
+# rate of the same model; ORPO, which also carries the SFT loss, about 1/2).
+OBJECTIVE_LR_FACTOR = {"sft": 1.0, "dpo": 0.1, "simpo": 0.1, "orpo": 0.5}
+
+
+def default_lr(method: str, facts: ModelFacts, objective: str = "sft") -> tuple[float, str]:
     from tunesmith.train.methods import is_adapter
 
     power = next((p for family, p in _LR_POWER.items() if facts.model_type.startswith(family)), 0.781)
     scale = (2000 / facts.hidden_size) ** power
     adapter = is_adapter(method)
-    lr = float(f"{5e-5 * (10 if adapter else 1) * scale:.2g}")
+    factor = OBJECTIVE_LR_FACTOR[objective]
+    lr = float(f"{5e-5 * (10 if adapter else 1) * scale * factor:.2g}")
     kind = "LoRA (10x the full fine-tuning rate)" if adapter else "full-weight training"
+    if factor != 1:
+        kind += f", {factor:g}x for {objective}"
     return lr, f"{kind}, scaled to hidden size {facts.hidden_size} ({facts.model_type or 'unknown'} family)"
 
 
@@ -269,7 +281,7 @@ def resolve_config(config: Config, stats: DataStats, facts: ModelFacts, processe
         t.epochs, why = default_epochs(stats.examples, steps_per_epoch)
         choices.append(Choice("train.epochs", t.epochs, why, t.max_steps == 0))
     if t.lr is None:
-        t.lr, why = default_lr(resolved.method.name, facts)
+        t.lr, why = default_lr(resolved.method.name, facts, resolved.method.objective)
         choices.append(Choice("train.lr", t.lr, why, True))
     total = total_steps(resolved, steps_per_epoch)
     if t.warmup_steps is None:
@@ -337,6 +349,6 @@ def make_plan(config: Config, stats: DataStats, facts: ModelFacts, processes: in
         tokens_per_step=stats.tokens / max(steps_per_epoch, 1),
         estimate_s=estimate_seconds((trained_tokens + evals) / processes, facts, config.method.name, device),
         estimate_basis=f"rough, from {facts.params / 1e6:.0f}M parameters on {device}; refined after the first steps",
-        choices=choices)
+        choices=choices, objective=config.method.objective)
     plan.warnings = plan_warnings(plan)
     return plan

@@ -1,0 +1,319 @@
+"""What one training loop minimises: supervised fine-tuning, or a preference objective on pairs.
+
+The loop (train/loop.py) is the same for every objective: the same epoch layout, packing,
+accumulation, checkpoints and resume. An ``Objective`` tells it three things: what a step's loss
+is averaged over (supervised tokens for SFT, pairs for the preference objectives), the summed
+loss of a micro-batch, and the statistics to log beside it.
+
+Preference pairs: a prompt with a chosen and a rejected answer. Both sides are encoded as whole
+conversations with only the answer supervised, and packed side by side in the same rows with the
+same block-diagonal attention as SFT, so one forward pass gives every sequence's log-probability
+(the sum of its answer tokens' log-probabilities). Then, per pair, with beta and gamma from
+``method``:
+
+- DPO (Rafailov et al. 2023): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), where ref
+  is the model before training. The reference log-probabilities are computed once per pair before
+  the first step and kept (the reference is frozen): for an adapter, by the same model with the
+  adapter disabled, so no second copy is held; for full and freeze training, by a separately
+  loaded copy of the base model that is dropped once they are computed.
+- SimPO (Meng et al. 2024): -log sigmoid(beta * (avg_c - avg_r) - gamma), avg = log-probability
+  per answer token; no reference.
+- ORPO (Hong et al. 2024): -avg_c + beta * -log sigmoid(log odds(avg_c) - log odds(avg_r)), with
+  odds(p) = p / (1 - p) of the per-token probability p = exp(avg); no reference.
+
+``label_smoothing`` e (DPO and SimPO) mixes in the flipped pair: (1 - e) * loss(x) + e * loss(-x),
+the conservative DPO of Mitchell 2023. Rewards logged per step: beta * (pi - ref) for DPO,
+beta * avg for SimPO and ORPO; their margin and the fraction of pairs whose chosen reward is higher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.config import MethodConfig
+from tunesmith.data.tokenize import Encoded
+
+PREFERENCE = ("dpo", "orpo", "simpo")
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}
+STAT_KEYS = ("rewards_chosen", "rewards_rejected", "reward_margin", "preference_accuracy")
+
+
+def is_preference(objective: str) -> bool:
+    return objective in PREFERENCE
+
+
+# ---------------------------------------------------------------- the formulas, per pair
+
+
+def _sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, chosen reward, rejected reward) per pair from summed answer log-probabilities."""
+    reward_chosen, reward_rejected = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    return _sigmoid_loss(reward_chosen - reward_rejected, label_smoothing), reward_chosen, reward_rejected
+
+
+def simpo_loss(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor, beta: float, gamma: float,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, chosen reward, rejected reward) per pair from per-token average log-probabilities."""
+    reward_chosen, reward_rejected = beta * avg_chosen, beta * avg_rejected
+    return _sigmoid_loss(reward_chosen - reward_rejected - gamma, label_smoothing), reward_chosen, reward_rejected
+
+
+def orpo_loss(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor,
+              beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, chosen reward, rejected reward) per pair: the chosen answer's NLL per token plus beta times the
+    odds-ratio term. log odds(p) = log p - log(1 - p), with log p = avg; expm1 keeps 1 - p exact near p = 1."""
+    def log_odds(avg: torch.Tensor) -> torch.Tensor:
+        return avg - torch.log(-torch.expm1(avg))
+
+    ratio = -F.logsigmoid(log_odds(avg_chosen) - log_odds(avg_rejected))
+    return -avg_chosen + beta * ratio, beta * avg_chosen, beta * avg_rejected
+
+
+# ---------------------------------------------------------------- pairs as the loop sees them
+
+
+@dataclass
+class EncodedPair:
+    """Both sides of a preference pair, tokenized; the loop lays pairs out like SFT examples."""
+
+    chosen: Encoded
+    rejected: Encoded
+    source: str = ""
+    line: int = 0
+    reference: tuple[float, float] | None = None  # (chosen, rejected) log-probabilities under the reference (DPO)
+
+    @property
+    def sides(self) -> tuple[Encoded, Encoded]:
+        return self.chosen, self.rejected
+
+    @property
+    def input_ids(self) -> list[int]:  # both sides: what the pair takes in a packed row
+        return self.chosen.input_ids + self.rejected.input_ids
+
+    @property
+    def labels(self) -> list[int]:
+        return self.chosen.labels + self.rejected.labels
+
+    @property
+    def num_supervised(self) -> int:
+        return self.chosen.num_supervised + self.rejected.num_supervised
+
+
+def collate_pairs(pairs: Sequence[EncodedPair], batch: list[list[int]], packing: bool, pad_id: int) -> dict:
+    """Tensors for a micro-batch of pairs (rows of pair indices) with ``seq_ids``: 2k is pair k's chosen
+    side and 2k + 1 its rejected side, pairs numbered in row order."""
+    from tunesmith.data.packing import collate_packed, collate_padded
+
+    rows = [[side for i in row for side in pairs[i].sides] for row in batch]
+    if packing:
+        out = collate_packed(rows, pad_id)
+        segments = out.pop("segment_ids")
+        first = torch.tensor([0] + [len(row) for row in rows[:-1]]).cumsum(0)  # sequences before each row
+        out["seq_ids"] = torch.where(segments > 0, segments - 1 + first[:, None], -1)
+        return out
+    out = collate_padded([side for row in rows for side in row], pad_id)
+    out["seq_ids"] = torch.where(out["attention_mask"] > 0, torch.arange(len(out["input_ids"]))[:, None], -1)
+    return out
+
+
+def _batch_pairs(pairs: Sequence[EncodedPair], batch: list[list[int]]) -> list[EncodedPair]:
+    return [pairs[i] for row in batch for i in row]
+
+
+# ---------------------------------------------------------------- the objective
+
+
+@dataclass
+class Objective:
+    """The loss the loop minimises, from ``method`` (see config.py: objective, beta, gamma, label_smoothing)."""
+
+    name: str = "sft"
+    beta: float = 0.0
+    gamma: float = 0.0
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def of(cls, method: MethodConfig) -> Objective:
+        beta = method.beta if method.beta is not None else DEFAULT_BETA.get(method.objective, 0.0)
+        return cls(method.objective, beta, method.gamma, method.label_smoothing)
+
+    @property
+    def preference(self) -> bool:
+        return is_preference(self.name)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.name == "dpo"
+
+    def weight(self, examples: Sequence, batch: list[list[int]]) -> int:
+        """What a step's loss is averaged over: supervised tokens (SFT) or pairs."""
+        if self.preference:
+            return sum(len(row) for row in batch)
+        return sum(examples[i].num_supervised for row in batch for i in row)
+
+    def collate(self, examples: Sequence, batch: list[list[int]], packing: bool, pad_id: int) -> dict:
+        from tunesmith.data.packing import collate_packed, collate_padded
+
+        if self.preference:
+            return collate_pairs(examples, batch, packing, pad_id)
+        if packing:
+            return collate_packed([[examples[i] for i in row] for row in batch], pad_id)
+        return collate_padded([examples[row[0]] for row in batch], pad_id)
+
+    def loss(self, model, examples: Sequence, batch: list[list[int]], inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the micro-batch's summed loss, its summed statistics [len(STAT_KEYS)]; empty for SFT)."""
+        from tunesmith.loss import supervised_loss
+
+        if not self.preference:
+            nll, _ = supervised_loss(model, inputs)
+            return nll, torch.zeros(0)
+        pairs = _batch_pairs(examples, batch)
+        losses, reward_chosen, reward_rejected = self.pair_losses(model, pairs, inputs)
+        stats = torch.stack([reward_chosen.sum(), reward_rejected.sum(), (reward_chosen - reward_rejected).sum(),
+                             (reward_chosen > reward_rejected).sum().to(reward_chosen.dtype)])
+        return losses.sum(), stats.detach().double().cpu()
+
+    def pair_losses(self, model, pairs: Sequence[EncodedPair], inputs: dict):
+        """(loss, chosen reward, rejected reward) per pair of the micro-batch."""
+        from tunesmith.loss import sequence_logps
+
+        logps, counts = sequence_logps(model, inputs, 2 * len(pairs))
+        logps = logps.float()
+        chosen, rejected = logps[0::2], logps[1::2]
+        if self.name == "dpo":
+            reference = torch.tensor([p.reference for p in pairs], dtype=logps.dtype, device=logps.device)
+            return dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1], self.beta, self.label_smoothing)
+        avg_chosen, avg_rejected = chosen / counts[0::2].clamp(min=1), rejected / counts[1::2].clamp(min=1)
+        if self.name == "simpo":
+            return simpo_loss(avg_chosen, avg_rejected, self.beta, self.gamma, self.label_smoothing)
+        return orpo_loss(avg_chosen, avg_rejected, self.beta)
+
+
+def step_stats(stats: torch.Tensor, pairs: int) -> dict[str, float]:
+    """Per-pair means of summed statistics, with the names metrics.jsonl uses."""
+    if stats.numel() == 0 or pairs == 0:
+        return {}
+    return {key: float(value) / pairs for key, value in zip(STAT_KEYS, stats.tolist(), strict=True)}
+
+
+# ---------------------------------------------------------------- the frozen reference
+
+
+@torch.no_grad()
+def compute_reference(model, pairs: Sequence[EncodedPair], pad_id: int, *, batch_size: int = 4,
+                      autocast: Callable = nullcontext, progress: bool = True) -> None:
+    """Fill each pair's ``reference`` with both sides' log-probabilities under ``model`` as it is.
+
+    Pairs go in a fixed order and fixed padded batches, so a resumed run computes the same values."""
+    from tqdm.auto import tqdm
+
+    from tunesmith.loss import sequence_logps
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with tqdm(total=len(pairs), desc="reference log-probs", unit="pair", disable=not progress) as bar:
+        for start in range(0, len(pairs), batch_size):
+            chunk = list(range(start, min(start + batch_size, len(pairs))))
+            inputs = collate_pairs(pairs, [[i] for i in chunk], False, pad_id)
+            with autocast():
+                logps, _ = sequence_logps(model, {k: v.to(device) for k, v in inputs.items()}, 2 * len(chunk))
+            values = logps.double().cpu().tolist()
+            for k, i in enumerate(chunk):
+                pairs[i].reference = (values[2 * k], values[2 * k + 1])
+            bar.update(len(chunk))
+    model.train(was_training)
+
+
+def reference_model(model, method: MethodConfig, load_base: Callable):
+    """A context giving the frozen reference: the adapter disabled, or a fresh copy of the base model."""
+    from tunesmith.train.methods import is_adapter
+
+    if is_adapter(method.name) and hasattr(model, "disable_adapter"):
+        return _AdapterOff(model)
+    return _BaseCopy(load_base)
+
+
+class _AdapterOff:
+    def __init__(self, model):
+        self.model, self._context = model, model.disable_adapter()
+
+    def __enter__(self):
+        self._context.__enter__()
+        return self.model
+
+    def __exit__(self, *exc):
+        return self._context.__exit__(*exc)
+
+
+class _BaseCopy:
+    def __init__(self, load_base: Callable):
+        self.load_base, self.model = load_base, None
+
+    def __enter__(self):
+        self.model = self.load_base()
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model = None  # dropped: the reference is only needed until its log-probabilities are kept
+        return False
+
+
+def disable_dropout(model) -> None:
+    """Dropout off everywhere: a preference objective compares the model's log-probabilities with each other
+    (and, for DPO, with the reference's), and random masks would make the same answer score differently."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def encode_pairs(pairs: Sequence, tokenizer, options, system_prompt: str | None, what: str,
+                 progress: bool = True) -> tuple[list[EncodedPair], list[str]]:
+    """Both sides of each ``data.pairs.Pair`` encoded with only the answer supervised, and where the pairs that
+    could not be kept are (a side dropped by truncation=drop, or left with no supervised token)."""
+    from dataclasses import replace
+
+    from tqdm.auto import tqdm
+
+    from tunesmith.data.prompt import with_system_prompt
+    from tunesmith.data.tokenize import encode
+
+    options = replace(options, last_turn_only=True, train_on_prompt=False)
+    kept, lost = [], []
+    for pair in tqdm(pairs, desc=f"tokenizing {what}", unit="pair", disable=not progress or len(pairs) < 500):
+        sides = with_system_prompt([pair.chosen_conversation(), pair.rejected_conversation()], system_prompt)
+        chosen, rejected = (encode(conv, tokenizer, options) for conv in sides)
+        if chosen is None or rejected is None or not chosen.num_supervised or not rejected.num_supervised:
+            lost.append(sides[0].where)
+            continue
+        kept.append(EncodedPair(chosen, rejected, source=chosen.source, line=chosen.line))
+    return kept, lost
+
+
+@torch.no_grad()
+def evaluate_pairs(model, objective: Objective, pairs: Sequence[EncodedPair], batch_size: int, pad_id: int, *,
+                   device=None, shard: tuple[int, int] = (0, 1), autocast: Callable = nullcontext) -> torch.Tensor:
+    """[summed loss, summed statistics (STAT_KEYS), pairs] over this shard of ``pairs``, in length-sorted padded
+    batches of ``batch_size`` pairs; the sums of every shard add up to the whole set's."""
+    device = device if device is not None else next(model.parameters()).device
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    total = torch.zeros(2 + len(STAT_KEYS), dtype=torch.float64)
+    for batch in batches[shard[0]::shard[1]]:
+        rows = [[i] for i in batch]
+        inputs = {k: v.to(device) for k, v in collate_pairs(pairs, rows, False, pad_id).items()}
+        with autocast():
+            loss, stats = objective.loss(model, pairs, rows, inputs)
+        total += torch.cat([loss.detach().double().cpu().reshape(1), stats, torch.tensor([float(len(batch))],
+                                                                                        dtype=torch.float64)])
+    return total
