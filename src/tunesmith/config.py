@@ -167,6 +167,12 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def longest_row(self) -> int:
+        """The most tokens one packed row may hold: max_length, twice for preference pairs (both answers of a
+        pair share a row, each side at most max_length)."""
+        return self.data.max_length * (1 if self.method.objective == "sft" else 2)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
@@ -350,8 +356,9 @@ def check_config(config: Config) -> Config:
         (bool(d.path), "data.path: no training data given (--data FILE)"),
         (t.max_steps >= 0 and (t.epochs is None or t.epochs > 0), "train.epochs must be > 0 (or set train.max_steps)"),
         (t.lr is None or t.lr > 0, "train.lr must be > 0"),
-        (d.pack_length is None or minimum("data.max_length") <= d.pack_length <= d.max_length,
-         f"data.pack_length must be in [{minimum('data.max_length')}, max_length]"),
+        (d.pack_length is None or minimum("data.max_length") <= d.pack_length <= config.longest_row,
+         f"data.pack_length must be in [{minimum('data.max_length')}, {config.longest_row}] (max_length"
+         + (")" if config.longest_row == d.max_length else " for each side of a pair)")),
         (t.warmup_ratio is None or 0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
         (config.method.label_smoothing < 0.5, "method.label_smoothing must be below 0.5 (at 0.5 every pair is a "
                                                "coin flip)"),

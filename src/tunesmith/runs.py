@@ -89,13 +89,20 @@ def read_run(path: str | Path, live: dict[Path, int] | None = None) -> RunSummar
     evals = [r.get("eval_loss") for r in rows if r.get("eval_loss") is not None]
     return RunSummary(
         path=str(path), name=path.name, status=_status(info, process, pid, checkpoint),
-        method=info.get("method") or plan.get("method") or config.get("method", {}).get("name"),
+        method=_method(info, plan, config),
         data=list(config.get("data", {}).get("path") or process.get("data") or []),
         steps=info.get("steps") or (logged[-1]["step"] if logged else 0),
         total_steps=plan.get("total_steps"),
         train_loss=info["final_train_loss"] if info else (logged[-1]["loss"] if logged else None),
         eval_loss=info["final_eval_loss"] if info else (evals[-1] if evals else None),
         checkpoint=str(checkpoint) if checkpoint else None, pid=pid, modified=_modified(path))
+
+
+def _method(info: dict, plan: dict, config: dict) -> str | None:
+    """The method, with the objective when it is not plain SFT: lora, lora+dpo."""
+    method = info.get("method") or plan.get("method") or config.get("method", {}).get("name")
+    objective = info.get("objective") or plan.get("objective") or config.get("method", {}).get("objective")
+    return f"{method}+{objective}" if method and objective and objective != "sft" else method
 
 
 def _status(info: dict, process: dict, pid: int | None, checkpoint: Path | None) -> str:

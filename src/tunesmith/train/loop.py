@@ -200,7 +200,7 @@ def epoch_layout(examples: list, config: Config, epoch_seed: int) -> list[list[l
     rng.shuffle(order)
     lengths = [len(examples[i].input_ids) for i in order]
     if config.data.packing:
-        rows = [[order[j] for j in row] for row in pack_rows(lengths, config.data.pack_length or config.data.max_length)]
+        rows = [[order[j] for j in row] for row in pack_rows(lengths, config.data.pack_length or config.longest_row)]
         rng.shuffle(rows)
         size = config.train.batch_size
         return [rows[i:i + size] for i in range(0, len(rows), size)]

@@ -243,10 +243,10 @@ def _batch_shape(stats: DataStats, config: Config, processes: int) -> tuple[int,
     step_tokens = per_step * stats.mean_tokens
     choices = []
     if d.packing:
-        row_length = d.pack_length or _row_length(step_tokens, stats.longest, d.max_length)
-        if d.pack_length is None and row_length < d.max_length:
+        row_length = d.pack_length or _row_length(step_tokens, stats.longest, config.longest_row)
+        if d.pack_length is None and row_length < config.longest_row:
             choices.append(Choice("data.pack_length", row_length, f"~{per_step} examples per step need "
-                                  f"~{step_tokens:,.0f} tokens, less than max_length={d.max_length}", True))
+                                  f"~{step_tokens:,.0f} tokens, less than a full row of {config.longest_row}", True))
         rows, unit_tokens = max(processes, round(step_tokens / row_length)), row_length
     else:
         rows, unit_tokens = max(processes, per_step), max(stats.longest, 1)

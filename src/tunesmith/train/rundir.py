@@ -140,7 +140,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_losses(run_dir: Path) -> Path | None:
-    """loss.png: the train loss per logged step and the eval loss where computed."""
+    """loss.png: the train loss per logged step and the eval loss where computed; for a preference objective, a
+    second panel with the reward margin and the preference accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,13 +154,17 @@ def plot_losses(run_dir: Path) -> Path | None:
              if r.get("eval_loss", r.get("initial_eval_loss")) is not None]
     if not train and not evals:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    preference = any("reward_margin" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    if preference:
+        _plot_preference(axes[0][1], rows)
     if train:
         ax.plot([s for s, _ in train], [v for _, v in train], label="train loss")
     if evals:
         ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean NLL per supervised token)")
+    ax.set_ylabel("loss (mean per pair)" if preference else "loss (mean NLL per supervised token)")
     ax.grid(alpha=0.3)
     ax.legend()
     out = Path(run_dir) / "loss.png"
@@ -169,6 +174,24 @@ def plot_losses(run_dir: Path) -> Path | None:
     return out
 
 
+def _plot_preference(ax, rows: list[dict]) -> None:
+    for key, style, label in (("reward_margin", "-", "reward margin (chosen - rejected)"),
+                              ("eval_reward_margin", "o-", "held-out reward margin")):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot([s for s, _ in points], [v for _, v in points], style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward margin")
+    ax.grid(alpha=0.3)
+    accuracy = ax.twinx()
+    points = [(r["step"], r["preference_accuracy"]) for r in rows if r.get("preference_accuracy") is not None]
+    accuracy.plot([s for s, _ in points], [v for _, v in points], "--", color="tab:green", label="preference accuracy")
+    accuracy.set_ylim(0, 1.05)
+    accuracy.set_ylabel("preference accuracy")
+    handles = ax.get_legend_handles_labels()[0] + accuracy.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="lower right")
+
+
 def write_run_info(run_dir: Path, config, *, base_model_path: Path, steps: int, data_fingerprint: str,
                    final_train_loss: float | None, final_eval_loss: float | None) -> dict:
     """tunesmith.json: what chat, eval, serve and export read to use the run like training did."""
@@ -176,6 +199,7 @@ def write_run_info(run_dir: Path, config, *, base_model_path: Path, steps: int, 
         "base_model": config.model.name,
         "base_model_path": str(base_model_path),
         "method": config.method.name,
+        "objective": config.method.objective,
         "template": config.data.template,
         "system_prompt": config.data.system_prompt,
         "max_length": config.data.max_length,  # eval's perplexity cuts examples as training did

@@ -1,0 +1,130 @@
+"""Preference objectives on the one loop: DPO, ORPO and SimPO train, log, evaluate, checkpoint and resume like SFT."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.train.helpers import read_losses, tiny_config, tiny_overrides
+from tests.train.test_resume import _flags, _train_cli
+from tunesmith.errors import UsageError
+from tunesmith.train.loop import finetune, prepare_run
+from tunesmith.train.objectives import EncodedPair
+from tunesmith.train.rundir import read_metrics
+
+PROMPTS = ["What is the capital of France?", "Name a colour.", "Say hello.", "Count to three.", "你好吗？"]
+
+
+def pair_rows(n: int = 24) -> list[dict]:
+    """TRL-style conversational pairs: the chosen answer starts with "Ahoy!", the rejected one does not."""
+    rows = []
+    for i in range(n):
+        prompt = [{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} ({i})"}]
+        answer = f"Answer number {i}."
+        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": f"Ahoy! {answer}"}],
+                     "rejected": [{"role": "assistant", "content": answer}]})
+    return rows
+
+
+@pytest.fixture
+def pair_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pair_rows()), encoding="utf-8")
+    return path
+
+
+def _config(model, data, out, objective, **extra):
+    values = {"method__objective": objective, "data__max_length": 64, "train__max_steps": 6, "data__val_size": 4,
+              "train__lr": 5e-3, "method__dropout": 0.1, **extra}
+    return tiny_config(model, data, out, **values)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo"])
+def test_each_objective_trains_and_logs_rewards(tiny_model_dir, pair_file, tmp_path, objective):
+    out = tmp_path / objective
+    result = finetune(_config(tiny_model_dir, pair_file, out, objective))
+    rows = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 6
+    for row in steps:
+        assert set(row) >= {"rewards_chosen", "rewards_rejected", "reward_margin", "preference_accuracy"}
+        assert row["reward_margin"] == pytest.approx(row["rewards_chosen"] - row["rewards_rejected"], abs=1e-6)
+        assert 0 <= row["preference_accuracy"] <= 1
+    final = rows[-1]
+    assert final["eval_loss"] == result.final_eval_loss and "eval_preference_accuracy" in final
+    # the objective's loss fell and the chosen answers gained on the rejected ones
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert steps[-1]["reward_margin"] > steps[0]["reward_margin"]
+    info = json.loads((out / "tunesmith.json").read_text())
+    assert info["objective"] == objective
+    assert (out / "loss.png").stat().st_size > 0
+
+
+def test_dpo_starts_at_ln2_because_policy_and_reference_are_the_same_model(tiny_model_dir, pair_file, tmp_path):
+    """With the adapter disabled as the reference and dropout off, step 0's held-out DPO loss is exactly ln 2
+    per pair, whatever the LoRA dropout setting (a second copy of the base or a live dropout mask would not)."""
+    result = finetune(_config(tiny_model_dir, pair_file, tmp_path / "run", "dpo", train__max_steps=1))
+    assert result.initial_eval_loss == pytest.approx(0.6931471805599453, abs=1e-6)
+
+
+def test_full_fine_tuning_gets_a_separate_reference(tiny_model_dir, pair_file, tmp_path):
+    result = finetune(_config(tiny_model_dir, pair_file, tmp_path / "full", "dpo", method__name="full",
+                              train__lr=1e-4, train__max_steps=3))
+    assert result.initial_eval_loss == pytest.approx(0.6931471805599453, abs=1e-6)
+    assert result.steps == 3
+
+
+def test_pairs_are_packed_side_by_side_and_averaged_per_pair(tiny_model_dir, pair_file, tmp_path):
+    run = prepare_run(_config(tiny_model_dir, pair_file, tmp_path / "run", "dpo"))
+    assert all(isinstance(p, EncodedPair) for p in run.data.train) and len(run.data.train) == 20
+    pair = run.data.train[0]
+    # only the answers are supervised, each ending with the end-of-turn token
+    for side in pair.sides:
+        supervised = [t for t in side.labels if t != -100]
+        assert supervised and supervised[-1] == run.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert run.plan.objective == "dpo" and "preference pairs" in run.plan.lines()[0]
+    assert run.config.train.lr == 5e-3  # set by hand: kept
+
+
+def test_plan_lowers_the_learning_rate_for_preference_objectives(tiny_model_dir, pair_file, tmp_path):
+    def planned_lr(objective):
+        config = _config(tiny_model_dir, pair_file, tmp_path / objective, objective)
+        config.train.lr = None
+        return prepare_run(config).config.train.lr
+
+    assert planned_lr("dpo") == pytest.approx(planned_lr("orpo") / 5, rel=0.1)
+
+
+def test_sft_on_pair_data_names_the_objective_to_use(tiny_model_dir, pair_file, tmp_path):
+    with pytest.raises(Exception, match="--method.objective"):
+        prepare_run(_config(tiny_model_dir, pair_file, tmp_path / "run", "sft"))
+
+
+def test_train_on_prompt_is_refused_for_preference(tiny_model_dir, pair_file, tmp_path):
+    with pytest.raises(UsageError, match="train_on_prompt"):
+        prepare_run(_config(tiny_model_dir, pair_file, tmp_path / "run", "dpo", data__train_on_prompt=True))
+
+
+def test_dpo_sigkill_then_resume_matches_a_straight_run(tiny_model_dir, pair_file, tmp_path):
+    extra = {"method__objective": "dpo", "train__max_steps": 8, "output__save_every": 4, "method__dropout": 0.1,
+             "data__val_size": 4}
+    straight = tmp_path / "straight"
+    finetune(tiny_config(tiny_model_dir, pair_file, straight, **extra))
+
+    run = tmp_path / "killed"
+    flags = _flags(tiny_overrides(tiny_model_dir, pair_file, run, **extra))
+    killed = _train_cli(flags, TUNESMITH_TEST_KILL="after-checkpoint:4")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = _train_cli([*flags, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+
+    assert read_losses(run) == read_losses(straight) and len(read_losses(run)) == 8
+    margins = [[r.get("reward_margin") for r in read_metrics(d / "metrics.jsonl")] for d in (run, straight)]
+    assert margins[0] == margins[1]
+    ours, theirs = load_file(run / "adapter_model.safetensors"), load_file(straight / "adapter_model.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
