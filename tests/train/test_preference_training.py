@@ -128,3 +128,25 @@ def test_dpo_sigkill_then_resume_matches_a_straight_run(tiny_model_dir, pair_fil
     assert margins[0] == margins[1]
     ours, theirs = load_file(run / "adapter_model.safetensors"), load_file(straight / "adapter_model.safetensors")
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_eval_on_pairs_reports_preference_accuracy_and_margins_against_base(tiny_model_dir, pair_file, tmp_path):
+    from tunesmith.evaluate.pipeline import evaluate
+
+    run = tmp_path / "run"
+    finetune(_config(tiny_model_dir, pair_file, run, "dpo", train__max_steps=10))
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in pair_rows(30)[24:]), encoding="utf-8")
+    result = evaluate(str(run), str(held_out), compare="base", max_new_tokens=4, batch_size=4,
+                      metrics="exact_match", out=str(tmp_path / "report"), progress=False)
+    tuned, base = result.metrics, result.compare_metrics
+    assert tuned["pairs"] == base["pairs"] == 6
+    for key in ("preference_accuracy", "logp_margin"):
+        assert key in tuned and key in base and key in result.deltas
+    assert 0 <= tuned["preference_accuracy"] <= 1
+    # relative to the reference (the base with the adapter off) = the tuned margin minus the base's own margin
+    assert tuned["reward_margin"] == pytest.approx(tuned["logp_margin"] - base["logp_margin"], abs=1e-3)
+    assert "reward_margin" not in base  # a plain model is its own reference
+    assert tuned["logp_margin"] > base["logp_margin"]  # DPO moved the chosen answers up
+    assert len(result.predictions) == 6 and result.predictions[0]["reference"].startswith("Ahoy!")
+    assert "preference_accuracy" in (tmp_path / "report" / "report.md").read_text()

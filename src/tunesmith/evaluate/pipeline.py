@@ -38,7 +38,7 @@ from tunesmith.inference import GenerationOptions
 
 PERPLEXITY = "perplexity"
 # Keys that describe a setting rather than measure the model: never in the deltas.
-_NOT_MEASURES = {"n", "repetition_n", "bertscore_layer", "supervised_tokens", "examples"}
+_NOT_MEASURES = {"n", "repetition_n", "bertscore_layer", "supervised_tokens", "examples", "pairs"}
 
 
 @dataclass
@@ -96,12 +96,14 @@ def evaluate(model: str, data: str | Sequence, *, metrics: Sequence[str] | str |
                              batch_size=batch_size, progress=progress)
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     out_dir = report_dir(out)
-    conversations = read_eval_data(data, limit, encoding)
+    pairs = read_eval_pairs(data, limit, encoding)
+    # Pair data: generation is scored against the chosen answers, and preference_metrics scores both sides.
+    conversations = [p.chosen_conversation() for p in pairs] if pairs else read_eval_data(data, limit, encoding)
     compare_name = compare_target(model, compare) if compare else None  # fail before any generation
 
     paths = {"predictions": _predictions_path(out_dir, None),
              "compare_predictions": _predictions_path(out_dir, compare) if compare else None}
-    main = evaluate_model(model, conversations, options, settings, paths["predictions"])
+    main = evaluate_model(model, conversations, options, settings, paths["predictions"], pairs=pairs)
     result = EvalResult(model=model, data=_describe_data(data), metrics=main.metrics, predictions=main.predictions,
                         options={"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                                  "batch_size": batch_size, "limit": limit})
@@ -109,7 +111,8 @@ def evaluate(model: str, data: str | Sequence, *, metrics: Sequence[str] | str |
         # The base answers exactly what the run answered: the run's system prompt and max_length, and its
         # template when the base has none. Another run keeps its own, as it was trained.
         other = evaluate_model(compare_name, conversations, options, settings, paths["compare_predictions"],
-                               like_run=main.run_info if compare == "base" else None, fallback_template=main.path)
+                               like_run=main.run_info if compare == "base" else None, fallback_template=main.path,
+                               pairs=pairs)
         result.compare = compare if compare != "base" else f"base ({compare_name})"
         result.compare_metrics, result.compare_predictions = other.metrics, other.predictions
         result.deltas = metric_deltas(main.metrics, other.metrics)
@@ -150,6 +153,21 @@ def read_eval_data(data, limit: int | None, encoding: str | None = None) -> list
             raise TunesmithError(f"{conv.where}: messages: no assistant turn to use as the reference "
                                  "(evaluation needs prompt/answer pairs, not plain text)")
     return conversations
+
+
+def read_eval_pairs(data, limit: int | None, encoding: str | None = None) -> list | None:
+    """Preference pairs when ``data`` names pair files, else None (read as conversations)."""
+    from tunesmith.data.pairs import is_preference_data, load_pairs
+
+    if isinstance(data, Sequence) and not isinstance(data, str) and not all(isinstance(d, str | os.PathLike)
+                                                                             for d in data):
+        return None  # conversations given directly
+    if not is_preference_data(data, encoding=encoding):
+        return None
+    if limit is not None and limit < 1:
+        raise UsageError(f"limit must be at least 1, not {limit}")
+    pairs = load_pairs(data, encoding=encoding)
+    return pairs[:limit] if limit is not None else pairs
 
 
 def report_dir(out: str | os.PathLike | None) -> Path | None:
@@ -196,7 +214,7 @@ def _predictions_path(out: Path | None, compare: str | None) -> Path | None:
 
 def evaluate_model(name: str, conversations: list[Conversation], options: GenerationOptions, settings: EvalSettings,
                    predictions_path: Path | None, *, like_run: dict | None = None,
-                   fallback_template: Path | None = None) -> ModelEval:
+                   fallback_template: Path | None = None, pairs: list | None = None) -> ModelEval:
     """Generate, score and (when asked) measure perplexity for one model; the model is freed afterwards.
 
     ``like_run``: the tunesmith.json whose system prompt and max_length to use (default: the model's own)."""
@@ -220,6 +238,12 @@ def evaluate_model(name: str, conversations: list[Conversation], options: Genera
                             progress=settings.progress)
         metrics.update(eval_loss=result.eval_loss, perplexity=result.perplexity,
                        supervised_tokens=result.supervised_tokens)
+    if pairs:
+        from tunesmith.evaluate.preference import preference_metrics
+
+        metrics.update(preference_metrics(loaded, pairs, system_prompt=run_system_prompt(run_info),
+                                          max_length=run_info.get("max_length") or context_length(loaded.model),
+                                          batch_size=settings.batch_size, progress=settings.progress))
     if predictions_path:
         write_predictions(predictions_path, predictions)  # again, now in order and with per-example ROUGE-L
     model_eval = ModelEval(name, str(loaded.path), metrics, predictions, loaded.run_info)

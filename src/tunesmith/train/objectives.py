@@ -210,11 +210,12 @@ def step_stats(stats: torch.Tensor, pairs: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def compute_reference(model, pairs: Sequence[EncodedPair], pad_id: int, *, batch_size: int = 4,
-                      autocast: Callable = nullcontext, progress: bool = True) -> None:
-    """Fill each pair's ``reference`` with both sides' log-probabilities under ``model`` as it is.
+def side_logps(model, pairs: Sequence[EncodedPair], pad_id: int, *, batch_size: int = 4,
+               autocast: Callable = nullcontext, progress: bool = True,
+               desc: str = "log-probs") -> list[tuple[float, float]]:
+    """(chosen, rejected) summed answer log-probabilities of each pair under ``model`` as it is (eval mode).
 
-    Pairs go in a fixed order and fixed padded batches, so a resumed run computes the same values."""
+    Pairs go in a fixed order and fixed padded batches, so the same model always gives the same values."""
     from tqdm.auto import tqdm
 
     from tunesmith.loss import sequence_logps
@@ -222,17 +223,28 @@ def compute_reference(model, pairs: Sequence[EncodedPair], pad_id: int, *, batch
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    with tqdm(total=len(pairs), desc="reference log-probs", unit="pair", disable=not progress) as bar:
+    out: list[tuple[float, float]] = []
+    with tqdm(total=len(pairs), desc=desc, unit="pair", disable=not progress) as bar:
         for start in range(0, len(pairs), batch_size):
             chunk = list(range(start, min(start + batch_size, len(pairs))))
             inputs = collate_pairs(pairs, [[i] for i in chunk], False, pad_id)
             with autocast():
                 logps, _ = sequence_logps(model, {k: v.to(device) for k, v in inputs.items()}, 2 * len(chunk))
             values = logps.double().cpu().tolist()
-            for k, i in enumerate(chunk):
-                pairs[i].reference = (values[2 * k], values[2 * k + 1])
+            out += [(values[2 * k], values[2 * k + 1]) for k in range(len(chunk))]
             bar.update(len(chunk))
     model.train(was_training)
+    return out
+
+
+def compute_reference(model, pairs: Sequence[EncodedPair], pad_id: int, *, batch_size: int = 4,
+                      autocast: Callable = nullcontext, progress: bool = True) -> None:
+    """Fill each pair's ``reference`` with both sides' log-probabilities under ``model`` (the frozen reference);
+    a resumed run computes the same values."""
+    values = side_logps(model, pairs, pad_id, batch_size=batch_size, autocast=autocast, progress=progress,
+                        desc="reference log-probs")
+    for pair, reference in zip(pairs, values, strict=True):
+        pair.reference = reference
 
 
 def reference_model(model, method: MethodConfig, load_base: Callable):
