@@ -371,18 +371,19 @@ def train_step(accelerator, model, data: Data, window: list, packing: bool, pad_
     return StepSums(loss_sum, stats, weight, supervised, tokens)
 
 
-def evaluate_loss(accelerator, model, examples: list, config: Config, pad_id: int) -> float:
+def evaluate_loss(accelerator, model, examples: list, config: Config, pad_id: int, objective=None) -> float:
     """The held-out loss: mean NLL per supervised token (SFT) or mean loss per pair (preference objectives)."""
-    return evaluate_held_out(accelerator, model, examples, config, pad_id)[0]
+    return evaluate_held_out(accelerator, model, examples, config, pad_id, objective)[0]
 
 
 @torch.no_grad()
-def evaluate_held_out(accelerator, model, examples: list, config: Config, pad_id: int) -> tuple[float, dict]:
+def evaluate_held_out(accelerator, model, examples: list, config: Config, pad_id: int,
+                      objective=None) -> tuple[float, dict]:
     """(held-out loss, the objective's statistics) over ``examples``, split across processes, in a fixed order."""
     from tunesmith.loss import sum_nll
     from tunesmith.train.objectives import Objective, evaluate_pairs, step_stats
 
-    objective = Objective.of(config.method)
+    objective = objective or Objective.of(config.method)
     batch_size = config.eval.batch_size or config.train.batch_size
     shard = (accelerator.process_index, accelerator.num_processes)
     model.eval()
@@ -484,6 +485,7 @@ class Session:
     fingerprint: dict
     n_total: int
     n_trainable: int
+    objective: object  # objectives.Objective
     tokens_per_s: float | None = None  # measured after the first steps
 
     @property
@@ -531,7 +533,7 @@ def _start(run: PreparedRun) -> Session:
         ckpt.check_fingerprint(resume_from, fingerprint, t.resume_force)
 
     model, n_total, n_trainable = _load_model(config, run.base_path)
-    _prepare_objective(model, run, accelerator)
+    objective = _prepare_objective(model, run, accelerator)
     optimizer, scheduler = _optimizer_and_schedule(model, config, run.plan.total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per optimizer step, ours
     state = TrainState(epoch_seed=epoch_seed(t.seed, 0))
@@ -541,37 +543,34 @@ def _start(run: PreparedRun) -> Session:
     log = MetricsLog(out, resume_step=state.step if t.resume else None,
                      config=config) if accelerator.is_main_process else None
     model.train()
-    session = Session(run, accelerator, model, optimizer, scheduler, state, log, out, fingerprint, n_total, n_trainable)
+    session = Session(run, accelerator, model, optimizer, scheduler, state, log, out, fingerprint, n_total, n_trainable,
+                      objective)
     if run.data.val and state.step == 0:  # the learning check's starting point
-        state.initial_eval_loss = evaluate_loss(accelerator, model, run.data.val, config, session.pad_id)
+        state.initial_eval_loss = evaluate_loss(accelerator, model, run.data.val, config, session.pad_id, objective)
         _print(f"held-out loss before training: {state.initial_eval_loss:.4f}")
         if log:
             log.write({"step": 0, "initial_eval_loss": state.initial_eval_loss})
     return session
 
 
-def _prepare_objective(model, run: PreparedRun, accelerator) -> None:
-    """Preference objectives: dropout off; DPO: every pair's reference log-probabilities, computed once."""
+def _prepare_objective(model, run: PreparedRun, accelerator):
+    """The run's Objective. Preference objectives: dropout off; DPO: its frozen reference (see objectives.py)."""
     from tunesmith.train.methods import load_base_model
-    from tunesmith.train.objectives import Objective, compute_reference, disable_dropout, reference_model
+    from tunesmith.train.objectives import Objective, Reference, disable_dropout
 
     config = run.config
     objective = Objective.of(config.method)
-    if not objective.preference:
-        return
-    disable_dropout(model)
-    if not objective.needs_reference:
-        return
+    if objective.preference:
+        disable_dropout(model)
+    if objective.needs_reference:
+        def load_base():
+            base = load_base_model(run.base_path, config.method, config.model.attn_implementation,
+                                   allow_pickle=config.model.allow_pickle)
+            return base.to(accelerator.device)
 
-    def load_base():
-        base = load_base_model(run.base_path, config.method, config.model.attn_implementation,
-                               allow_pickle=config.model.allow_pickle)
-        return base.to(accelerator.device)
-
-    with reference_model(model.to(accelerator.device), config.method, load_base) as reference:
-        for examples in (run.data.train, run.data.val):
-            compute_reference(reference, examples, run.tokenizer.pad_token_id, autocast=accelerator.autocast,
-                              progress=accelerator.is_main_process)
+        objective.reference = Reference(model, config.method, load_base, run.tokenizer.pad_token_id,
+                                        autocast=accelerator.autocast)
+    return objective
 
 
 def _train(s: Session) -> bool:
@@ -595,7 +594,7 @@ def _train(s: Session) -> bool:
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{state.tokens / max(elapsed, 1e-9):.0f}",
                                  refresh=False)
             s.tokens_per_s = speed.after_step(state.step, state.tokens, total) or s.tokens_per_s
-            evaluated, improved = _maybe_evaluate(s.accelerator, s.model, data, config, state, total, s.pad_id)
+            evaluated, improved = _maybe_evaluate(s, total)
             _log_step(s, loss, grad_norm, lr, elapsed, evaluated, force=interrupted)
             if _checkpoint_due(config, state, improved) or interrupted:
                 path = _save_checkpoint(s)
@@ -611,10 +610,10 @@ def _train(s: Session) -> bool:
 
 def _optimizer_step(s: Session, window: list, stop_requested: bool) -> tuple[float, float, float, bool]:
     """Forward/backward over the window, checks, then the update: (loss, grad norm, lr, stop asked anywhere)."""
-    from tunesmith.train.objectives import Objective, step_stats
+    from tunesmith.train.objectives import step_stats
 
     state, t = s.state, s.run.config.train
-    objective = Objective.of(s.run.config.method)
+    objective = s.objective
     sums = train_step(s.accelerator, s.model, s.run.data, window, s.run.config.data.packing, s.pad_id, objective)
     state.batch_index += len(window)
     state.step += 1
@@ -781,14 +780,14 @@ def _check_collapse(state: TrainState, loss: float, grad_norm: float, uniform_lo
                                "stopped without saving. Lower train.lr (--lr), or check the data.")
 
 
-def _maybe_evaluate(accelerator, model, data: Data, config: Config, state: TrainState, total_steps: int,
-                    pad_id: int) -> tuple[bool, bool]:
+def _maybe_evaluate(s: Session, total_steps: int) -> tuple[bool, bool]:
     """Evaluate on the validation set when due; returns (evaluated, improved)."""
+    config, data, state = s.run.config, s.run.data, s.state
     every = config.eval.eval_every
     due = state.step == total_steps or (every > 0 and state.step % every == 0)
     if not data.val or not due:
         return False, False
-    loss, stats = evaluate_held_out(accelerator, model, data.val, config, pad_id)
+    loss, stats = evaluate_held_out(s.accelerator, s.model, data.val, config, s.pad_id, s.objective)
     if not math.isfinite(loss):
         raise TrainingDiverged(f"step {state.step}: non-finite validation loss ({loss})")
     state.last_eval_loss, state.last_eval_stats = loss, stats

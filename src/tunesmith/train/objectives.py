@@ -12,10 +12,12 @@ same block-diagonal attention as SFT, so one forward pass gives every sequence's
 ``method``:
 
 - DPO (Rafailov et al. 2023): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), where ref
-  is the model before training. The reference log-probabilities are computed once per pair before
-  the first step and kept (the reference is frozen): for an adapter, by the same model with the
-  adapter disabled, so no second copy is held; for full and freeze training, by a separately
-  loaded copy of the base model that is dropped once they are computed.
+  is the model before training. The reference is frozen, so each pair's reference log-probabilities
+  are computed once, the first time the pair is used, and kept (``Reference``): a 5-step run on a
+  large file pays for the pairs it sees, not for the whole file. For an adapter they come from the
+  same model with the adapter disabled, so no second copy is held; full and freeze training keep an
+  explicit copy of the base model. Each pair is scored alone, so the value never depends on when or
+  beside which pairs it was computed, and a resumed run gets the same numbers.
 - SimPO (Meng et al. 2024): -log sigmoid(beta * (avg_c - avg_r) - gamma), avg = log-probability
   per answer token; no reference.
 - ORPO (Hong et al. 2024): -avg_c + beta * -log sigmoid(log odds(avg_c) - log odds(avg_r)), with
@@ -141,6 +143,7 @@ class Objective:
     beta: float = 0.0
     gamma: float = 0.0
     label_smoothing: float = 0.0
+    reference: Reference | None = None  # DPO's frozen reference; pairs already holding theirs need none
 
     @classmethod
     def of(cls, method: MethodConfig) -> Objective:
@@ -191,6 +194,8 @@ class Objective:
         logps = logps.float()
         chosen, rejected = logps[0::2], logps[1::2]
         if self.name == "dpo":
+            if self.reference is not None:
+                self.reference.fill(pairs)
             reference = torch.tensor([p.reference for p in pairs], dtype=logps.dtype, device=logps.device)
             return dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1], self.beta, self.label_smoothing)
         avg_chosen, avg_rejected = chosen / counts[0::2].clamp(min=1), rejected / counts[1::2].clamp(min=1)
@@ -245,6 +250,32 @@ def compute_reference(model, pairs: Sequence[EncodedPair], pad_id: int, *, batch
                         desc="reference log-probs")
     for pair, reference in zip(pairs, values, strict=True):
         pair.reference = reference
+
+
+class Reference:
+    """DPO's frozen reference: each pair's log-probabilities, computed the first time it is needed and kept.
+
+    ``load_base`` loads the explicit copy that full and freeze training need (called once, then kept)."""
+
+    def __init__(self, model, method: MethodConfig, load_base: Callable, pad_id: int, *,
+                 autocast: Callable = nullcontext):
+        self.model, self.method, self.pad_id, self.autocast = model, method, pad_id, autocast
+        self._base = None
+        self._load_base = load_base
+
+    def load_base(self):
+        if self._base is None:
+            self._base = self._load_base().eval()
+        return self._base
+
+    def fill(self, pairs: Sequence[EncodedPair]) -> None:
+        missing = [p for p in pairs if p.reference is None]
+        if not missing:
+            return
+        with reference_model(self.model, self.method, self.load_base) as frozen:
+            for pair in missing:  # alone: the same numbers whenever and beside whatever it is computed
+                pair.reference = side_logps(frozen, [pair], self.pad_id, batch_size=1, autocast=self.autocast,
+                                            progress=False)[0]
 
 
 def reference_model(model, method: MethodConfig, load_base: Callable):
