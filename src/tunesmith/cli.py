@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="policy for examples over --max-length")
     p.add_argument("--template", default=None, help="built-in template (chatml, llama3, alpaca, seed) instead of the tokenizer's")
     p.add_argument("--eval", dest="eval_files", action="append", default=[], help="eval file: check train/eval overlap")
-    p.add_argument("--format", default=None, help="force the input format (alpaca, sharegpt, openai, prompt-completion, text)")
+    p.add_argument("--format", default=None, help="force the input format (alpaca, sharegpt, openai, prompt-completion, "
+                   "text; preference pairs: alpaca, sharegpt, trl, openai-preference)")
     p.add_argument("--columns", default=None, help="column mapping, e.g. instruction=question,output=answer")
     p.add_argument("--encoding", default=None,
                    help="text encoding of the data files (default: UTF-8, with or without a byte-order mark)")
@@ -175,14 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
         "errors and warnings [{file, line, field, message, severity}], duplicates [{kind, rows}], "
         "overlap [{eval, train}], char_lengths and token_lengths {p50, p90, p99, max, mean, prompt, response} "
         "(token_lengths null with --no-tokens), truncated, dropped, supervised_token_share, zero_supervised, "
-        "long_examples, preview {source, segments, marked}, model, template, max_length, truncation, elapsed_s"))
+        "long_examples, preview {source, segments, marked}, model, template, max_length, truncation, elapsed_s, "
+        "kind (sft or pairs); for preference pairs the lengths have prompt, chosen and rejected, and pairs "
+        "{prompt_duplicates, truncation {over_max_length, prompt_tokens_cut, response_tokens_cut, responses_cut}}"))
     p.add_argument("--no-tokens", action="store_true", help="skip token statistics (no tokenizer needed)")
     p.set_defaults(func=_data_check)
 
     p = data.add_parser("convert", help="convert between data formats")
     p.add_argument("file", help="input file or directory")
-    p.add_argument("--to", required=True,
-                   choices=["alpaca", "openai", "sharegpt", "prompt-completion", "seed-instruction", "seed-chat"])
+    p.add_argument("--to", required=True, help="target layout; preference pairs convert to alpaca, sharegpt, trl or "
+                   "openai-preference", choices=["alpaca", "openai", "sharegpt", "prompt-completion", "seed-instruction",
+                                                 "seed-chat", "trl", "openai-preference"])
     p.add_argument("--out", required=True, help="output .jsonl file")
     p.add_argument("--format", default=None, help="force the input format")
     p.add_argument("--columns", default=None, help="column mapping, e.g. instruction=question,output=answer")

@@ -72,11 +72,11 @@ def test_every_other_shared_file_is_checked(tiny_model_dir, name):
     assert report.truncated > 0  # every one of these files has examples over 256 tiny-tokenizer tokens
 
 
-def test_preference_file_is_refused(capsys):
-    assert main(["data", "check", str(shared_data("dpo_en_demo.json")), "--no-tokens"]) == 1
-    assert "preference (DPO/ORPO) data, not supervised fine-tuning data" in capsys.readouterr().err
-    with pytest.raises(PreferenceDataError):
-        check_data([shared_data("dpo_en_demo.json")], tokens=False)
+def test_preference_file_is_checked_as_pairs_and_refused_by_the_supervised_reader():
+    report = check_data([shared_data("dpo_en_demo.json")], tokens=False)
+    assert report.kind == "pairs" and report.ok and report.num_valid == report.num_examples == 300
+    with pytest.raises(PreferenceDataError, match="preference \\(DPO/ORPO\\) data, not supervised fine-tuning data"):
+        read_dataset(shared_data("dpo_en_demo.json"))
 
 
 def test_usage_errors_exit_2(tmp_path, capsys):

@@ -165,9 +165,9 @@ CASES = [
          ["wrong.parquet[0]", "wrong.parquet[1]"], "cannot tell the format"),
     Case("not_parquet", lambda d: _write(d / "fake.parquet", "instruction,output\nq,a\n"), 1, ["fake.parquet"],
          "not a readable Parquet file"),
-    Case("preference_data", lambda d: _lines(d / "dpo.jsonl", [json.dumps({"prompt": "q", "chosen": "good",
-                                                                            "rejected": "bad"})]), 1,
-         ["dpo.jsonl:1"], "preference (DPO/ORPO) data"),
+    Case("preference_identical_sides", lambda d: _lines(d / "dpo.jsonl", [
+        json.dumps({"prompt": "q", "chosen": "good", "rejected": "bad"}),
+        json.dumps({"prompt": "q2", "chosen": "same", "rejected": "same"})]), 1, ["dpo.jsonl:2"], "identical"),
     # ---- usage errors: exit 2
     Case("folder_with_nothing_readable", lambda d: _write(d / "nothing" / "notes.txt", "hello").parent, 2,
          ["nothing"], "no data files"),

@@ -5,6 +5,9 @@ seed-instruction ``{"prompt": "指令: ...\\n输入: ...\\n输出: ", "completio
 (messages with the seed's system prompt). A conversation that a target cannot hold (several
 turns in a single-turn layout, tool calls where there is no place for them, a weight-0 turn) is
 an error naming its row; nothing is dropped or flattened silently.
+
+Preference pairs (see pairs.py) convert between their own layouts: alpaca and sharegpt (LLaMA-Factory's
+ranking data), trl (prompt, chosen and rejected as message lists) and openai-preference.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from tunesmith import atomic
 from tunesmith.data.conversation import Conversation, Message
+from tunesmith.data.pairs import Pair, is_preference_data, read_pairs
 from tunesmith.data.readers import ALPACA_FIELDS, DataError, DataIssue, call_text, read_dataset
 from tunesmith.errors import TunesmithError, UsageError
 
@@ -210,6 +214,80 @@ def convert(conversations, to: str, *, system_prompt: str | None = None,
     return rows
 
 
+# ---------------------------------------------------------------- preference pairs
+
+
+def _joined(pair: Pair, response: list[Message]) -> Conversation:
+    """The prompt and one response as read (no train flags), for the conversation writers above."""
+    return dataclasses.replace(pair.prompt, messages=[*pair.prompt.messages, *response])
+
+
+def _one_message(pair: Pair, target: str) -> tuple[Message, Message]:
+    if len(pair.chosen) != 1 or len(pair.rejected) != 1:
+        raise _CannotHold(f"has a response of several messages, which {target} (one message per side) cannot hold "
+                          "(use trl or openai-preference)")
+    return pair.chosen[0], pair.rejected[0]
+
+
+def pair_to_alpaca(pair: Pair) -> dict:
+    chosen, rejected = _one_message(pair, "alpaca")
+    _no_tools(_joined(pair, [chosen, rejected]), "alpaca")
+    row = to_alpaca(_joined(pair, [chosen]))
+    del row["output"]
+    return {**row, "chosen": chosen.content, "rejected": rejected.content}
+
+
+def pair_to_sharegpt(pair: Pair) -> dict:
+    chosen, rejected = _one_message(pair, "sharegpt")
+    row = to_sharegpt(_joined(pair, [chosen]))
+    row["chosen"] = row["conversations"].pop()
+    row["rejected"] = to_sharegpt(_joined(pair, [rejected]))["conversations"][-1]
+    return row
+
+
+def _openai_parts(pair: Pair) -> tuple[list[dict], list[dict], list[dict]]:
+    """The prompt's, the chosen and the rejected OpenAI message dicts (tool call ids kept consistent)."""
+    chosen = to_openai(_joined(pair, pair.chosen))["messages"]
+    rejected = to_openai(_joined(pair, pair.rejected))["messages"]
+    start = len(pair.prompt.messages) + bool(pair.prompt.system)
+    return chosen[:start], chosen[start:], rejected[start:]
+
+
+def pair_to_trl(pair: Pair) -> dict:
+    prompt, chosen, rejected = _openai_parts(pair)
+    return _with_extras({"prompt": prompt, "chosen": chosen, "rejected": rejected}, pair.prompt, pair.prompt.tools)
+
+
+def pair_to_openai_preference(pair: Pair) -> dict:
+    prompt, chosen, rejected = _openai_parts(pair)
+    request = {"messages": prompt, **({"tools": pair.prompt.tools} if pair.prompt.tools else {})}
+    row = {"input": request, "preferred_output": chosen, "non_preferred_output": rejected}
+    return _with_extras(row, pair.prompt, None)
+
+
+PAIR_WRITERS = {"alpaca": pair_to_alpaca, "sharegpt": pair_to_sharegpt, "trl": pair_to_trl,
+                "openai-preference": pair_to_openai_preference}
+PAIR_TARGETS = tuple(PAIR_WRITERS)
+
+
+def convert_pairs(pairs: list[Pair], to: str, *, system_prompt: str | None = None) -> list[dict]:
+    """Rows of preference layout ``to``; every pair that does not fit is named in one ConversionError."""
+    if to not in PAIR_WRITERS:
+        raise UsageError(f"{to} is a layout for supervised examples; preference pairs convert to one of "
+                         f"{', '.join(PAIR_TARGETS)}")
+    rows, problems = [], []
+    for pair in pairs:
+        if system_prompt:
+            pair = dataclasses.replace(pair, prompt=dataclasses.replace(pair.prompt, system=system_prompt))
+        try:
+            rows.append(PAIR_WRITERS[to](pair))
+        except _CannotHold as exc:
+            problems.append(f"{pair.where}: {exc}")
+    if problems:
+        raise ConversionError(to, problems)
+    return rows
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -235,13 +313,35 @@ def run_convert_command(args) -> int:
     labels = parse_labels(args.labels)
     out = Path(args.out)
     atomic.refuse_existing(out, args.overwrite)  # before reading: a long read must not end in this refusal
+    if is_preference_data(args.file, format=args.format, columns=args.columns, encoding=args.encoding):
+        rows, formats = _convert_pair_file(args, labels)
+    else:
+        rows, formats = _convert_file(args, labels)
+    write_rows(rows, out)
+    print(f"wrote {len(rows)} {args.to} rows (from {', '.join(sorted(set(formats.values())))}) to {args.out}")
+    return 0
+
+
+def _convert_file(args, labels) -> tuple[list[dict], dict]:
+    if args.to in PAIR_TARGETS and args.to not in TARGETS:
+        raise UsageError(f"{args.to} is a layout for preference pairs, and {args.file} holds supervised examples "
+                         "(no rejected response)")
     result = read_dataset(args.file, format=args.format, columns=args.columns, encoding=args.encoding)
     if result.errors:
         raise DataError(result.errors)
     if not result.conversations:
         raise DataError([DataIssue(args.file, -1, "(rows)", "no examples to convert")])
     rows = convert(result.conversations, args.to, system_prompt=args.system_prompt, labels=labels)
-    write_rows(rows, out)
-    formats = ", ".join(sorted(set(result.formats.values())))
-    print(f"wrote {len(rows)} {args.to} rows (from {formats}) to {args.out}")
-    return 0
+    return rows, result.formats
+
+
+def _convert_pair_file(args, labels) -> tuple[list[dict], dict]:
+    if labels is not None:
+        raise UsageError("--labels is for seed-instruction, a layout for supervised examples, not for pairs")
+    convert_pairs([], args.to)  # an unfit target is refused before reading
+    result = read_pairs(args.file, format=args.format, columns=args.columns, encoding=args.encoding)
+    if result.errors:
+        raise DataError(result.errors)
+    if not result.pairs:
+        raise DataError([DataIssue(args.file, -1, "(rows)", "no pairs to convert")])
+    return convert_pairs(result.pairs, args.to, system_prompt=args.system_prompt), result.formats

@@ -7,6 +7,12 @@ tokens (examples with none are errors); exact and near duplicates; train/eval ov
 example rendered through the real template with its loss mask. Only the tokenizer is loaded,
 never the weights. Exit code 0 when clean, 1 on errors (warnings alone do not fail), 2 on usage
 errors.
+
+Preference pairs (chosen/rejected, see pairs.py) get the same report with ``kind: "pairs"``: lengths
+of the prompt, the chosen and the rejected response (the total is the longer side, prompt included,
+which is what max length cuts), what truncation would cut on each side, pairs that contradict each
+other, and prompts shared by several pairs (listed, not warned about: several pairs per prompt is
+common).
 """
 
 from __future__ import annotations
@@ -15,12 +21,13 @@ import os
 import re
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from tunesmith.config import minimum
 from tunesmith.data.conversation import Conversation
+from tunesmith.data.pairs import SIDES, Pair, is_preference_data, read_pairs
 from tunesmith.data.readers import DataIssue, read_dataset
 from tunesmith.errors import TunesmithError, UsageError
 
@@ -57,6 +64,9 @@ class DataReport:
     max_length: int | None = None
     truncation: str = "truncate_prompt"
     elapsed_s: float = 0.0
+    kind: str = "sft"  # "sft", or "pairs" for preference data (lengths then have prompt, chosen, rejected)
+    pairs: dict | None = None  # pairs only: prompt_duplicates [{kind, rows}], and with a max length, truncation
+    # {over_max_length, prompt_tokens_cut, response_tokens_cut, responses_cut} (each {chosen, rejected})
 
     @property
     def ok(self) -> bool:
@@ -157,25 +167,30 @@ def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
 def find_duplicates(convs: list[Conversation]) -> list[dict]:
     """Groups of exact duplicates (identical text) and near duplicates (normalized text identical or
     nearly so), each naming its rows."""
-    raw = [conversation_text(c).strip() for c in convs]
+    return group_duplicates([conversation_text(c) for c in convs], convs)
+
+
+def group_duplicates(texts: list[str], items: list) -> list[dict]:
+    """Duplicate groups among ``texts``; ``items`` (conversations or pairs, one per text) name the rows."""
+    raw = [t.strip() for t in texts]
     normalized = [normalize(t) for t in raw]
-    groups = _Groups(len(convs))
+    groups = _Groups(len(items))
     first_seen: dict[str, int] = {}
     for i, text in enumerate(normalized):
         groups.union(i, first_seen.setdefault(text, i))
     for a, b in _near_pairs(normalized):
         groups.union(a, b)
     members = defaultdict(list)
-    for i in range(len(convs)):
+    for i in range(len(items)):
         members[groups.find(i)].append(i)
     found = []
     for rows in (m for m in members.values() if len(m) > 1):
         kind = "exact" if len({raw[i] for i in rows}) == 1 else "near"
-        found.append({"kind": kind, "rows": [convs[i].where for i in rows]})
+        found.append({"kind": kind, "rows": [items[i].where for i in rows]})
     return sorted(found, key=lambda g: g["rows"][0])
 
 
-def duplicate_warnings(groups: list[dict], convs: list[Conversation]) -> list[DataIssue]:
+def duplicate_warnings(groups: list[dict], convs: list) -> list[DataIssue]:
     by_where = {c.where: c for c in convs}
     issues = []
     for group in groups:
@@ -354,29 +369,46 @@ def check_data(files, *, model: str | None = None, max_length: int | None = None
     files = [str(f) for f in ([files] if isinstance(files, str | os.PathLike) else files)]
     if max_length is not None and max_length < minimum("data.max_length"):  # what training accepts
         raise UsageError(f"--max-length must be at least {minimum('data.max_length')}, not {max_length}")
-    read = read_dataset(files, format=format, columns=columns, encoding=encoding)
-    convs = read.conversations
-    report = DataReport(files=files, num_examples=read.num_rows, num_valid=len(convs),
-                        num_turns=sum(len(c.messages) for c in convs), errors=read.errors, warnings=read.warnings,
-                        duplicates=find_duplicates(convs), overlap=[], char_lengths={}, token_lengths=None,
-                        formats=read.formats, max_length=max_length, truncation=truncation, template=template)
-    report.char_lengths, report.long_examples = char_lengths(convs)
-    report.warnings += duplicate_warnings(report.duplicates, convs)
+    if is_preference_data(files, format=format, columns=columns, encoding=encoding):
+        report, pairs = _read_pairs(files, format, columns, encoding)
+        convs = [p.chosen_conversation() for p in pairs]  # for the overlap: the prompt and the chosen answer
+    else:
+        report, convs = _read_conversations(files, format, columns, encoding)
+    report.max_length, report.truncation, report.template = max_length, truncation, template
     if eval_files:
         _check_overlap(report, convs, list(eval_files), format, columns, encoding)
-    if tokens:
+    if tokens and report.kind == "pairs":
+        _add_pair_token_stats(report, pairs, model, progress)
+    elif tokens:
         _add_token_stats(report, convs, model, progress)
     report.elapsed_s = round(time.perf_counter() - started, 2)
     return report
 
 
+def _read_conversations(files: list[str], format, columns, encoding) -> tuple[DataReport, list[Conversation]]:
+    read = read_dataset(files, format=format, columns=columns, encoding=encoding)
+    convs = read.conversations
+    report = DataReport(files=files, num_examples=read.num_rows, num_valid=len(convs),
+                        num_turns=sum(len(c.messages) for c in convs), errors=read.errors, warnings=read.warnings,
+                        duplicates=find_duplicates(convs), overlap=[], char_lengths={}, token_lengths=None,
+                        formats=read.formats)
+    report.char_lengths, report.long_examples = char_lengths(convs)
+    report.warnings += duplicate_warnings(report.duplicates, convs)
+    return report, convs
+
+
 def _check_overlap(report: DataReport, convs, eval_files: list[str], format, columns, encoding) -> None:
-    evals = read_dataset(eval_files, format=format, columns=columns, encoding=encoding)
+    if is_preference_data(eval_files, format=format, columns=columns, encoding=encoding):
+        evals = read_pairs(eval_files, format=format, columns=columns, encoding=encoding)
+        eval_convs = [p.chosen_conversation() for p in evals.pairs]
+    else:
+        evals = read_dataset(eval_files, format=format, columns=columns, encoding=encoding)
+        eval_convs = evals.conversations
     report.errors += evals.errors
     report.warnings += evals.warnings
-    report.overlap = find_overlap(convs, evals.conversations)
+    report.overlap = find_overlap(convs, eval_convs)
     for hit in report.overlap:
-        conv = next(c for c in evals.conversations if c.where == hit["eval"])
+        conv = next(c for c in eval_convs if c.where == hit["eval"])
         report.warnings.append(DataIssue(conv.source, conv.line, "(overlap)",
                                          f"also in the training data at {', '.join(hit['train'][:3])}", "warning"))
 
@@ -431,6 +463,150 @@ class _progress:
         return self.bar.__exit__(*exc)
 
 
+# ---------------------------------------------------------------- preference pairs
+
+
+def _read_pairs(files: list[str], format, columns, encoding) -> tuple[DataReport, list[Pair]]:
+    read = read_pairs(files, format=format, columns=columns, encoding=encoding)
+    pairs = read.pairs
+    report = DataReport(files=files, num_examples=read.num_rows, num_valid=len(pairs),
+                        num_turns=sum(len(p.prompt.messages) + len(p.chosen) + len(p.rejected) for p in pairs),
+                        errors=read.errors, warnings=read.warnings, overlap=[], token_lengths=None,
+                        duplicates=group_duplicates([pair_text(p) for p in pairs], pairs), char_lengths={},
+                        formats=read.formats, kind="pairs")
+    report.char_lengths, report.long_examples = pair_char_lengths(pairs)
+    report.pairs = {"prompt_duplicates": group_duplicates([conversation_text(p.prompt) for p in pairs], pairs)}
+    report.warnings += duplicate_warnings(report.duplicates, pairs) + contradiction_warnings(pairs)
+    return report, pairs
+
+
+def pair_text(pair: Pair) -> str:
+    responses = [f"{side} {m.role}: {m.content}" for side in SIDES for m in getattr(pair, side)]
+    return "\n".join([conversation_text(pair.prompt), *responses])
+
+
+def pair_char_lengths(pairs: list[Pair]) -> tuple[dict, int]:
+    """Prompt (system and every prompt turn), chosen and rejected lengths in characters; the total is the
+    prompt with the longer response."""
+    prompt = [len(p.prompt.system or "") + sum(len(m.content) for m in p.prompt.messages) for p in pairs]
+    sides = {side: [sum(len(m.content) for m in getattr(p, side)) for p in pairs] for side in SIDES}
+    total = [n + max(c, r) for n, c, r in zip(prompt, sides["chosen"], sides["rejected"], strict=True)]
+    stats = {**length_stats(total), "prompt": length_stats(prompt), **{k: length_stats(v) for k, v in sides.items()}}
+    return stats, sum(t > LONG_CHARS for t in total)
+
+
+def contradiction_warnings(pairs: list[Pair]) -> list[DataIssue]:
+    """A pair that prefers what another pair rejects for the same prompt: the two cancel out in training."""
+    seen: dict[tuple, str] = {}
+    issues = []
+    for pair in pairs:
+        prompt = normalize(conversation_text(pair.prompt))
+        chosen, rejected = (normalize("\n".join(m.content for m in getattr(pair, s))) for s in SIDES)
+        if (prompt, rejected, chosen) in seen:
+            issues.append(DataIssue(pair.source, pair.line, "(contradiction)", "prefers the response that "
+                                    f"{seen[(prompt, rejected, chosen)]} rejects for the same prompt", "warning"))
+        seen.setdefault((prompt, chosen, rejected), pair.where)
+    return issues
+
+
+@dataclass
+class PairTally:
+    prompt: list[int] = field(default_factory=list)
+    chosen: list[int] = field(default_factory=list)
+    rejected: list[int] = field(default_factory=list)
+    longest: list[int] = field(default_factory=list)  # the longer side, prompt included
+    supervised: int = 0
+    total: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    zero_supervised: int = 0
+    cut: dict = field(default_factory=lambda: {"over_max_length": 0, **{key: dict.fromkeys(SIDES, 0) for key in (
+        "prompt_tokens_cut", "response_tokens_cut", "responses_cut")}})
+    issues: list[DataIssue] = field(default_factory=list)
+    first: tuple | None = None
+
+
+def tally_pair_tokens(pairs: list[Pair], tokenizer, max_length: int | None, truncation: str,
+                      on_chunk=None) -> PairTally:
+    """Token lengths of both sides of every pair, and what ``max_length`` would cut on each side."""
+    from tunesmith.data.tokenize import EncodeOptions, encode
+
+    policy = EncodeOptions(max_length=max_length, truncation=truncation) if max_length else None
+    sides = [c for p in pairs for c in (p.chosen_conversation(), p.rejected_conversation())]
+    encoded = encode_each(sides, tokenizer, EncodeOptions(), on_chunk)
+    tally = PairTally()
+    for pair in pairs:
+        both = dict(zip(SIDES, (next(encoded), next(encoded)), strict=True))
+        problems = [replace(e, field=side) for side, (_, e) in both.items() if isinstance(e, DataIssue)]
+        if problems:
+            tally.issues += problems
+            continue
+        (chosen_conv, chosen), (_, rejected) = both["chosen"], both["rejected"]
+        tally.first = tally.first or _preview_candidate(chosen_conv, chosen)
+        tally.prompt.append(len(chosen.input_ids) - chosen.num_supervised)
+        tally.chosen.append(chosen.num_supervised)
+        tally.rejected.append(rejected.num_supervised)
+        tally.longest.append(max(len(chosen.input_ids), len(rejected.input_ids)))
+        if policy and tally.longest[-1] > max_length:
+            both = _apply_pair_policy(pair, both, tokenizer, policy, tally, encode)
+        for side, (_, kept) in (both or {}).items():
+            _count_pair_supervision(pair, side, kept, tally)
+    return tally
+
+
+def _apply_pair_policy(pair: Pair, both: dict, tokenizer, policy, tally: PairTally, encode) -> dict | None:
+    """What training will see of a pair with a side longer than max_length (a pair is kept or dropped whole)."""
+    tally.cut["over_max_length"] += 1
+    if policy.truncation == "error":
+        tally.issues.append(DataIssue(pair.source, pair.line, "(length)", f"{tally.longest[-1]} tokens (the longer "
+                                      f"side) is longer than max_length {policy.max_length} (truncation policy "
+                                      "'error')"))
+        return None
+    if policy.truncation == "drop":
+        tally.dropped += 1
+        return None
+    tally.truncated += 1
+    kept = {}
+    for side, (conv, whole) in both.items():
+        limited = encode(conv, tokenizer, policy) if len(whole.input_ids) > policy.max_length else whole
+        response_cut = whole.num_supervised - limited.num_supervised
+        prompt_cut = len(whole.input_ids) - len(limited.input_ids) - response_cut
+        tally.cut["prompt_tokens_cut"][side] += prompt_cut
+        tally.cut["response_tokens_cut"][side] += response_cut
+        tally.cut["responses_cut"][side] += response_cut > 0
+        kept[side] = (conv, limited)
+    return kept
+
+
+def _count_pair_supervision(pair: Pair, side: str, encoded, tally: PairTally) -> None:
+    tally.supervised += encoded.num_supervised
+    tally.total += len(encoded.input_ids)
+    if encoded.num_supervised == 0:
+        tally.zero_supervised += 1
+        tally.issues.append(DataIssue(pair.source, pair.line, side, "no supervised tokens: this response is "
+                                      "cut away or empty after the template, so the pair compares nothing"))
+
+
+def _add_pair_token_stats(report: DataReport, pairs: list[Pair], model: str | None, progress: bool) -> None:
+    tokenizer = load_check_tokenizer(model, report.template)
+    report.model = str(model or _default_model())
+    with _progress(progress, 2 * len(pairs)) as advance:
+        tally = tally_pair_tokens(pairs, tokenizer, report.max_length, report.truncation, advance)
+    report.token_lengths = {**length_stats(tally.longest), "prompt": length_stats(tally.prompt),
+                            "chosen": length_stats(tally.chosen), "rejected": length_stats(tally.rejected)}
+    report.truncated, report.dropped, report.zero_supervised = tally.truncated, tally.dropped, tally.zero_supervised
+    report.supervised_token_share = round(tally.supervised / tally.total, 4) if tally.total else None
+    report.errors += tally.issues
+    if report.max_length:
+        report.pairs["truncation"] = tally.cut
+    chosen = [p.chosen_conversation() for p in pairs]
+    first = tally.first or next(((c, e) for c, e in encode_each(chosen[:1], tokenizer, _whole_options())
+                                 if not isinstance(e, DataIssue)), None)
+    report.preview = mask_preview(*first, tokenizer) if first else None
+    warning = system_prompt_warning([p.prompt for p in pairs], tokenizer)
+    report.warnings += [warning] if warning else []
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -458,16 +634,17 @@ def print_report(report: DataReport, console=None) -> None:
     # Lines that name files are soft-wrapped: rich never breaks them, so a path stays whole in a pipe.
     console = console or stdout_console()
     formats = ", ".join(f"{path} ({fmt})" for path, fmt in report.formats.items())
-    console.print(f"[bold]data check[/bold] {escape(formats)}", soft_wrap=True)
+    kind = " (preference pairs)" if report.kind == "pairs" else ""
+    console.print(f"[bold]data check{kind}[/bold] {escape(formats)}", soft_wrap=True)
     console.print(f"examples {report.num_examples}, valid {report.num_valid}, turns {report.num_turns}")
     _print_issues(console, "errors", report.errors, LISTED_ERRORS, "red")
     # Duplicates and overlap are listed as groups below rather than once per row.
-    grouped = ("(duplicate)", "(overlap)")
+    grouped = ("(duplicate)", "(overlap)", "(contradiction)")
     _print_issues(console, "warnings", [w for w in report.warnings if w.field not in grouped], LISTED_WARNINGS, "yellow")
     console.print(_lengths_table(report))
     _print_tokens(console, report)
     _print_duplicates(console, report)
-    _print_preview(console, report.preview)
+    _print_preview(console, report.preview, " (chosen side)" if report.kind == "pairs" else "")
     verdict = "[green]clean[/green]" if report.ok else f"[red]{len(report.errors)} error(s)[/red]"
     console.print(f"{verdict}, {len(report.warnings)} warning(s), checked in {report.elapsed_s:.1f} s")
 
@@ -491,11 +668,13 @@ def _lengths_table(report: DataReport):
     table.add_column("")
     for column in ("p50", "p90", "p99", "max", "mean"):
         table.add_column(column, justify="right")
+    parts = ("prompt", "chosen", "rejected") if report.kind == "pairs" else ("prompt", "response")
+    total = "longer side" if report.kind == "pairs" else "total"  # the prompt with its longer response
     for unit, stats in (("chars", report.char_lengths), ("tokens", report.token_lengths)):
-        for part in ("prompt", "response", None):
+        for part in (*parts, None):
             if stats:
                 row = stats[part] if part else stats
-                table.add_row(f"{unit} {part or 'total'}", *(str(row[k]) for k in ("p50", "p90", "p99", "max", "mean")))
+                table.add_row(f"{unit} {part or total}", *(str(row[k]) for k in ("p50", "p90", "p99", "max", "mean")))
     return table
 
 
@@ -506,29 +685,47 @@ def _print_tokens(console, report: DataReport) -> None:
     share = report.supervised_token_share
     console.print(f"tokenizer {report.model}, template {report.template or 'its own'}; supervised tokens "
                   f"{share:.1%} of all" if share is not None else "no tokens", soft_wrap=True, markup=False)
-    if report.max_length:
+    if report.max_length and report.kind == "pairs":
+        _print_pair_truncation(console, report)
+    elif report.max_length:
         console.print(f"max length {report.max_length} ({report.truncation}): {report.truncated} truncated, "
                       f"{report.dropped} dropped")
 
 
+def _print_pair_truncation(console, report: DataReport) -> None:
+    cut = report.pairs["truncation"]
+    console.print(f"max length {report.max_length} ({report.truncation}): {cut['over_max_length']} pair(s) longer, "
+                  f"{report.truncated} truncated, {report.dropped} dropped")
+    if report.truncated:
+        for side in SIDES:
+            console.print(f"  {side}: {cut['prompt_tokens_cut'][side]} prompt token(s) cut, "
+                          f"{cut['response_tokens_cut'][side]} response token(s) cut in "
+                          f"{cut['responses_cut'][side]} response(s)")
+
+
 def _print_duplicates(console, report: DataReport) -> None:
-    for title, groups in (("duplicate groups", report.duplicates), ("train/eval overlap", report.overlap)):
+    contradictions = [w for w in report.warnings if w.field == "(contradiction)"]
+    _print_issues(console, "contradicting pairs", contradictions, LISTED_GROUPS, "yellow")
+    shared = (report.pairs or {}).get("prompt_duplicates", [])
+    for title, groups, color in (("duplicate groups", report.duplicates, "yellow"),
+                                 ("train/eval overlap", report.overlap, "yellow"),
+                                 ("prompts shared by several pairs", shared, "default")):
         if not groups:
             continue
-        console.print(f"[yellow]{title} ({len(groups)})[/yellow]")
+        console.print(f"[{color}]{title} ({len(groups)})[/{color}]")
         for group in groups[:LISTED_GROUPS]:
             rows = group["rows"] if "rows" in group else [group["eval"], *group["train"]]
             console.print(f"  {group.get('kind', 'overlap')}: {', '.join(rows[:6])}" + (" ..." if len(rows) > 6 else ""),
                           soft_wrap=True, markup=False)
 
 
-def _print_preview(console, preview: dict | None) -> None:
+def _print_preview(console, preview: dict | None, side: str = "") -> None:
     from rich.markup import escape
     from rich.text import Text
 
     if not preview:
         return
-    console.print(f"[bold]mask preview[/bold] {escape(preview['source'])}: [black on green]\\[\\[highlighted]][/black on green]"
+    console.print(f"[bold]mask preview{side}[/bold] {escape(preview['source'])}: [black on green]\\[\\[highlighted]][/black on green]"
                   " = supervised (in the loss); the rest is context", soft_wrap=True)
     text = Text()
     for segment in preview["segments"]:

@@ -17,6 +17,9 @@ with errors are left out of the conversations, never silently: the issues say wh
 Text files are UTF-8 by default, with or without a byte-order mark, CRLF or LF (``encoding=`` reads
 others); bytes that do not decode, an empty file, a key repeated in one JSON object, a CSV row with
 more values than columns and a file that is not Parquet are issues too (see textfiles.py).
+
+Preference pairs (a chosen and a rejected response) are refused here with PreferenceDataError, which
+says how to train on them; pairs.py reads them, through the same file reading (``file_rows``).
 """
 
 from __future__ import annotations
@@ -311,14 +314,24 @@ def check_format_name(format: str | None) -> str | None:
     return format
 
 
+PAIR_KEYS = ({"chosen", "rejected"}, {"preferred_output", "non_preferred_output"})
+
+
+def is_pair_row(keys: Iterable[str]) -> bool:
+    """A row holding a preferred and a dispreferred response (DPO/ORPO/SimPO data), in any pair layout."""
+    keys = set(keys)
+    return any(both <= keys for both in PAIR_KEYS)
+
+
 def refuse_preference(rows: list[Row]) -> None:
-    first = next((r for r in rows if "chosen" in r.data and "rejected" in r.data), None)
+    """Supervised fine-tuning reads one answer per prompt; pairs are read by `tunesmith.data.pairs`."""
+    first = next((r for r in rows if is_pair_row(r.data)), None)
     if first is not None:
         raise PreferenceDataError(
             f"{first.file} is preference (DPO/ORPO) data, not supervised fine-tuning data: its rows (the first at "
-            f"{location(first.file, first.line)}) hold a 'chosen' and a 'rejected' response to compare. Supervised "
-            "fine-tuning needs one reference answer per prompt (alpaca, sharegpt, openai messages, "
-            "prompt/completion or text).")
+            f"{location(first.file, first.line)}) hold a chosen and a rejected response to compare. To train on the "
+            "pairs, pass --method.objective dpo (or orpo, simpo). Supervised fine-tuning (--method.objective sft) "
+            "needs one reference answer per prompt (alpaca, sharegpt, openai messages, prompt/completion or text).")
 
 
 # ---------------------------------------------------------------- value helpers
@@ -675,15 +688,20 @@ def read_dataset(paths, *, format: str | None = None, columns: str | dict | None
     format = check_format_name(format)
     mapping = parse_columns(columns)
     encoding = textfiles.check_encoding(encoding)
-    files = [f for p in ([paths] if isinstance(paths, str | Path) else paths) for f in data_files(Path(p))]
     result = ReadResult([], [], {})
-    for path in files:
+    for path in input_files(paths):
         _read_file(path, format, mapping, result, encoding)
     return result
 
 
-def _read_file(path: Path, format: str | None, mapping: dict[str, str], result: ReadResult,
-               encoding: str | None = None) -> None:
+def input_files(paths) -> list[Path]:
+    """Every data file behind one path or a list of them (directories expanded)."""
+    return [f for p in ([paths] if isinstance(paths, str | Path) else paths) for f in data_files(Path(p))]
+
+
+def file_rows(path: Path, mapping: dict[str, str], result, encoding: str | None = None) -> list[Row]:
+    """The rows of one file. Problems with the file or with a row's syntax go to ``result.issues``, and
+    rows that do not parse count in ``result.num_rows`` (the returned rows do not yet)."""
     rows: list[Row] = []
     file_issues = 0
     for file, line, raw in raw_rows(path, encoding):
@@ -696,13 +714,26 @@ def _read_file(path: Path, format: str | None, mapping: dict[str, str], result: 
     if not rows and not file_issues:
         result.issues.append(DataIssue(str(path), -1, "(rows)", "no examples: the file is empty (or holds only "
                                        "whitespace or an empty list)"))
-    refuse_preference(rows)
-    result.num_rows += len(rows)
-    detected = Counter(f for r in rows if r.data and (f := format or detect_format(r.data)))
+    return rows
+
+
+def file_formats(path: Path, rows: list[Row], format: str | None, detect, result) -> Counter:
+    """Each row's format (``format`` or detected from its keys), recorded in ``result.formats``; a file that
+    mixes formats gets a warning."""
+    detected = Counter(f for r in rows if r.data and (f := format or detect(r.data)))
     result.formats[str(path)] = "+".join(detected) or "unknown"
     if len(detected) > 1:
         counts = ", ".join(f"{name} ({n} row(s))" for name, n in detected.most_common())
         result.issues.append(DataIssue(str(path), -1, "(format)", f"the file mixes formats: {counts}", "warning"))
+    return detected
+
+
+def _read_file(path: Path, format: str | None, mapping: dict[str, str], result: ReadResult,
+               encoding: str | None = None) -> None:
+    rows = file_rows(path, mapping, result, encoding)
+    refuse_preference(rows)
+    result.num_rows += len(rows)
+    detected = file_formats(path, rows, format, detect_format, result)
     for row in rows:
         result.conversations += _convert_row(row, format, detected)
         result.issues += row.issues
