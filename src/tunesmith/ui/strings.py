@@ -206,6 +206,12 @@ FIELD_HELP_ZH = {
     "method.trainable_layers": "freeze：只训练最后 N 个 Transformer 层",
     "method.train_norm": "freeze：同时训练最后的归一化层",
     "method.train_lm_head": "freeze：同时训练输出头（许多小模型中它与输入词嵌入共享，也会一起训练）",
+    "method.objective": "学习目标：sft（模仿助手回答），或在偏好对（一个提示、一个被选中和一个被拒绝的回答）上用 dpo、orpo "
+                        "或 simpo。偏好目标会关闭 dropout，使模型与自身比较",
+    "method.beta": "偏好强度：DPO 的 beta（策略可偏离参考模型多远；默认 0.1）、SimPO 的奖励缩放（默认 2.0）、"
+                   "ORPO 中与 SFT 损失并列的优势比项权重（默认 0.1）",
+    "method.gamma": "simpo：被选中与被拒绝回答之间的目标奖励差距",
+    "method.label_smoothing": "dpo/simpo：假定标签被颠倒的偏好对比例（保守 DPO）；0 表示相信每一对",
     "train.epochs": "训练数据的遍历轮数（max_steps > 0 时忽略）；默认按数据量选择，让小数据集也有足够的优化步数",
     "train.max_steps": "要运行的优化步数；0 表示由 epochs 推出",
     "train.lr": "峰值学习率；默认按方法和模型宽度选择",
