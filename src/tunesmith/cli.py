@@ -203,19 +203,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("argv", nargs=argparse.REMAINDER)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="evaluate a model or run, or score existing predictions")
+    p = sub.add_parser("eval", help="evaluate a model or run (your data, lm-eval benchmarks), or score predictions")
     p.add_argument("model", nargs="?", default=None, help="model or run directory (omit with --predictions)")
     p.add_argument("--data", default=None, help="evaluation data; references are the assistant turns")
+    p.add_argument("--harness", default=None, metavar="TASKS",
+                   help="lm-evaluation-harness tasks, comma separated: names (mmlu, cmmlu, ceval-valid, gsm8k), a task "
+                        "YAML file or a directory of them; scores land in the metrics as harness/TASK/METRIC "
+                        "(needs pip install 'tunesmith[harness]'; hub datasets need a network)")
+    p.add_argument("--harness-limit", type=_number(int, 1), default=None, metavar="N",
+                   help="score only the first N examples of each lm-eval task")
+    p.add_argument("--harness-fewshot", type=_number(int, 0), default=None, metavar="K",
+                   help="examples shown before each lm-eval question (default: each task's own)")
+    p.add_argument("--harness-chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="render lm-eval prompts with the chat template and the run's system prompt "
+                        "(default: when the tokenizer has a template, as every run's has)")
     p.add_argument("--predictions", default=None, help="score a predictions.jsonl (prediction, reference[, label])")
     p.add_argument("--metrics", default=None, help="comma list: rouge,bleu,chrf,exact_match,length,bertscore,classification,perplexity")
     p.add_argument("--labels", default=None, help="classification labels, comma separated")
     p.add_argument("--compare", default=None, help="'base' (the run's base model) or another model/run")
     p.add_argument("--out", default=None, help="report directory (metrics.json, predictions.jsonl, report.md, charts)")
     p.add_argument("--json", action="store_true", help=(
-        "print one JSON object: model, data, options, metrics {name: value}, compare, compare_metrics, "
+        "print one JSON object: model, data (null with --harness alone), options (lm-eval's under harness), "
+        "metrics {name: value} (lm-eval's as harness/TASK/METRIC), compare, compare_metrics, "
         "deltas (compare_* and deltas null without --compare), paths {name: written file}"))
-    p.add_argument("--batch-size", type=int, default=8, help="generation batch size")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size of generation and of lm-eval's requests")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of --data")
     p.add_argument("--jieba", action="store_true", help="segment Chinese with jieba for ROUGE (default: characters)")
     p.add_argument("--bertscore-model", default=None, help="encoder for BERTScore (default: the embedded MiniLM)")
     p.add_argument("--encoding", default=None,

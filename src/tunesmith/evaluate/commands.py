@@ -1,4 +1,5 @@
-"""`tunesmith eval`: evaluate a model or run (optionally against its base), or score a predictions file."""
+"""`tunesmith eval`: evaluate a model or run on data and/or lm-eval tasks (optionally against its base), or
+score a predictions file."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ def run_eval_command(args) -> int:
     from tunesmith.evaluate.report import metrics_document
 
     if args.predictions:
-        _refuse(args, "model", "data", "compare")
-    elif not args.model or not args.data:
-        raise UsageError("give MODEL_OR_RUN and --data FILE (or --predictions FILE to score existing outputs)")
+        _refuse(args, "model", "data", "compare", "harness")
+    elif not args.model or not (args.data or args.harness):
+        raise UsageError("give MODEL_OR_RUN and --data FILE and/or --harness TASKS (or --predictions FILE to score "
+                         "existing outputs)")
+    _check_harness_flags(args)
     with json_stdout(args.json):
         result = _run(args)
     if args.json:
@@ -28,10 +31,24 @@ def _run(args):
     if args.predictions:
         return score_file(args.predictions, metrics=args.metrics, labels=args.labels, out=args.out,
                           jieba=args.jieba, bertscore_model=args.bertscore_model, encoding=args.encoding)
-    return evaluate(args.model, args.data, metrics=args.metrics, labels=args.labels, compare=args.compare,
-                    out=args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_p=args.top_p, limit=args.limit, jieba=args.jieba,
-                    bertscore_model=args.bertscore_model, encoding=args.encoding)
+    tasks = None
+    if args.harness:
+        from tunesmith.evaluate.harness import resolve_tasks
+
+        tasks = resolve_tasks(args.harness)  # a task name's typo fails before minutes of generation
+    result = None
+    if args.data:
+        result = evaluate(args.model, args.data, metrics=args.metrics, labels=args.labels, compare=args.compare,
+                          out=args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, limit=args.limit, jieba=args.jieba,
+                          bertscore_model=args.bertscore_model, encoding=args.encoding)
+    if tasks:
+        from tunesmith.evaluate.harness import evaluate_harness
+
+        result = evaluate_harness(args.model, tasks, compare=args.compare, out=args.out, limit=args.harness_limit,
+                                  fewshot=args.harness_fewshot, batch_size=args.batch_size,
+                                  chat_template=args.harness_chat_template, into=result)
+    return result
 
 
 def _refuse(args, *names: str) -> None:
@@ -41,9 +58,24 @@ def _refuse(args, *names: str) -> None:
         raise UsageError(f"--predictions scores an existing file with no model: drop {flags}")
 
 
+def _check_harness_flags(args) -> None:
+    """The lm-eval options need --harness; --data's own options need --data (--limit is not --harness-limit)."""
+    harness_only = {"--harness-limit": args.harness_limit, "--harness-fewshot": args.harness_fewshot,
+                    "--harness-chat-template": args.harness_chat_template}
+    given = [flag for flag, value in harness_only.items() if value is not None]
+    if given and not args.harness:
+        raise UsageError(f"{', '.join(given)}: for lm-eval tasks only; add --harness TASKS")
+    if args.harness and not args.data and not args.predictions:
+        data_only = [flag for flag, value in (("--limit", args.limit), ("--metrics", args.metrics),
+                                              ("--labels", args.labels)) if value is not None]
+        if data_only:
+            raise UsageError(f"{', '.join(data_only)}: for --data only; lm-eval tasks take --harness-limit "
+                             "and have their own metrics")
+
+
 def print_summary(result) -> None:
     """The metrics table (with the compared model and deltas) and where the report went."""
-    from tunesmith.evaluate.report import LOWER_IS_BETTER, SETTINGS, fmt_delta
+    from tunesmith.evaluate.report import SETTINGS, fmt_delta, lower_is_better
 
     compared = result.compare_metrics is not None
     columns = ["metric", "model"] + ([result.compare, "delta"] if compared else [])
@@ -51,12 +83,15 @@ def print_summary(result) -> None:
     for key, value in result.metrics.items():
         if not isinstance(value, int | float) or isinstance(value, bool) or key in SETTINGS:
             continue
-        row = [key + (" ↓" if key in LOWER_IS_BETTER else ""), fmt_number(value)]
+        row = [key + (" ↓" if lower_is_better(key) else ""), fmt_number(value)]
         if compared:
             row += [fmt_number(result.compare_metrics.get(key)), fmt_delta(result.deltas.get(key))]
         rows.append(row)
     console = stdout_console()
-    title = f"{result.model} on {result.data} ({len(result.predictions)} examples)"
+    sources = [f"{result.data} ({len(result.predictions)} examples)"] if result.data is not None else []
+    if "harness" in result.options:
+        sources.append("lm-eval " + ", ".join(result.options["harness"]["tasks"]))
+    title = f"{result.model} on {' and '.join(sources)}"
     print_table(title, columns, rows, console, right=tuple(columns[1:]))
     if result.paths.get("report"):
         console.print(f"report: {result.paths['report']}", markup=False)

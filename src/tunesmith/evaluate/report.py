@@ -3,6 +3,8 @@
 report.md has the metrics table (model | compared | delta), the settings that make the numbers
 reproducible (BLEU/chrF signatures, ROUGE tokenization, the BERTScore encoder and layer), the
 classification breakdown when there is one, the worst examples by ROUGE-L and a few samples.
+lm-eval scores (harness.py) are metrics like the others, named harness/TASK/METRIC; with them
+alone there are no predictions, so no examples and no length chart.
 Charts: the quality metrics (their deltas when comparing) and the language-aware length
 histograms of predictions and references. predictions.jsonl is written by the pipeline as it
 generates; this module only points to it.
@@ -25,6 +27,8 @@ PERCENT_SCALE = {"bleu", "chrf"}
 LOWER_IS_BETTER = {"eval_loss", "perplexity", "empty_predictions", "duplicate_predictions", "repetitive_predictions",
                    "repetitive_rate", "repeated_ngram_ratio", "invalid_rate", "invalid_predictions",
                    "latency_mean_s", "latency_p50_s", "latency_p90_s", "generation_time_s", "truncated_predictions"}
+# lm-eval metrics (harness/<task>/<metric>) where lower is better, as its metric registry marks them.
+HARNESS_LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ter", "brier_score"}
 # Numbers that describe how a metric was computed; they stay in metrics.json but out of the table.
 SETTINGS = {"n", "repetition_n", "bertscore_layer"}
 WORST_EXAMPLES = 5
@@ -37,7 +41,7 @@ def write_report(result, out: Path) -> dict[str, str]:
     paths = {**{name: Path(p) for name, p in result.paths.items()},
              "metrics": out / "metrics.json", "report": out / "report.md"}
     paths["metrics_chart"] = plot_metrics(result, out / ("metric_deltas.png" if result.compare else "metrics.png"))
-    paths["lengths_chart"] = plot_lengths(result, out / "lengths.png")
+    paths["lengths_chart"] = plot_lengths(result, out / "lengths.png") if result.predictions else None
     atomic.write_text(paths["metrics"], json.dumps(metrics_document(result), indent=2, ensure_ascii=False) + "\n")
     atomic.write_text(paths["report"], render_markdown(result, paths))
     return {name: str(path) for name, path in paths.items() if path is not None}
@@ -51,19 +55,38 @@ def metrics_document(result) -> dict:
 # ---------------------------------------------------------------- markdown
 
 def render_markdown(result, paths: dict) -> str:
-    lines = [f"# Evaluation of `{result.model}`", "",
-             f"- data: `{result.data}` ({len(result.predictions)} examples)",
-             f"- generated: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"]
-    if result.options:
-        lines.append("- generation: " + ", ".join(f"{k} {v}" for k, v in result.options.items()))
+    lines = [f"# Evaluation of `{result.model}`", ""]
+    if result.data is not None:  # None: lm-eval tasks only
+        lines.append(f"- data: `{result.data}` ({len(result.predictions)} examples)")
+    lines.append(f"- generated: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
+    generation = {k: v for k, v in result.options.items() if k != "harness"}
+    if generation:
+        lines.append("- generation: " + ", ".join(f"{k} {v}" for k, v in generation.items()))
+    if "harness" in result.options:
+        lines.append("- lm-eval: " + harness_summary(result.options["harness"]))
     if result.compare:
         lines.append(f"- compared with: `{result.compare}`")
     lines += ["", "## Metrics", "", *metrics_table(result), "", *metric_notes(result.metrics)]
     lines += classification_section(result.metrics)
-    lines += ["## Charts", ""]
-    lines += [f"![{name}]({Path(paths[name]).name})" for name in ("metrics_chart", "lengths_chart") if paths.get(name)]
-    lines += ["", *examples_section(result)]
+    charts = [f"![{name}]({Path(paths[name]).name})" for name in ("metrics_chart", "lengths_chart") if paths.get(name)]
+    lines += ["## Charts", "", *charts, ""] if charts else []
+    lines += examples_section(result) if result.predictions else []
     return "\n".join(lines) + "\n"
+
+
+def harness_summary(options: dict) -> str:
+    fewshot = "each task's own" if options.get("fewshot") is None else options["fewshot"]
+    limit = "all" if options.get("limit") is None else f"the first {options['limit']}"
+    system = f", system prompt `{options['system_prompt']}`" if options.get("system_prompt") else ""
+    return (f"tasks {', '.join(options['tasks'])}; few-shot {fewshot}; examples per task: {limit}; chat template "
+            f"{'applied' if options.get('chat_template') else 'not applied'}{system}; "
+            f"lm-eval {options.get('lm_eval_version')}")
+
+
+def lower_is_better(key: str) -> bool:
+    if key.startswith("harness/"):
+        return key.rsplit("/", 1)[1].split(",")[0] in HARNESS_LOWER_IS_BETTER
+    return key in LOWER_IS_BETTER
 
 
 def metrics_table(result) -> list[str]:
@@ -73,7 +96,7 @@ def metrics_table(result) -> list[str]:
     for key, value in result.metrics.items():
         if not _is_number(value) or key in SETTINGS:
             continue
-        name = f"{key} (lower is better)" if key in LOWER_IS_BETTER else key
+        name = f"{key} (lower is better)" if lower_is_better(key) else key
         cells = [name, fmt_number(value)]
         if compared is not None:
             cells += [fmt_number(compared.get(key)), fmt_delta(result.deltas.get(key))]
@@ -100,6 +123,9 @@ def metric_notes(metrics: dict) -> list[str]:
                      "tokens over the total generation time")
     if "perplexity" in metrics:
         notes.append(f"- perplexity: exp(summed NLL / {metrics.get('supervised_tokens')} supervised assistant tokens)")
+    if any(key.startswith("harness/") for key in metrics):
+        notes.append("- harness/TASK/METRIC: lm-evaluation-harness's score (METRIC,FILTER after a named filter), "
+                     "with its standard error (_stderr) and the examples scored (n)")
     return notes + ([""] if notes else [])
 
 
