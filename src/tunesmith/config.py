@@ -183,7 +183,7 @@ FLAG_ALIASES = {
     "method": "method.name", "epochs": "train.epochs", "max-steps": "train.max_steps", "lr": "train.lr",
     "batch-size": "train.batch_size", "grad-accum": "train.grad_accum", "max-length": "data.max_length",
     "seed": "train.seed", "save-every": "output.save_every", "resume": "train.resume",
-    "resume-force": "train.resume_force",
+    "resume-force": "train.resume_force", "objective": "method.objective",
 }
 
 
