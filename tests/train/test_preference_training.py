@@ -150,3 +150,36 @@ def test_eval_on_pairs_reports_preference_accuracy_and_margins_against_base(tiny
     assert tuned["logp_margin"] > base["logp_margin"]  # DPO moved the chosen answers up
     assert len(result.predictions) == 6 and result.predictions[0]["reference"].startswith("Ahoy!")
     assert "preference_accuracy" in (tmp_path / "report" / "report.md").read_text()
+
+
+@pytest.mark.slow  # three subprocesses (chat, serve) and a merge
+def test_a_dpo_run_is_used_like_any_run_generate_chat_serve_and_merge(tiny_model_dir, pair_file, tmp_path):
+    import subprocess
+    import sys
+
+    import openai
+
+    from tests.serve.test_server import _free_port, _wait_healthy
+    from tunesmith.cli import main
+
+    run = tmp_path / "run"
+    finetune(_config(tiny_model_dir, pair_file, run, "dpo", train__max_steps=2))
+    assert main(["generate", str(run), "--prompt", "Say hello.", "--max-new-tokens", "4"]) == 0
+    chat = subprocess.run([sys.executable, "-m", "tunesmith.cli", "chat", str(run), "--max-new-tokens", "4"],
+                          input="Say hello.\n/exit\n", capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    assert main(["export", str(run), "--merge", "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", str(run), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", server)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=4, temperature=0,
+                                               messages=[{"role": "user", "content": "Say hello."}])
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
