@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (--merge) or .gguf file (--gguf)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: format (merge or gguf), path, bytes, dtype (null for merge), source, "
+                        "modelfile (the Ollama Modelfile written beside a GGUF, else null), "
                         "verify (the verify report, null with --no-verify)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     p.add_argument("--no-verify", action="store_true", help="skip `tunesmith verify` on the written export")

@@ -67,6 +67,7 @@ def test_gguf_metadata_and_tensor_types(tiny_model_dir, tmp_path):
         2, 64, 128)
     assert (field("llama.attention.head_count"), field("llama.attention.head_count_kv")) == (4, 2)
     assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.eos_token_id") == 2
+    assert field("tokenizer.ggml.pre") == "gpt-2"  # llama.cpp's name for GPT-2's split (it refuses "gpt2")
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert types["blk.1.attn_norm.weight"] == types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
@@ -130,4 +131,4 @@ def test_gguf_export_keeps_an_existing_file_unless_told(lora_run_dir, tmp_path, 
     assert out.read_bytes() == b"an older export"
     assert main(["export", str(lora_run_dir), "--gguf", "--out", str(out), "--overwrite", "--dtype", "f32"]) == 0
     assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == "llama"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]  # no temporary left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.Modelfile", "model.gguf"]  # no temporary left

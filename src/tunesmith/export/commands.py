@@ -1,6 +1,7 @@
 """`tunesmith export RUN --merge|--gguf` and `tunesmith verify`: the command-line layer over merge_to_dir,
 export_gguf and verify. Export verifies what it wrote (one line; --no-verify skips it) and fails when the
-export would not behave as the run did."""
+export would not behave as the run did. A GGUF export also writes an Ollama Modelfile beside the file
+(``model.gguf`` -> ``model.Modelfile``, export/ollama.py)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,19 @@ def run_export_command(args) -> int:
     with json_stdout(args.json):
         out = _export(args)
         report = None if args.no_verify else _verify_export(args, out)
+    modelfile = _modelfile(args, out)
     if args.json:
         print_json({"format": "merge" if args.merge else "gguf", "path": str(out), "bytes": _bytes(out),
                     "dtype": None if args.merge else args.dtype, "source": str(args.model),
+                    "modelfile": str(modelfile) if modelfile else None,
                     "verify": report.to_dict() if report else None})
     else:
         if args.merge:
             print(f"merged model written to {out} ({_bytes(out) / 1e6:.1f} MB)")
         else:
             print(f"GGUF ({args.dtype}) written to {out} ({_bytes(out) / 1e6:.1f} MB)")
+            if modelfile:
+                print(f"Ollama Modelfile written to {modelfile} (ollama create NAME -f {modelfile})")
         if report:
             from tunesmith.export.verify import summary_line
 
@@ -30,7 +35,8 @@ def run_export_command(args) -> int:
         if args.merge:
             print(f"next: tunesmith chat {out}    or    tunesmith export {out} --gguf --out model.gguf")
         else:
-            print(f"next: tunesmith generate {out} --prompt 'Hello'    or with llama.cpp: llama-cli -m {out} -cnv")
+            print(f"next: tunesmith generate {out} --prompt 'Hello'    "
+                  f"or with llama.cpp: llama-cli -m {out} -cnv --jinja")
     return 1 if report and not report.ok else 0
 
 
@@ -58,7 +64,14 @@ def _export(args) -> Path:
         return merge_to_dir(args.model, args.out, overwrite=args.overwrite)
     from tunesmith.export.gguf import export_gguf
 
-    return export_gguf(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    return export_gguf(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite, modelfile=True)
+
+
+def _modelfile(args, out: Path) -> Path | None:
+    from tunesmith.export.ollama import modelfile_path
+
+    path = None if args.merge else modelfile_path(out)
+    return path if path and path.is_file() else None
 
 
 def _bytes(path: Path) -> int:

@@ -75,9 +75,11 @@ ARCHITECTURES = {
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
-def export_gguf(run_or_model, out, dtype: str = "f16", *, overwrite: bool = False) -> Path:
+def export_gguf(run_or_model, out, dtype: str = "f16", *, overwrite: bool = False, modelfile: bool = False) -> Path:
     """Write ``run_or_model`` (alias, model dir or run dir; LoRA merged) to the GGUF file ``out``;
-    an existing ``out`` is replaced only with ``overwrite``."""
+    an existing ``out`` is replaced only with ``overwrite``. ``modelfile``: also write an Ollama Modelfile
+    beside it (export/ollama.py: ``model.gguf`` -> ``model.Modelfile``), under the same rule."""
+    from tunesmith.export import ollama
     from tunesmith.models.load import load
 
     if dtype not in DTYPES:
@@ -86,11 +88,16 @@ def export_gguf(run_or_model, out, dtype: str = "f16", *, overwrite: bool = Fals
     if out.suffix != ".gguf":
         raise UsageError(f"--out {out} should be a file name ending in .gguf")
     atomic.refuse_existing(out, overwrite)  # before minutes of loading and converting
+    if modelfile:
+        atomic.refuse_existing(ollama.modelfile_path(out), overwrite)
     loaded = load(run_or_model, dtype=torch.float32, device="cpu", merge=True)
     check_supported(loaded.model.config)
+    ollama_file = ollama.modelfile_for(loaded, out, add_bos=_adds_bos(loaded.tokenizer)) if modelfile else None
     with atomic.atomic_path(out) as partial:  # a half-written file never carries the final name
         _write(loaded.model, loaded.tokenizer, partial, dtype, name=Path(loaded.path).name,
                system_prompt=loaded.system_prompt)
+    if ollama_file is not None:
+        ollama.write_modelfile(ollama_file, out)
     return out
 
 
@@ -300,7 +307,11 @@ def pre_tokenizer_name(backend: dict) -> str:
                              f"(this one is {backend['model'].get('type')}); Unigram/WordPiece are not supported yet")
     pre = backend.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"  # GPT-2's own split regex, inside ByteLevel
+        # GPT-2's own split regex, inside ByteLevel. llama.cpp's name is "gpt-2": it refuses "gpt2" ("unknown
+        # pre-tokenizer type"; newer builds fall back to 'default', another regex). llama.cpp also turns on
+        # clean_spaces for it (transformers' clean_up_tokenization_spaces: " ." -> "."), which only the
+        # llama_detokenize call applies; token-by-token output (llama-cli, Ollama, llama-cpp-python) is as is.
+        return "gpt-2"
     split = _split_regex(pre)
     if split is not None:
         from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
