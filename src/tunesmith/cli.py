@@ -86,7 +86,7 @@ def _serve(args) -> int:
     from tunesmith.serve.server import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_body_mb=args.max_body_mb,
-          max_queue=args.max_queue, allow_pickle=args.allow_pickle)
+          max_queue=args.max_queue, max_batch=args.max_batch, allow_pickle=args.allow_pickle)
     return 0
 
 
@@ -258,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $TUNESMITH_API_KEY)")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted, in MB")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for the model; more get a 429")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="requests generated together in one batch; more wait in the queue")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load pickle (.bin) weights when a model has no safetensors; pickles can run code")
     p.set_defaults(func=_serve)

@@ -340,7 +340,8 @@ def test_a_client_leaving_mid_stream_frees_its_slot_and_stops_its_generation(ope
 
 
 def test_past_the_queue_limit_requests_get_a_429_and_the_queue_drains(loaded, reference):
-    with in_process_server(loaded, max_queue=1) as port:
+    # One row in the batch: the second request must wait, and the third finds the queue full.
+    with in_process_server(loaded, max_queue=1, max_batch=1) as port:
         url = f"http://127.0.0.1:{port}"
         client = _client(url)
         model = loaded.path.name

@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP API over one loaded model (FastAPI + uvicorn).
 
 Endpoints: POST /v1/chat/completions and /v1/completions (streaming as server-sent events, or
-not), GET /v1/models, GET /health. Requests are validated by pydantic; every 4xx carries
+not), GET /v1/models, GET /health, GET /stats. Requests are validated by pydantic; every 4xx carries
 OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``, so the official
 clients raise their usual ``BadRequestError``, ``AuthenticationError`` or ``NotFoundError``.
 
@@ -23,12 +23,16 @@ silently changes the text the client sent; refusing (as tiktoken does by default
 tokens) tells the client. /v1/completions takes a raw prompt that the client writes in full,
 markers included, so there is no turn boundary to forge there and control tokens pass.
 
-One model, one generation at a time: a transformers model is not safe to call from several
-threads. Requests wait their turn in a FIFO queue (``Slots``) without holding a thread each; past
-``max_queue`` waiting requests the server answers 429, so a flood cannot exhaust its memory. A
-streaming client that disconnects stops its generation at the next token and frees its slot.
-An omitted temperature means greedy (reproducible) decoding, unlike OpenAI's default of 1.0: a
-small fine-tuned model is usually wanted deterministic; pass a temperature to sample.
+Concurrent requests share the model: a single worker thread (serve.batching.Batcher) owns it and
+decodes every running request in one batch, admitting newcomers and retiring finished ones at each
+token step. Up to ``max_batch`` requests run
+together; the rest wait in a FIFO queue without holding a thread each, and past ``max_queue``
+waiting requests (with the batch full) the server answers 429, so a flood cannot exhaust its memory.
+A client that disconnects, or a stream that reached a stop string, leaves the batch at the next
+token. An omitted temperature means greedy (reproducible) decoding, unlike OpenAI's default of
+1.0: a small fine-tuned model is usually wanted deterministic; pass a temperature to sample. A
+``seed`` seeds that request's own generator (see serve.batching), so it reproduces alone or under load.
+GET /stats reports the queue and what the worker has done (largest batch, decode steps, requests).
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ import hmac
 import json
 import os
 import sys
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -55,7 +58,9 @@ from starlette.exceptions import HTTPException
 
 from tunesmith.data.prompt import render_prompt
 from tunesmith.data.tokenize import TemplateRefused
-from tunesmith.inference import GenerationOptions, find_control_token, generate, stream
+from tunesmith.inference import GenerationOptions, find_control_token
+from tunesmith.serve import batching
+from tunesmith.serve.batching import DEFAULT_MAX_BATCH, Batcher, Done, Piece
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_BODY_MB = 4.0  # a 128k-token prompt is well under 1 MB of JSON; anything far larger is abuse
@@ -168,19 +173,30 @@ class Busy(APIError):
 # ---------------------------------------------------------------------------------------- the app
 
 def create_app(loaded, *, api_key: str | None = None, max_body_mb: float = DEFAULT_MAX_BODY_MB,
-               max_queue: int = DEFAULT_MAX_QUEUE, names: tuple[str, ...] = ()) -> FastAPI:
+               max_queue: int = DEFAULT_MAX_QUEUE, max_batch: int = DEFAULT_MAX_BATCH,
+               names: tuple[str, ...] = ()) -> FastAPI:
     """The FastAPI app serving ``loaded`` (a tunesmith.models.load.Loaded).
 
     ``names`` are further names a request's ``model`` may use (what the server was started with)."""
-    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
-    engine = Engine(loaded, max_queue=max_queue, names=names)
+    engine = Engine(loaded, max_queue=max_queue, max_batch=max_batch, names=names)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        engine.batcher.close()  # the worker thread ends with the server
+
+    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.engine = engine
     app.add_middleware(Guard, api_key=api_key, max_body=int(max_body_mb * 1024 * 1024))
     _add_error_handlers(app)
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": engine.model_id, **engine.slots.counts()}
+        return {"status": "ok", "model": engine.model_id, **engine.batcher.counts()}
+
+    @app.get("/stats")
+    def stats() -> dict:
+        return {"model": engine.model_id, **engine.batcher.stats()}
 
     @app.get("/v1/models")
     def models() -> dict:
@@ -318,63 +334,32 @@ async def _send_error(send, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-class Slots:
-    """Admission to the model: one generation at a time, the others waiting in FIFO order.
-
-    Waiting is an asyncio wait, not a blocked thread, so hundreds of queued requests cost little;
-    past ``max_queue`` of them, new requests get a 429 (clients retry it). Counters change only on
-    the event loop's thread."""
-
-    def __init__(self, max_queue: int):
-        self.max_queue = max_queue
-        self.waiting = self.busy = 0
-        self._turn: asyncio.Semaphore | None = None
-
-    def counts(self) -> dict:
-        return {"busy": self.busy, "waiting": self.waiting}
-
-    def check_room(self) -> None:
-        if self.busy and self.waiting >= self.max_queue:
-            raise Busy(f"the server is busy: {self.waiting} requests are waiting (--max-queue {self.max_queue}); "
-                       "retry later", code="server_busy")
-
-    @contextlib.asynccontextmanager
-    async def hold(self):
-        self._turn = self._turn or asyncio.Semaphore(1)
-        self.waiting += 1
-        try:
-            await self._turn.acquire()
-        finally:
-            self.waiting -= 1
-        self.busy += 1
-        try:
-            yield
-        finally:  # runs on a disconnect too (the generator is closed or cancelled); nothing here awaits
-            self.busy -= 1
-            self._turn.release()
-
-
 # ------------------------------------------------------------------------------------- generation
 
 class Engine:
-    """The model behind the API: one request generates at a time."""
+    """The model behind the API: requests go to the batching worker, answers come back as events."""
 
-    def __init__(self, loaded, max_queue: int = DEFAULT_MAX_QUEUE, names: tuple[str, ...] = ()):
+    def __init__(self, loaded, max_queue: int = DEFAULT_MAX_QUEUE, max_batch: int = DEFAULT_MAX_BATCH,
+                 names: tuple[str, ...] = ()):
         self.loaded = loaded
-        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.tokenizer = loaded.tokenizer
         self.model_id = loaded.path.name if loaded.path else "tunesmith"
         self.names = {self.model_id, *names, *([str(loaded.path)] if loaded.path else [])}
         self.created = int(time.time())
         self.context_length = getattr(loaded.model.config, "max_position_embeddings", None)
-        self.slots = Slots(max_queue)
-        # Held while the model runs. Slots admit one request at a time; this lock also covers the
-        # token a cancelled stream's generation may still be finishing when the next one starts.
-        self.lock = threading.Lock()
+        self.max_queue = max_queue
+        self.batcher = Batcher(loaded.model, loaded.tokenizer, max_batch=max_batch)
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.names:
             raise ModelNotFound(f"The model '{name}' does not exist: this server serves '{self.model_id}' "
                                 "(GET /v1/models)", "model", "model_not_found")
+
+    def check_room(self) -> None:
+        waiting = self.batcher.counts()["waiting"]
+        if self.batcher.full() and waiting >= self.max_queue:
+            raise Busy(f"the server is busy: {waiting} requests are waiting (--max-queue {self.max_queue}); "
+                       "retry later", code="server_busy")
 
     def options(self, prompt_tokens: int, request: SamplingRequest, chat: bool) -> GenerationOptions:
         asked = getattr(request, "max_completion_tokens", None) or request.max_tokens
@@ -398,102 +383,50 @@ class Engine:
         # Tokenizing a long prompt takes a while: off the event loop, which serves everyone.
         ids = await run_in_threadpool(lambda: self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         options = self.options(len(ids), request, chat)
-        self.slots.check_room()
+        self.check_room()
         reply = Reply(chat=chat, model=self.model_id, prompt_tokens=len(ids))
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            events = self.stream_events(prompt, options, request.seed, reply, include_usage)
+            events = self.stream_events(ids, options, request.seed, reply, include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
-        async with self.slots.hold():
-            result = await run_in_threadpool(self._generate, prompt, options, request.seed)
-        return reply.whole(result.text, result.finish_reason, result.completion_tokens)
+        async for event in self.events(ids, options, request.seed):
+            done = event
+        return reply.whole(done.text.strip(), done.finish_reason, done.completion_tokens)
 
-    def _generate(self, prompt: str, options: GenerationOptions, seed: int | None):
-        with self.lock:
-            _seed(seed)
-            return generate(self.model, self.tokenizer, [prompt], options)[0]
-
-    async def stream_events(self, prompt: str, options: GenerationOptions, seed: int | None, reply: Reply,
+    async def stream_events(self, ids: list[int], options: GenerationOptions, seed: int | None, reply: Reply,
                             include_usage: bool) -> AsyncIterator[str]:
         if reply.chat:
             yield _sse(reply.chunk({"role": "assistant", "content": ""}))
-        async with self.slots.hold():
-            text, finish = "", None
-            async for event in _stop_aware(self._pieces(prompt, options, seed), options.stop, reply):
-                if isinstance(event, tuple):
-                    text, finish = event
-                else:
-                    yield event
-        completion_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if finish is None:
-            finish = "length" if completion_tokens >= options.max_new_tokens else "stop"
-        yield _sse(reply.chunk({}, finish_reason=finish))
+        async with contextlib.aclosing(self.events(ids, options, seed)) as events:
+            async for event in events:
+                if isinstance(event, Piece):
+                    yield _sse(reply.delta(event.text))
+                done = event
+        yield _sse(reply.chunk({}, finish_reason=done.finish_reason))
         if include_usage:
-            yield _sse(reply.chunk(None, usage=reply.usage(completion_tokens)))
+            yield _sse(reply.chunk(None, usage=reply.usage(done.completion_tokens)))
         yield "data: [DONE]\n\n"
 
-    async def _pieces(self, prompt: str, options: GenerationOptions, seed: int | None) -> AsyncIterator[str]:
-        """Generate in a thread of its own, handing pieces to the event loop as they come.
+    async def events(self, ids: list[int], options: GenerationOptions, seed: int | None) -> AsyncIterator[Piece | Done]:
+        """Submit to the worker and yield its events as they come, ``Done`` last.
 
-        When the consumer goes away (a disconnect, or a stop string reached) ``cancel`` stops the
-        generation at its next token, so an abandoned stream neither holds the model nor runs on
-        to max_tokens."""
-        loop, pieces, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+        Leaving early (a disconnect cancels the response's task) takes the request out of the batch
+        at the worker's next step, so an abandoned request neither holds a row nor runs to max_tokens."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
-        def hand_over(item) -> None:
+        def hand_over(event) -> None:  # called on the worker's thread
             with contextlib.suppress(RuntimeError):  # the loop closed: the server is shutting down
-                loop.call_soon_threadsafe(pieces.put_nowait, item)
+                loop.call_soon_threadsafe(events.put_nowait, event)
 
-        def produce() -> None:
-            with self.lock:
-                try:
-                    _seed(seed)
-                    for piece in stream(self.model, self.tokenizer, prompt, options, cancel=cancel):
-                        hand_over(piece)
-                except Exception as exc:  # handed to the consumer, which raises it in the response
-                    hand_over(exc)
-                finally:
-                    hand_over(None)
-
-        threading.Thread(target=produce, daemon=True).start()
+        request = self.batcher.submit(batching.Request(ids, options, hand_over, seed))
         try:
-            while (item := await pieces.get()) is not None:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
+            while not isinstance(event := await events.get(), Done):
+                if isinstance(event, Exception):
+                    raise event
+                yield event
+            yield event
         finally:
-            cancel.set()
-
-
-async def _stop_aware(pieces: AsyncIterator[str], stops: list[str], reply: Reply) -> AsyncIterator:
-    """Forward text as it comes, holding back only what could be the start of a stop string.
-
-    Yields SSE events, then last a tuple (all text sent, "stop" if a stop string ended it or None)."""
-    hold = max((len(s) for s in stops), default=1) - 1
-    text, sent = "", 0
-    async with contextlib.aclosing(pieces):  # a stop string reached closes the generation at once
-        async for piece in pieces:
-            text += piece
-            cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
-            if cut >= 0:
-                if cut > sent:
-                    yield _sse(reply.delta(text[sent:cut]))
-                yield text[:cut], "stop"
-                return
-            safe = len(text) - hold
-            if safe > sent:
-                yield _sse(reply.delta(text[sent:safe]))
-                sent = safe
-    if len(text) > sent:
-        yield _sse(reply.delta(text[sent:]))
-    yield text, None
-
-
-def _seed(seed: int | None) -> None:
-    if seed is not None:
-        import torch
-
-        torch.manual_seed(seed)
+            request.cancel()
 
 
 def _sse(payload: dict) -> str:
@@ -549,7 +482,7 @@ def bind_warning(host: str, api_key: str | None) -> str | None:
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
           max_body_mb: float = DEFAULT_MAX_BODY_MB, max_queue: int = DEFAULT_MAX_QUEUE,
-          allow_pickle: bool = False) -> None:
+          max_batch: int = DEFAULT_MAX_BATCH, allow_pickle: bool = False) -> None:
     """Load ``model`` (alias, model dir or run dir) and serve it until interrupted.
 
     ``api_key`` defaults to the TUNESMITH_API_KEY environment variable."""
@@ -561,7 +494,8 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | No
     if warning := bind_warning(host, api_key):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     loaded = load(model, allow_pickle=allow_pickle)
-    app = create_app(loaded, api_key=api_key, max_body_mb=max_body_mb, max_queue=max_queue, names=(str(model),))
+    app = create_app(loaded, api_key=api_key, max_body_mb=max_body_mb, max_queue=max_queue, max_batch=max_batch,
+                     names=(str(model),))
     locked = "; API key required" if api_key else ""
     print(f"serving {loaded.path} at http://{host}:{port}/v1 (OpenAI-compatible{locked}; Ctrl-C to stop)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
