@@ -15,7 +15,7 @@ its ratio to 1 client, p50/p95 request latency, and how many requests shared eac
 must not change answers).
 
 ``--threads`` sets the server's torch threads (OMP_NUM_THREADS): on a CPU shared with other busy
-processes, 1 thread gives steadier figures (see bench_generation.py).
+processes, 1 thread gives steadier figures (see eval_throughput.py).
 """
 
 from __future__ import annotations

@@ -61,12 +61,15 @@ def _eval(args) -> int:
 
 
 def _generate(args) -> int:
+    import torch
+
     from tunesmith.data.prompt import read_tools, render_prompt
-    from tunesmith.inference import GenerationOptions, generate
+    from tunesmith.inference import GenerationOptions, for_generation, generate
     from tunesmith.models.load import load
 
     tools = read_tools(args.tools)
-    loaded = load(args.model)
+    loaded = load(args.model, dtype=torch.float32 if args.precision == "fp32" else None)
+    loaded.model = for_generation(loaded.model, args.precision)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
     prompt = render_prompt(loaded.tokenizer, messages, loaded.run_info, tools=tools)
@@ -132,6 +135,14 @@ def _add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256)
     p.add_argument("--temperature", type=_number(float, 0), default=0.0, help="sampling temperature; 0 is greedy")
     p.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=1.0,
                    help="nucleus sampling mass (with a temperature)")
+
+
+def _add_precision_flag(p: argparse.ArgumentParser) -> None:
+    from tunesmith.inference import PRECISIONS
+
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="weights' dtype for generation: auto is bf16 where the CPU (AVX512-BF16, AMX) or GPU computes "
+                        "it natively, else fp32; greedy answers in bf16 can differ from fp32's after a few tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,13 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
         "print one JSON object: model, data (null with --harness alone), options (lm-eval's under harness), "
         "metrics {name: value} (lm-eval's as harness/TASK/METRIC), compare, compare_metrics, "
         "deltas (compare_* and deltas null without --compare), paths {name: written file}"))
-    p.add_argument("--batch-size", type=int, default=8, help="batch size of generation and of lm-eval's requests")
+    p.add_argument("--batch-size", type=_number(int, 1), default=None,
+                   help="prompts generated together (default 64), and the batch of perplexity and of lm-eval's "
+                        "requests (default 8)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of --data")
     p.add_argument("--jieba", action="store_true", help="segment Chinese with jieba for ROUGE (default: characters)")
     p.add_argument("--bertscore-model", default=None, help="encoder for BERTScore (default: the embedded MiniLM)")
     p.add_argument("--encoding", default=None,
                    help="text encoding of --data or --predictions (default: UTF-8, with or without a byte-order mark)")
     _add_generation_flags(p)
+    _add_precision_flag(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("generate", help="answer one prompt")
@@ -241,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--tools", default=None, help="JSON file of function schemas shown to the model as training showed them")
     _add_generation_flags(p)
+    _add_precision_flag(p)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("chat", help="interactive chat (/reset, /system TEXT, /exit)")

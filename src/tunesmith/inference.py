@@ -3,6 +3,16 @@
 Prompts are sorted by length and generated in left-padded batches, greedy unless a temperature
 is given, stopping at EOS or the template's end-of-turn token. Returned text never contains the
 prompt: only the newly generated tokens are decoded.
+
+Greedy batches run through ``_greedy_tokens``, a plain decoding loop over the model's KV cache
+that prefills the sorted prompts in groups of similar length and drops each sequence from the
+batch as soon as it ends: with the 64 rows eval uses, the few long answers no longer drag every
+finished row through the remaining steps. Sampling, and any model whose generation config asks
+for a logits processor (a repetition penalty, banned words...), go through ``model.generate``.
+Precision is the model's dtype: ``generation_dtype`` picks bf16 where the hardware computes it
+natively (AVX512-BF16 or AMX CPUs, CUDA with bf16); ``for_generation`` casts a model (merging a
+peft adapter first). On an AVX512-BF16 CPU, 64 rows generate 2.5x faster in bf16 than in fp32.
+Measurements: bench/README.md, "Evaluation generation".
 """
 
 from __future__ import annotations
@@ -13,9 +23,50 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from tunesmith.data.prompt import render_prompt  # noqa: F401  (generate, chat and serve render through it)
 from tunesmith.data.templates import END_OF_TURN_TOKENS, find_control_token  # noqa: F401
+
+# --precision of eval and generate. auto: bf16 where the hardware computes it natively, else fp32.
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` has bf16 matmuls in hardware (elsewhere bf16 is emulated and slower than fp32)."""
+    device = str(device)
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def generation_dtype(precision: str = "auto", device: str | torch.device | None = None) -> torch.dtype:
+    """The dtype to generate in for ``precision`` (one of PRECISIONS) on ``device`` (default: the default device)."""
+    from tunesmith.errors import UsageError
+    from tunesmith.models.load import default_device
+
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16(device or default_device()) else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def for_generation(model, precision: str = "auto"):
+    """``model`` ready to generate in ``precision``, changed in place (its fp32 weights are not kept): cast to the
+    dtype, and a peft adapter merged into the base weights first (in fp32) unless that dtype is fp32, where the
+    adapter stays separate so that answers are bit for bit the ones of the model as trained. Merged, a LoRA
+    run generated 15% more tokens/s (bf16, 64 rows, r16 on every linear of the default model)."""
+    dtype = generation_dtype(precision, model.device)
+    if dtype != torch.float32 and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model.to(dtype)
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """"bf16", "fp32", "fp16" for reports; the dtype's own name otherwise."""
+    names = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
+    return names.get(dtype, str(dtype).removeprefix("torch."))
 
 
 @dataclass
@@ -82,22 +133,116 @@ def generate(model, tokenizer, prompts: Sequence[str], options: GenerationOption
 def _generate_batch(model, tokenizer, batch: list[list[int]], options: GenerationOptions) -> list[Generation]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(ids) for ids in batch)
-    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch])
-    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=model.device)
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=model.device)
     stops = stop_token_ids(model, tokenizer)
     started = time.perf_counter()
-    out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
-                         max_new_tokens=options.max_new_tokens, eos_token_id=stops, pad_token_id=pad_id,
-                         **_sampling_kwargs(options))
+    if _plain_greedy(model, options):
+        rows = _greedy_tokens(model, input_ids, attention, stops, options.max_new_tokens)
+    else:
+        out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=options.max_new_tokens,
+                             eos_token_id=stops, pad_token_id=pad_id, **_sampling_kwargs(options))
+        rows = out[:, width:].tolist()
     elapsed = time.perf_counter() - started
     generations = []
-    for ids, row in zip(batch, out[:, width:].tolist(), strict=True):
+    for ids, row in zip(batch, rows, strict=True):
         new = _until_stop(row, stops)
         text, hit_stop = _truncate_at_stop(decode_new(tokenizer, new), options.stop)
         finished = hit_stop or len(new) < len(row) or (new and new[-1] in stops)
         generations.append(Generation(text=text.strip(), prompt_tokens=len(ids), completion_tokens=len(new),
                                       latency_s=elapsed / len(batch), finish_reason="stop" if finished else "length"))
     return generations
+
+
+# Generation-config settings that add a logits processor to greedy decoding in model.generate; a model that sets
+# any of them (Qwen2.5's repetition_penalty, say) is decoded by model.generate so that its outputs do not change.
+_PROCESSOR_SETTINGS = ("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size",
+                       "encoder_no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens",
+                       "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
+                       "sequence_bias", "exponential_decay_length_penalty", "renormalize_logits", "guidance_scale",
+                       "watermarking_config", "epsilon_cutoff", "eta_cutoff")
+
+
+def _plain_greedy(model, options: GenerationOptions) -> bool:
+    """Greedy decoding that model.generate would run with no logits processor: ``_greedy_tokens`` gives the same."""
+    from transformers import GenerationConfig
+
+    if options.temperature and options.temperature > 0:
+        return False
+    config, default = getattr(model, "generation_config", None), GenerationConfig()
+    return config is None or all(getattr(config, name, None) == getattr(default, name, None)
+                                 for name in _PROCESSOR_SETTINGS)
+
+
+# Prompts prefilled together. Rows come sorted by length, so each group is cut to its own longest prompt and carries
+# little padding; on the 64-prompt bench this gave +5% (fp32) to +10% (bf16) tokens/s over one 64-row prefill.
+PREFILL_ROWS = 16
+
+
+def _greedy_tokens(model, input_ids: torch.Tensor, attention: torch.Tensor, stops: list[int],
+                   max_new_tokens: int) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch; each row's new tokens, up to and including its stop token.
+
+    A row that stops leaves the batch: its cache rows, mask and position are dropped, so the steps left
+    run on the rows still generating. Position ids count real tokens only, as model.generate's do."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model.config)
+    # Plain per-layer K/V tensors (no sliding window, no linear attention): rows can be joined and dropped.
+    plain = bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    if plain and input_ids.shape[0] > PREFILL_ROWS:
+        cache, logits = _prefill_in_groups(model, input_ids, attention, positions)
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+    stop_ids = torch.tensor(stops, device=input_ids.device, dtype=torch.long)
+    rows: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    alive = list(range(input_ids.shape[0]))  # batch position -> row
+    finished = torch.zeros(len(alive), dtype=torch.bool, device=input_ids.device)
+    positions = positions[:, -1:]
+    for step in range(max_new_tokens):
+        tokens = logits.float().argmax(-1)  # as model.generate does; bf16 argmax is also 4x slower on CPU
+        for row, token, ended in zip(alive, tokens.tolist(), finished.tolist(), strict=True):
+            if not ended:
+                rows[row].append(token)
+        finished |= torch.isin(tokens, stop_ids)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        if plain and bool(finished.any()):
+            keep = (~finished).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            alive = [alive[k] for k in keep.tolist()]
+            tokens, attention, positions, finished = tokens[keep], attention[keep], positions[keep], finished[keep]
+        attention = torch.cat([attention, attention.new_ones(len(alive), 1)], dim=1)
+        positions = positions + 1
+        logits = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=positions, cache=cache,
+                       use_cache=True).logits[:, -1]
+    return rows
+
+
+def _prefill_in_groups(model, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor):
+    """The prompts' forward pass, PREFILL_ROWS rows at a time, each group without the padding columns all its rows
+    share; the groups' K/V are then left-padded to the batch width and joined. A padded column is masked out of
+    attention, so the cache holds what one forward over the whole batch would have put there."""
+    from transformers import DynamicCache
+
+    width = input_ids.shape[1]
+    groups, logits = [], []
+    for start in range(0, input_ids.shape[0], PREFILL_ROWS):
+        rows = slice(start, start + PREFILL_ROWS)
+        cut = width - int(attention[rows].sum(1).max())
+        cache = DynamicCache(config=model.config)
+        logits.append(model(input_ids=input_ids[rows, cut:], attention_mask=attention[rows, cut:],
+                            position_ids=positions[rows, cut:], cache=cache, use_cache=True,
+                            logits_to_keep=1).logits[:, -1])
+        groups.append((cache, cut))
+    joined = groups[0][0]
+    for i, layer in enumerate(joined.layers):
+        layer.keys = torch.cat([F.pad(cache.layers[i].keys, (0, 0, cut, 0)) for cache, cut in groups])
+        layer.values = torch.cat([F.pad(cache.layers[i].values, (0, 0, cut, 0)) for cache, cut in groups])
+    return joined, torch.cat(logits)
 
 
 def decode_new(tokenizer, ids: list[int]) -> str:

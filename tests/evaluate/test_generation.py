@@ -117,3 +117,86 @@ def test_half_a_multibyte_character_is_not_shown(tiny_tokenizer):
     assert "\ufffd" in tiny_tokenizer.decode(ids[:-1])  # the rare character spans several byte tokens
     assert decode_new(tiny_tokenizer, ids[:-1]) == "好"
     assert decode_new(tiny_tokenizer, ids) == "好龘"
+
+
+def _old_path(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """What generate did before its own decoding loop: one left-padded model.generate over the batch."""
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(map(len, encoded))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    stops = stop_token_ids(model, tokenizer)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                             pad_token_id=pad, do_sample=False, temperature=None, top_p=None, top_k=None)
+    rows = out[:, width:].tolist()
+    return [row[:next((i for i, t in enumerate(row) if t in stops), len(row))] for row in rows]
+
+
+def _decoded(tokenizer, rows: list[list[int]]) -> list[str]:
+    from tunesmith.inference import decode_new
+
+    return [decode_new(tokenizer, row).strip() for row in rows]
+
+
+def test_greedy_loop_gives_the_old_model_generate_output(tiny, monkeypatch):
+    """fp32: the decoding loop that drops finished rows answers exactly as the batched model.generate did."""
+    from tunesmith import inference
+
+    _boost_end_of_turn(tiny.model, 3.0)
+    prompts = _prompts(tiny.tokenizer)
+    calls = []
+    real = inference._greedy_tokens
+    monkeypatch.setattr(inference, "_greedy_tokens", lambda *a: calls.append(a[1].shape) or real(*a))
+    new = generate(tiny.model, tiny.tokenizer, prompts, GenerationOptions(max_new_tokens=30), batch_size=8)
+    assert calls == [torch.Size([8, max(len(tiny.tokenizer(p)["input_ids"]) for p in prompts)])]  # one batch, own loop
+    old = _old_path(tiny.model, tiny.tokenizer, prompts, 30)
+    assert [g.text for g in new] == _decoded(tiny.tokenizer, old)
+    assert [g.completion_tokens for g in new] == [len(row) for row in old]
+    assert len({len(row) for row in old}) >= 3  # rows really stopped at different steps
+
+
+@pytest.mark.parametrize("prefill_rows", [3, 64])
+def test_one_batch_equals_a_plain_generate_per_prompt(tiny, monkeypatch, prefill_rows):
+    """fp32, prompts of different lengths in one batch, prefilled in groups of 3 rows or all together: exactly
+    what model.generate gives each prompt alone."""
+    from tunesmith import inference
+
+    monkeypatch.setattr(inference, "PREFILL_ROWS", prefill_rows)
+    _boost_end_of_turn(tiny.model, 2.5)
+    prompts = _prompts(tiny.tokenizer) + [render_prompt(tiny.tokenizer, [{"role": "user", "content": "a " * n}])
+                                          for n in (1, 7, 30, 60)]
+    lengths = [len(tiny.tokenizer(p)["input_ids"]) for p in prompts]
+    assert len(set(lengths)) >= 8 and max(lengths) > 4 * min(lengths)
+    batched = generate(tiny.model, tiny.tokenizer, prompts, GenerationOptions(max_new_tokens=40), batch_size=64)
+    alone = [_old_path(tiny.model, tiny.tokenizer, [p], 40)[0] for p in prompts]
+    assert [g.text for g in batched] == _decoded(tiny.tokenizer, alone)
+    assert [g.completion_tokens for g in batched] == [len(row) for row in alone]
+    assert {g.finish_reason for g in batched} == {"stop", "length"}
+
+
+def test_finished_rows_leave_the_batch(tiny):
+    _boost_end_of_turn(tiny.model, 3.0)
+    rows = []
+    hook = tiny.model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]),
+                                                with_kwargs=True)
+    try:
+        results = generate(tiny.model, tiny.tokenizer, _prompts(tiny.tokenizer), GenerationOptions(max_new_tokens=30),
+                           batch_size=8)
+    finally:
+        hook.remove()
+    assert rows[0] == 8 and rows == sorted(rows, reverse=True) and rows[-1] < 8
+    # One forward per step of the longest answer; each row is in the batch for as long as it generates.
+    assert len(rows) == max(g.completion_tokens + (g.finish_reason == "stop") for g in results)
+    assert sum(rows) - 8 == sum(g.completion_tokens + (g.finish_reason == "stop") for g in results) - 8
+
+
+def test_a_model_asking_for_a_repetition_penalty_still_gets_it(tiny):
+    """A generation config with a logits processor (Qwen2.5 ships repetition_penalty) is decoded by model.generate."""
+    prompts = _prompts(tiny.tokenizer)
+    plain = generate(tiny.model, tiny.tokenizer, prompts, GenerationOptions(max_new_tokens=24), batch_size=8)
+    tiny.model.generation_config.repetition_penalty = 5.0
+    penalized = generate(tiny.model, tiny.tokenizer, prompts, GenerationOptions(max_new_tokens=24), batch_size=8)
+    assert [g.text for g in penalized] == _decoded(tiny.tokenizer, _old_path(tiny.model, tiny.tokenizer, prompts, 24))
+    assert [g.text for g in penalized] != [g.text for g in plain]

@@ -41,12 +41,12 @@ def _run(args):
         result = evaluate(args.model, args.data, metrics=args.metrics, labels=args.labels, compare=args.compare,
                           out=args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, limit=args.limit, jieba=args.jieba,
-                          bertscore_model=args.bertscore_model, encoding=args.encoding)
+                          bertscore_model=args.bertscore_model, encoding=args.encoding, precision=args.precision)
     if tasks:
         from tunesmith.evaluate.harness import evaluate_harness
 
         result = evaluate_harness(args.model, tasks, compare=args.compare, out=args.out, limit=args.harness_limit,
-                                  fewshot=args.harness_fewshot, batch_size=args.batch_size,
+                                  fewshot=args.harness_fewshot, batch_size=args.batch_size or 8,
                                   chat_template=args.harness_chat_template, into=result)
     return result
 
