@@ -39,7 +39,9 @@ def eval_argv(model, data, out) -> list:
 @pytest.mark.parametrize("case", INVALID, ids=[c.name for c in INVALID])
 def test_train_refuses_bad_data_before_writing(case, tiny_model_dir, tmp_path, capfd):
     out = tmp_path / "run"
-    run_main(capfd, *train_argv(tiny_model_dir, build(case, tmp_path), out)).check(case, tmp_path)
+    # Pair data is trained with a preference objective (as SFT it is refused whole, naming --method.objective).
+    objective = ["--objective", "dpo"] if case.name.startswith("preference") else []
+    run_main(capfd, *train_argv(tiny_model_dir, build(case, tmp_path), out), *objective).check(case, tmp_path)
     assert files_under(out) == []
 
 
