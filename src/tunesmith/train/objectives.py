@@ -328,18 +328,18 @@ def encode_pairs(pairs: Sequence, tokenizer, options, system_prompt: str | None,
 
     from tqdm.auto import tqdm
 
+    from tunesmith.data.pairs import encode_pair
     from tunesmith.data.prompt import with_system_prompt
-    from tunesmith.data.tokenize import encode
 
     options = replace(options, last_turn_only=True, train_on_prompt=False)
     kept, lost = [], []
     for pair in tqdm(pairs, desc=f"tokenizing {what}", unit="pair", disable=not progress or len(pairs) < 500):
-        sides = with_system_prompt([pair.chosen_conversation(), pair.rejected_conversation()], system_prompt)
-        chosen, rejected = (encode(conv, tokenizer, options) for conv in sides)
-        if chosen is None or rejected is None or not chosen.num_supervised or not rejected.num_supervised:
-            lost.append(sides[0].where)
+        pair = replace(pair, prompt=with_system_prompt([pair.prompt], system_prompt)[0])
+        sides = encode_pair(pair, tokenizer, options)
+        if sides is None or not all(side.num_supervised for side in sides):
+            lost.append(pair.where)
             continue
-        kept.append(EncodedPair(chosen, rejected, source=chosen.source, line=chosen.line))
+        kept.append(EncodedPair(*sides, source=sides[0].source, line=sides[0].line))
     return kept, lost
 
 
