@@ -22,10 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from tunesmith.models.load import RUN_INFO
 from tunesmith.train.checkpoint import checkpoints_dir, list_checkpoints
 from tunesmith.train.plan import PLAN_FILE
-from tunesmith.train.rundir import METRICS, read_metrics
+from tunesmith.train.rundir import CONFIG, METRICS, RUN_INFO, read_metrics
 
 PROCESS_FILE = "process.json"  # the UI's record of the child it started here: pid, command, exit code
 STATUSES = ("running", "finished", "stopped", "failed")
@@ -123,7 +122,7 @@ def _newest_checkpoint(path: Path) -> Path | None:
 
 def _config(path: Path, checkpoint: Path | None) -> dict:
     """The run's resolved config: the final one, else the newest checkpoint's (each is a copy of it)."""
-    for file in (path / "config.yaml", *([checkpoint / "config.yaml"] if checkpoint else [])):
+    for file in (path / CONFIG, *([checkpoint / CONFIG] if checkpoint else [])):
         if file.is_file():
             try:
                 data = yaml.safe_load(file.read_text(encoding="utf-8"))
@@ -143,7 +142,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _modified(path: Path) -> float:
-    files = [path / name for name in (*_MARKERS, "config.yaml")] + [checkpoints_dir(path)]
+    files = [path / name for name in (*_MARKERS, CONFIG)] + [checkpoints_dir(path)]
     return max((f.stat().st_mtime for f in files if f.exists()), default=path.stat().st_mtime)
 
 

@@ -22,8 +22,8 @@ import torch
 
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.models.resolve import resolve
+from tunesmith.train.rundir import RUN_INFO
 
-RUN_INFO = "tunesmith.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -45,15 +45,6 @@ class Loaded:
         from tunesmith.data.prompt import run_system_prompt
 
         return run_system_prompt(self.run_info)
-
-    def with_system(self, messages: list[dict]) -> list[dict]:
-        """Messages as training rendered them: the run's system prompt when the caller gives none
-        (data.prompt owns the rule; render_prompt applies it given the run info)."""
-        from tunesmith.data.prompt import from_messages, with_system_prompt
-
-        if not self.system_prompt:
-            return list(messages)
-        return with_system_prompt([from_messages(messages)], self.system_prompt)[0].to_messages()
 
 
 def read_run_info(path: Path) -> dict:

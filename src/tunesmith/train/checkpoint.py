@@ -37,8 +37,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunesmith.atomic import fsync_dir, fsync_file
 from tunesmith.errors import TunesmithError, UsageError
+from tunesmith.train.rundir import CONFIG, LOSS_PLOT, METRICS, MODEL_CARD, RUN_INFO, TENSORBOARD
 
+CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/step-N
 COMPLETE = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -51,25 +54,12 @@ WEIGHTS = "weights.safetensors"  # the trainable tensors of a checkpoint
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+    return Path(output_dir) / CHECKPOINTS
 
 
 def step_dir(output_dir: str | Path, step: int) -> Path:
     """Where the checkpoint of ``step`` lives (complete or not)."""
     return checkpoints_dir(output_dir) / f"step-{step}"
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_sharded(accelerator) -> bool:
@@ -146,7 +136,7 @@ def _write_checkpoint(accelerator, model, optimizer, scheduler, state, config_ya
     if accelerator.is_main_process:
         _write_json(tmp / "state.json", state)
         _write_json(tmp / "fingerprint.json", fingerprint)
-        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        (tmp / CONFIG).write_text(config_yaml, encoding="utf-8")
         _publish(tmp, final)
     accelerator.wait_for_everyone()
 
@@ -177,17 +167,17 @@ def _write_json(path: Path, data: dict) -> None:
 def _publish(tmp: Path, final: Path) -> None:
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     for path in files:
-        _fsync_file(path)
-    _fsync_dir(tmp)
+        fsync_file(path)
+    fsync_dir(tmp)
     # The marker lists every file and its size: a checkpoint cut short later is recognised.
     manifest = {"files": {p.relative_to(tmp).as_posix(): p.stat().st_size for p in files}}
     shutil.rmtree(final, ignore_errors=True)  # an older save of this same step, replaced only now
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     marker = final / COMPLETE
     marker.write_text(json.dumps(manifest, indent=1) + "\n")
-    _fsync_file(marker)
-    _fsync_dir(final)
+    fsync_file(marker)
+    fsync_dir(final)
 
 
 REQUIRED = {WEIGHTS: "the trained weights", "optimizer.pt": "the optimizer state",
@@ -383,12 +373,12 @@ def rotate(output_dir: str | Path, limit: int, keep: set[Path]) -> list[Path]:
 # What a finished run writes at the top of its directory (rundir.py, the adapter or full weights and the
 # tokenizer). clear_run removes exactly these, never the whole folder: an output_dir may be "." or hold
 # the user's own files.
-RUN_FILES = ("tunesmith.json", "config.yaml", "metrics.jsonl", "loss.png", "README.md", "adapter_config.json",
+RUN_FILES = (RUN_INFO, CONFIG, METRICS, LOSS_PLOT, MODEL_CARD, "adapter_config.json",
              "adapter_model.safetensors", "config.json", "generation_config.json", "model.safetensors",
              "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
              "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
 RUN_PATTERNS = ("model-*-of-*.safetensors",)
-RUN_DIRS = ("checkpoints", "tensorboard")
+RUN_DIRS = (CHECKPOINTS, TENSORBOARD)
 
 
 def clear_run(output_dir: str | Path) -> list[Path]:

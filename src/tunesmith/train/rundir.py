@@ -14,7 +14,13 @@ from tunesmith import __version__
 from tunesmith.errors import UsageError
 from tunesmith.output import fmt_number
 
+# The run's own files at the top of its directory (checkpoint.py owns checkpoints/step-N).
+RUN_INFO = "tunesmith.json"  # what chat, eval, serve and export read to use the run as trained
+CONFIG = "config.yaml"  # the resolved config (each checkpoint keeps a copy under the same name)
 METRICS = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+MODEL_CARD = "README.md"
+TENSORBOARD = "tensorboard"  # the TensorBoard tracker's folder
 
 
 class MetricsLog:
@@ -98,7 +104,7 @@ def start_trackers(run_dir: Path, config) -> list:
     trackers = []
     for name in check_trackers(config.output):
         if name == "tensorboard":
-            tracker = TensorBoardTracker("tensorboard", run)
+            tracker = TensorBoardTracker(TENSORBOARD, run)
         elif name == "mlflow":
             tracker = MLflowTracker(experiment_name="tunesmith", run_name=run.name)
         elif name == "wandb":
@@ -167,7 +173,7 @@ def plot_losses(run_dir: Path) -> Path | None:
     ax.set_ylabel("loss (mean per pair)" if preference else "loss (mean NLL per supervised token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    out = Path(run_dir) / "loss.png"
+    out = Path(run_dir) / LOSS_PLOT
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -209,8 +215,8 @@ def write_run_info(run_dir: Path, config, *, base_model_path: Path, steps: int, 
         "final_eval_loss": _finite_or_none(final_eval_loss),
         "tunesmith_version": __version__,
     }
-    (Path(run_dir) / "tunesmith.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
-    (Path(run_dir) / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    (Path(run_dir) / RUN_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    (Path(run_dir) / CONFIG).write_text(config.to_yaml(), encoding="utf-8")
     return info
 
 
@@ -255,12 +261,14 @@ def write_model_card(run_dir: Path, config, info: dict, *, trainable: int, total
         "",
         _python_usage(config, run),
     ]
-    (run / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (run / MODEL_CARD).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _method_summary(config) -> str:
+    from tunesmith.train.methods import is_adapter
+
     m = config.method
-    if m.name in ("lora", "dora", "rslora", "qlora"):
+    if is_adapter(m.name):
         return f"{m.name} r={m.r} alpha={m.alpha} dropout={m.dropout} on {','.join(m.target_modules)}"
     if m.name == "freeze":
         return f"freeze: last {m.trainable_layers} layers trained"
