@@ -171,12 +171,17 @@ def render(loaded, messages: list[dict]) -> str:
 
 
 def _generate_path(adapter, convs, max_new_tokens: int) -> Route:
+    return _loaded_route("generate", adapter, convs, max_new_tokens)
+
+
+def _loaded_route(name: str, loaded, convs, max_new_tokens: int) -> Route:
+    """What generate does with a loaded model: its prompts, its stop ids, its greedy answers."""
     from tunesmith.inference import stop_token_ids
 
-    path = Route("generate", adapter.tokenizer, set(stop_token_ids(adapter.model, adapter.tokenizer)))
-    path.texts = [render(adapter, _user_messages(c)) for c in convs]
-    path.prompts = [adapter.tokenizer(t, add_special_tokens=False)["input_ids"] for t in path.texts]
-    path.answers = _greedy(adapter.model, adapter.tokenizer, path.texts, max_new_tokens)
+    path = Route(name, loaded.tokenizer, set(stop_token_ids(loaded.model, loaded.tokenizer)))
+    path.texts = [render(loaded, _user_messages(c)) for c in convs]
+    path.prompts = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in path.texts]
+    path.answers = _greedy(loaded.model, loaded.tokenizer, path.texts, max_new_tokens)
     return path
 
 
@@ -218,15 +223,10 @@ def _merge_if_adapter(adapter, tmp: Path) -> Path | None:
 
 
 def _merged_path(merged_dir, convs, max_new_tokens: int) -> Route:
-    from tunesmith.inference import stop_token_ids
     from tunesmith.models.load import load
 
     merged = load(merged_dir, dtype=torch.float32, device="cpu")
-    path = Route("merged", merged.tokenizer, set(stop_token_ids(merged.model, merged.tokenizer)))
-    path.texts = [render(merged, _user_messages(c)) for c in convs]
-    path.prompts = [merged.tokenizer(t, add_special_tokens=False)["input_ids"] for t in path.texts]
-    path.answers = _greedy(merged.model, merged.tokenizer, path.texts, max_new_tokens)
-    return path
+    return _loaded_route("merged", merged, convs, max_new_tokens)
 
 
 def _gguf_path(file: Path, convs, max_new_tokens: int) -> Route:
