@@ -9,11 +9,20 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunesmith import loss as loss_module
+from tunesmith.attention import PACKED_SDPA
+from tunesmith.config import MethodConfig
 from tunesmith.data.conversation import Conversation, Message
-from tunesmith.data.packing import collate_packed, collate_padded, length_grouped_batches, pack_rows
+from tunesmith.data.packing import (
+    collate_packed,
+    collate_padded,
+    forward_pieces,
+    length_grouped_batches,
+    pack_rows,
+)
 from tunesmith.data.tokenize import IGNORE, Encoded, EncodeOptions, encode_all
 from tunesmith.errors import UsageError
-from tunesmith.loss import supervised_loss, token_nll
+from tunesmith.loss import model_inputs, supervised_loss, token_nll
+from tunesmith.train.methods import load_base_model
 
 PAD = 3
 
@@ -33,7 +42,12 @@ def examples(tiny_model_dir):
 
 
 def tiny_model(path, attn="sdpa"):
+    """attn "packed_sdpa": what training loads (attention.PACKED_SDPA, per example without a dense mask)."""
     torch.manual_seed(0)
+    if attn == "packed_sdpa":
+        model = load_base_model(path, MethodConfig())
+        assert model.config._attn_implementation == PACKED_SDPA
+        return model.eval()
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).eval()
 
 
@@ -67,11 +81,37 @@ def packed_batch(examples):
     return collate_packed([[examples[i] for i in row] for row in rows], PAD)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "packed_sdpa"])
 def test_packed_losses_equal_unpacked(tiny_model_dir, examples, attn):
     model = tiny_model(tiny_model_dir, attn)
     expected = unpacked_losses(model, examples)
     assert packed_losses(model, examples, packed_batch(examples)) == pytest.approx(expected, abs=1e-4)
+
+
+def test_packed_sdpa_gets_no_dense_mask_and_matches_sdpa_on_padded_batches(tiny_model_dir, examples):
+    import transformers.integrations.sdpa_attention as sdpa_module
+
+    packed = tiny_model(tiny_model_dir, "packed_sdpa")
+    assert model_inputs(packed, packed_batch(examples))["attention_mask"] is None
+    masks = []
+    original = sdpa_module.sdpa_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("tunesmith.attention.sdpa_attention_forward", spy)
+        with torch.no_grad():
+            token_nll(packed, packed_batch(examples))
+        assert masks == []  # every packed row went per example, none through a mask
+        padded = collate_padded(examples[:5], PAD)  # padding: transformers' sdpa with its mask, unchanged
+        with torch.no_grad():
+            ours = supervised_loss(packed, padded)
+        assert masks and all(m is not None for m in masks)
+    with torch.no_grad():
+        reference = supervised_loss(tiny_model(tiny_model_dir), padded)
+    assert ours[0].item() == pytest.approx(reference[0].item(), abs=1e-4) and ours[1] == reference[1]
 
 
 def test_packed_losses_equal_unpacked_with_lora(tiny_model_dir, examples):
@@ -124,6 +164,44 @@ def test_chunked_loss_and_gradients_match_unchunked(tiny_model_dir, examples, mo
     assert grads[0].keys() == grads[1].keys() and any("lm_head" in name for name in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+def lora_on_attention(path):
+    """LoRA on q/v only: the output head stays a frozen nn.Linear (the fused frozen-head path)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return get_peft_model(tiny_model(path), config).train()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_frozen_head_loss_and_gradients_match_the_recomputed_path(tiny_model_dir, examples, monkeypatch, autocast):
+    batch = collate_padded(examples[:5], PAD)
+    monkeypatch.setattr(loss_module, "CHUNK_TOKENS", 7)  # many chunks on both paths
+    monkeypatch.setattr(loss_module, "HEAD_CHUNK_TOKENS", 7)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(loss_module, "_plain_frozen", lambda head: False)
+        model = lora_on_attention(tiny_model_dir)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            total, count = supervised_loss(model, batch)
+        (total / count).backward()
+        results.append((total.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = results
+    tolerance = {"atol": 2e-3, "rtol": 2e-2} if autocast else {"atol": 1e-6, "rtol": 1e-5}
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-3 if autocast else 1e-6)
+    assert fused_grads.keys() == plain_grads.keys() and len(fused_grads) == 8
+    for name in fused_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], **tolerance)
+
+
+def test_forward_pieces():
+    assert forward_pieces([512] * 8, 1024) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert forward_pieces([300, 500, 200, 1500, 10], 1024) == [[0, 1], [2], [3], [4]]
+    assert forward_pieces([100] * 5, 10_000) == [[0, 1, 2, 3, 4]]
+    assert forward_pieces([], 1024) == []
 
 
 def test_padding_does_not_change_the_loss(tiny_model_dir, examples):

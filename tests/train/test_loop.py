@@ -152,6 +152,36 @@ def test_loss_is_token_weighted_over_the_whole_step(tiny_model_dir, chat_file, t
     assert read_losses(tmp_path / "four") == pytest.approx(read_losses(tmp_path / "one"), rel=1e-5)
 
 
+def test_micro_batches_in_pieces_give_the_same_losses(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    from tunesmith.train import loop
+
+    settings = {"train__batch_size": 4, "train__grad_accum": 1, "train__max_steps": 4, "method__dropout": 0}
+    finetune(tiny_config(tiny_model_dir, chat_file, tmp_path / "whole", **settings))
+    monkeypatch.setattr(loop, "CPU_FORWARD_TOKENS", 64)  # rows of up to 64 tokens: a forward/backward per row
+    pieces = []
+    original = loop._pieces
+    monkeypatch.setattr(loop, "_pieces", lambda *args: pieces.append(original(*args)) or pieces[-1])
+    finetune(tiny_config(tiny_model_dir, chat_file, tmp_path / "pieces", **settings))
+    assert pieces and all(len(p) == 4 for p in pieces)
+    assert read_losses(tmp_path / "pieces") == pytest.approx(read_losses(tmp_path / "whole"), rel=1e-5)
+
+
+def test_frozen_weights_in_bf16_change_no_bf16_loss(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    from tunesmith.train import loop, methods
+
+    if not torch.cpu._is_avx512_bf16_supported():
+        pytest.skip("bf16 autocast needs AVX512-BF16 here")
+    held = []
+    monkeypatch.setattr(methods, "hold_frozen_weights",
+                        lambda model, dtype, hold=methods.hold_frozen_weights: held.append(hold(model, dtype)))
+    settings = {"train__precision": "bf16", "train__max_steps": 3, "method__dropout": 0}
+    finetune(tiny_config(tiny_model_dir, chat_file, tmp_path / "held", **settings))
+    assert held == [2 * 7 + 1]  # 2 layers x 7 linear layers (q/k/v/o base layers, gate/up/down), the output head
+    monkeypatch.setattr(loop, "_hold_frozen_in_compute_dtype", lambda model, config: None)
+    finetune(tiny_config(tiny_model_dir, chat_file, tmp_path / "cast", **settings))
+    assert read_losses(tmp_path / "held") == pytest.approx(read_losses(tmp_path / "cast"), rel=1e-6)
+
+
 def test_padded_batches_and_bf16_autocast_train_too(tiny_model_dir, chat_file, tmp_path):
     # bf16 after fp32 runs in the same process: accelerate's process-wide state must not refuse it.
     result = finetune(tiny_config(tiny_model_dir, chat_file, tmp_path / "padded", data__packing=False,

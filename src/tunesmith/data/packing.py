@@ -79,6 +79,21 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None]
 
 
+def forward_pieces(widths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """A micro-batch's rows (by index, in order) in consecutive pieces whose collated size, rows times
+    the widest row, stays within ``max_tokens``; a wider row makes a piece of its own."""
+    pieces: list[list[int]] = []
+    widest = 0
+    for index, width in enumerate(widths):
+        if pieces and (len(pieces[-1]) + 1) * max(widest, width) <= max_tokens:
+            pieces[-1].append(index)
+            widest = max(widest, width)
+        else:
+            pieces.append([index])
+            widest = width
+    return pieces
+
+
 def collate_padded(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input_ids, labels (IGNORE on padding) and a 2D attention mask."""
     width = max(len(e.input_ids) for e in examples)

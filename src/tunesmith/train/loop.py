@@ -14,7 +14,11 @@ Features and trade-offs:
   ``grad_accum * processes`` micro-batches; process r takes every r-th one. Only process 0
   writes files; every process saves its own RNG state in checkpoints.
 - Precision: fp32 master weights; bf16 autocast where the CPU/GPU has native bf16, fp16 with
-  loss scaling on CUDA only when asked. ``train.precision fp32`` is bit-for-bit repeatable on CPU.
+  loss scaling on CUDA only when asked; an adapter run keeps its frozen base weights in the autocast
+  dtype (cast once, not at every forward). ``train.precision fp32`` is bit-for-bit repeatable on CPU.
+- Speed on CPU: each micro-batch goes through in pieces of ~1k tokens (less memory, no slower per
+  token); packed rows attend per example (attention.py); a frozen output head makes its gradient in
+  the forward pass (loss.py).
 - Safety: a non-finite loss or gradient norm stops the run before the optimizer step, naming
   the step, so no weights (and no checkpoint) ever hold NaN.
 - Evaluation every ``eval.eval_every`` steps; an improvement writes a checkpoint so the best is
@@ -294,11 +298,26 @@ def _load_model(config: Config, base_path: Path):
     model = load_base_model(base_path, config.method, config.model.attn_implementation,
                             allow_pickle=config.model.allow_pickle)
     model = apply_method(model, config.method, config.model.gradient_checkpointing)
+    _hold_frozen_in_compute_dtype(model, config)
     total, trainable = count_parameters(model)
     _print(f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / total:.3f}%)")
     if config.train.neftune_alpha > 0:
         _add_neftune(model, config.train.neftune_alpha)
     return model, total, trainable
+
+
+def _hold_frozen_in_compute_dtype(model, config: Config) -> None:
+    """Adapter runs under bf16/fp16 autocast keep their frozen base weights in that dtype (methods.hold_frozen_weights);
+    not under FSDP or DeepSpeed, which flatten parameters of one dtype."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    from tunesmith.train.methods import hold_frozen_weights, is_adapter
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_mixed_precision(config.train.precision))
+    sharded = AcceleratorState().distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if dtype is not None and is_adapter(config.method.name) and config.method.name != "qlora" and not sharded:
+        hold_frozen_weights(model, dtype)
 
 
 def _optimizer_and_schedule(model, config: Config, total_steps: int):
@@ -342,6 +361,23 @@ class StepSums:
     tokens: int
 
 
+# On CPU a forward pass over more tokens is no faster per token (the matmuls are big enough at ~1k
+# tokens), and it keeps every activation of the micro-batch alive at once. So a micro-batch goes
+# through in pieces of at most this many tokens, each with its own backward: the same gradients (the
+# loss is a sum), half the peak memory and less time (bench/README.md, "Training throughput").
+CPU_FORWARD_TOKENS = 1024
+
+
+def _pieces(examples: list, batch: list[list[int]], device) -> list[list[list[int]]]:
+    """The micro-batch's rows in pieces for one forward/backward each (on CPU; whole elsewhere)."""
+    from tunesmith.data.packing import forward_pieces
+
+    if torch.device(device).type != "cpu":
+        return [batch]
+    widths = [sum(len(examples[i].input_ids) for i in row) for row in batch]
+    return [[batch[j] for j in piece] for piece in forward_pieces(widths, CPU_FORWARD_TOKENS)]
+
+
 def train_step(accelerator, model, data: Data, window: list, packing: bool, pad_id: int,
                objective=None) -> StepSums:
     """Forward/backward over this process's share of one step's window.
@@ -356,11 +392,12 @@ def train_step(accelerator, model, data: Data, window: list, packing: bool, pad_
     supervised = sum(_supervised_count(data.train, b) for b in window)
     tokens = sum(_token_count(data.train, b) for b in window)
     mine = window[accelerator.process_index::accelerator.num_processes]
+    pieces = [piece for batch in mine for piece in _pieces(data.train, batch, accelerator.device)]
     loss_sum, stats = 0.0, torch.zeros(0, dtype=torch.float64)
-    for i, batch in enumerate(mine):
-        # Gradients are synchronised once, on the last micro-batch; DDP averages over processes,
+    for i, batch in enumerate(pieces):
+        # Gradients are synchronised once, on the last piece; DDP averages over processes,
         # so each process scales its share back up by the number of processes.
-        sync = nullcontext() if i == len(mine) - 1 else accelerator.no_sync(model)
+        sync = nullcontext() if i == len(pieces) - 1 else accelerator.no_sync(model)
         with sync:
             inputs = _move(objective.collate(data.train, batch, packing, pad_id), accelerator.device)
             with accelerator.autocast():
