@@ -72,3 +72,16 @@ def fmt_number(value, digits: int = 4, missing: str = "") -> str:
     if value is None:
         return missing
     return str(value) if isinstance(value, int) else f"{value:.{digits}f}"
+
+
+def progress_bar(description: str, total: int, *, enabled: bool = True, done: int = 0, unit: str = "it",
+                 keep: bool = False):
+    """A progress bar for any long step: tqdm (the library of the training loop's bar) on stderr, drawn only
+    when ``enabled`` and stderr is a terminal (a pipe or a log file gets no bar lines). Use it as a context
+    manager and call ``update(n)``.
+
+    ``done``: work already finished (a resumed run); ``keep``: leave the finished bar on screen."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc=description, unit=unit, leave=keep, dynamic_ncols=True,
+                disable=None if enabled else True)  # None: tqdm's own check, off when stderr is not a terminal

@@ -17,6 +17,7 @@ common).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -443,24 +444,13 @@ def _default_model() -> str:
     return DEFAULT_MODEL
 
 
-class _progress:
-    """A rich progress bar with an ETA on stderr, shown only on a terminal."""
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int):
+    """The tokenizing bar (output.progress_bar); yields ``advance(n)``."""
+    from tunesmith.output import progress_bar
 
-    def __init__(self, enabled: bool, total: int):
-        from rich.console import Console
-        from rich.progress import Progress
-
-        console = Console(stderr=True)
-        self.bar = Progress(*Progress.get_default_columns(), console=console, transient=True,
-                            disable=not (enabled and console.is_terminal))
-        self.task = self.bar.add_task("tokenizing", total=total)
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return lambda n: self.bar.advance(self.task, n)
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+    with progress_bar("tokenizing", total, enabled=enabled) as bar:
+        yield bar.update
 
 
 # ---------------------------------------------------------------- preference pairs

@@ -344,11 +344,10 @@ def _require_fast(tokenizer) -> None:
 def encode_all(convs: Sequence[Conversation], tokenizer, options: EncodeOptions, progress: bool = True,
                chunk_size: int = 256) -> EncodeResult:
     """Encode every conversation (in batches, with a progress bar), counting drops and truncations."""
-    from rich.progress import Progress
+    from tunesmith.output import progress_bar
 
     result = EncodeResult(examples=[])
-    with Progress(*Progress.get_default_columns(), transient=True, disable=not progress) as bar:
-        task = bar.add_task("tokenizing", total=len(convs))
+    with progress_bar("tokenizing", len(convs), enabled=progress) as bar:
         for begin in range(0, len(convs), chunk_size):
             chunk = convs[begin:begin + chunk_size]
             for conv, encoded in zip(chunk, _encode_chunk(chunk, tokenizer, options), strict=True):
@@ -358,5 +357,5 @@ def encode_all(convs: Sequence[Conversation], tokenizer, options: EncodeOptions,
                     continue
                 result.truncated += encoded.truncated
                 result.examples.append(encoded)
-            bar.advance(task, len(chunk))
+            bar.update(len(chunk))
     return result

@@ -24,10 +24,9 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.evaluate.text import contains_han, is_cjk_token, kana_share, normalize, term_pattern, tokens
+from tunesmith.output import progress_bar
 
 DEFAULT_METRICS = ["rouge", "bleu", "chrf", "exact_match", "length", "repetition"]
 ALL_METRICS = [*DEFAULT_METRICS, "bertscore", "classification"]
@@ -94,10 +93,11 @@ def rouge_per_example(predictions, references, *, jieba=False, use_stemmer=True)
     rows = []
     pairs = zip(predictions, references, strict=True)
     # ROUGE-L's LCS is quadratic per pair in pure Python: about 10 s per 1000 Chinese paragraphs.
-    for prediction, reference in tqdm(pairs, total=len(predictions), desc="ROUGE", unit="pair",
-                                      disable=len(predictions) < 200, leave=False):
-        scores = scorer.score(reference, prediction)  # rouge_score takes (target, prediction)
-        rows.append({name: s.fmeasure for name, s in scores.items()})
+    with progress_bar("ROUGE", len(predictions), enabled=len(predictions) >= 200, unit="pair") as bar:
+        for prediction, reference in pairs:
+            scores = scorer.score(reference, prediction)  # rouge_score takes (target, prediction)
+            rows.append({name: s.fmeasure for name, s in scores.items()})
+            bar.update(1)
     return rows
 
 

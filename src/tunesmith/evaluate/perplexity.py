@@ -52,12 +52,8 @@ def perplexity(model, tokenizer, conversations: Sequence[Conversation], *, batch
 
 def _sum_nll(model, examples, batch_size: int, pad_id: int | None, progress: bool) -> tuple[float, int]:
     """loss.sum_nll (the quantity training validates with) under a progress bar."""
-    from rich.console import Console
-    from rich.progress import Progress
-
     from tunesmith.loss import sum_nll
+    from tunesmith.output import progress_bar
 
-    with Progress(*Progress.get_default_columns(), console=Console(stderr=True), transient=True,
-                  disable=not progress) as bar:
-        task = bar.add_task("perplexity", total=len(examples))
-        return sum_nll(model, examples, batch_size, pad_id, on_batch=lambda n: bar.advance(task, n))
+    with progress_bar("perplexity", len(examples), enabled=progress) as bar:
+        return sum_nll(model, examples, batch_size, pad_id, on_batch=bar.update)

@@ -277,11 +277,9 @@ def evaluate_model(name: str, conversations: list[Conversation], options: Genera
 def generate_predictions(loaded, conversations: list[Conversation], options: GenerationOptions,
                          settings: EvalSettings, path: Path | None, label: str) -> list[dict]:
     """One record per conversation; streamed to ``path`` and resumed from it when its fingerprint matches."""
-    from rich.console import Console
-    from rich.progress import Progress
-
     from tunesmith.data.prompt import render_prompt
     from tunesmith.inference import generate
+    from tunesmith.output import progress_bar
 
     # The system prompt is already in the conversations (the run's, or the compared run's for its base).
     prompts = [render_prompt(loaded.tokenizer, conv.prompt()) for conv in conversations]
@@ -291,9 +289,8 @@ def generate_predictions(loaded, conversations: list[Conversation], options: Gen
     todo = [i for i in range(len(conversations)) if i not in done]
     sink = path.open("a", encoding="utf-8") if path else None
     try:
-        with Progress(*Progress.get_default_columns(), console=Console(stderr=True),
-                      disable=not settings.progress) as bar:
-            task = bar.add_task(f"generating ({label})", total=len(conversations), completed=len(done))
+        with progress_bar(f"generating ({label})", len(conversations), enabled=settings.progress, done=len(done),
+                          keep=True) as bar:
 
             def on_result(k: int, generation) -> None:
                 i = todo[k]
@@ -303,7 +300,7 @@ def generate_predictions(loaded, conversations: list[Conversation], options: Gen
                     sink.flush()  # an interruption loses at most the batch in flight
 
             generate(loaded.model, loaded.tokenizer, [prompts[i] for i in todo], options,
-                     batch_size=settings.generation_batch_size, on_result=on_result, progress=lambda n: bar.advance(task, n))
+                     batch_size=settings.generation_batch_size, on_result=on_result, progress=bar.update)
     finally:
         if sink:
             sink.close()

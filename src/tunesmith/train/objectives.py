@@ -221,15 +221,14 @@ def side_logps(model, pairs: Sequence[EncodedPair], pad_id: int, *, batch_size: 
     """(chosen, rejected) summed answer log-probabilities of each pair under ``model`` as it is (eval mode).
 
     Pairs go in a fixed order and fixed padded batches, so the same model always gives the same values."""
-    from tqdm.auto import tqdm
-
     from tunesmith.loss import sequence_logps
+    from tunesmith.output import progress_bar
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out: list[tuple[float, float]] = []
-    with tqdm(total=len(pairs), desc=desc, unit="pair", disable=not progress) as bar:
+    with progress_bar(desc, len(pairs), enabled=progress, unit="pair", keep=True) as bar:
         for start in range(0, len(pairs), batch_size):
             chunk = list(range(start, min(start + batch_size, len(pairs))))
             inputs = collate_pairs(pairs, [[i] for i in chunk], False, pad_id)
@@ -326,20 +325,22 @@ def encode_pairs(pairs: Sequence, tokenizer, options, system_prompt: str | None,
     could not be kept are (a side dropped by truncation=drop, or left with no supervised token)."""
     from dataclasses import replace
 
-    from tqdm.auto import tqdm
-
     from tunesmith.data.pairs import encode_pair
     from tunesmith.data.prompt import with_system_prompt
+    from tunesmith.output import progress_bar
 
     options = replace(options, last_turn_only=True, train_on_prompt=False)
     kept, lost = [], []
-    for pair in tqdm(pairs, desc=f"tokenizing {what}", unit="pair", disable=not progress or len(pairs) < 500):
-        pair = replace(pair, prompt=with_system_prompt([pair.prompt], system_prompt)[0])
-        sides = encode_pair(pair, tokenizer, options)
-        if sides is None or not all(side.num_supervised for side in sides):
-            lost.append(pair.where)
-            continue
-        kept.append(EncodedPair(*sides, source=sides[0].source, line=sides[0].line))
+    with progress_bar(f"tokenizing {what}", len(pairs), enabled=progress and len(pairs) >= 500, unit="pair",
+                      keep=True) as bar:
+        for pair in pairs:
+            pair = replace(pair, prompt=with_system_prompt([pair.prompt], system_prompt)[0])
+            sides = encode_pair(pair, tokenizer, options)
+            bar.update(1)
+            if sides is None or not all(side.num_supervised for side in sides):
+                lost.append(pair.where)
+                continue
+            kept.append(EncodedPair(*sides, source=sides[0].source, line=sides[0].line))
     return kept, lost
 
 
