@@ -1,4 +1,4 @@
-"""output.progress_bar: the one progress bar, drawn on a terminal's stderr and nowhere else."""
+"""output.py: the progress bar (drawn on a terminal's stderr and nowhere else) and the number formats."""
 
 from __future__ import annotations
 
@@ -33,3 +33,10 @@ def test_resumed_work_counts(monkeypatch):
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     with progress_bar("generating", 10, done=3) as bar:
         assert bar.n == 3
+
+
+def test_numbers_and_deltas():
+    from tunesmith.output import fmt_delta, fmt_number
+
+    assert (fmt_number(0.12345), fmt_number(7), fmt_number(None, missing="n/a")) == ("0.1235", "7", "n/a")
+    assert (fmt_delta(0.5, 3), fmt_delta(-2), fmt_delta(None)) == ("+0.500", "-2", "")

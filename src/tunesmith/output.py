@@ -74,6 +74,13 @@ def fmt_number(value, digits: int = 4, missing: str = "") -> str:
     return str(value) if isinstance(value, int) else f"{value:.{digits}f}"
 
 
+def fmt_delta(delta, digits: int = 4) -> str:
+    """A difference (tuned minus base) with its sign; empty when there is none."""
+    if delta is None:
+        return ""
+    return f"{delta:+d}" if isinstance(delta, int) else f"{delta:+.{digits}f}"
+
+
 def progress_bar(description: str, total: int, *, enabled: bool = True, done: int = 0, unit: str = "it",
                  keep: bool = False):
     """A progress bar for any long step: tqdm (the library of the training loop's bar) on stderr, drawn only

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunesmith.models.resolve import DEFAULT_MODEL, resolve
-from tunesmith.output import fmt_number
+from tunesmith.output import fmt_delta, fmt_number
 
 
 def write_identity_data(out_dir: Path, name: str, author: str) -> tuple[Path, Path]:
@@ -104,7 +104,7 @@ def _print_metrics(console: Console, evaluation) -> None:
     for key in ("rougeL", "chrf", "exact_match", "perplexity"):
         tuned, base = evaluation.metrics.get(key), evaluation.compare_metrics.get(key)
         if isinstance(tuned, (int, float)) and isinstance(base, (int, float)):
-            table.add_row(key, f"{base:.3f}", f"{tuned:.3f}", f"{tuned - base:+.3f}")
+            table.add_row(key, fmt_number(base, 3), fmt_number(tuned, 3), fmt_delta(tuned - base, 3))
     console.print(table)
 
 

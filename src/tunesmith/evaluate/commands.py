@@ -4,7 +4,7 @@ score a predictions file."""
 from __future__ import annotations
 
 from tunesmith.errors import UsageError
-from tunesmith.output import fmt_number, json_stdout, print_json, print_table, stdout_console
+from tunesmith.output import fmt_delta, fmt_number, json_stdout, print_json, print_table, stdout_console
 
 
 def run_eval_command(args) -> int:
@@ -75,7 +75,7 @@ def _check_harness_flags(args) -> None:
 
 def print_summary(result) -> None:
     """The metrics table (with the compared model and deltas) and where the report went."""
-    from tunesmith.evaluate.report import SETTINGS, fmt_delta, lower_is_better
+    from tunesmith.evaluate.report import SETTINGS, lower_is_better
 
     compared = result.compare_metrics is not None
     columns = ["metric", "model"] + ([result.compare, "delta"] if compared else [])

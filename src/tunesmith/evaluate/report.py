@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tunesmith import atomic
 from tunesmith.evaluate.text import length
-from tunesmith.output import fmt_number
+from tunesmith.output import fmt_delta, fmt_number
 
 # Metrics on a 0..1 scale (BLEU and chrF are 0..100 and are divided by 100 in the chart).
 QUALITY = ["rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match", "bertscore_f1", "accuracy", "macro_f1"]
@@ -195,12 +195,6 @@ def _short(name: str) -> str:
 
 def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def fmt_delta(delta) -> str:
-    if delta is None:
-        return ""
-    return f"{delta:+d}" if isinstance(delta, int) else f"{delta:+.4f}"
 
 
 # ---------------------------------------------------------------- charts
