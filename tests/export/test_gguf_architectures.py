@@ -94,7 +94,8 @@ def _config(arch: str, vocab_size: int, tokenizer):
     return Gemma2Config(**gemma) if arch == "gemma2" else Gemma3TextConfig(**gemma)
 
 
-FAMILY = {"llama": "gpt2", "qwen2": "qwen", "qwen3": "qwen", "mistral": "mistral", "gemma2": "gemma", "gemma3_text": "gemma"}
+FAMILY = {"llama": "gpt2", "qwen2": "qwen", "qwen3": "qwen", "mistral": "mistral", "gemma2": "gemma",
+          "gemma3_text": "gemma"}
 
 
 def test_every_supported_architecture_has_a_tiny_model_here():
