@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tunesmith.train.rundir import METRICS, read_metrics
+
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "alpaca_en_demo.json"
 OLD_DEFAULTS = ["--batch-size", "4", "--grad-accum", "4", "--lr", "2e-4", "--train.warmup_ratio", "0.03",
                 "--data.pack_length", "1024"]
@@ -52,7 +54,7 @@ def finish(name: str, proc: subprocess.Popen) -> dict:
     if status != 0:
         raise SystemExit(f"{name} failed; see its log")
     summary = json.loads(out)
-    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(Path(summary["run_dir"]) / METRICS)
     curve = [(r["step"] / summary["steps"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
     return {"name": name, "cpu_s": usage.ru_utime + usage.ru_stime, "steps": summary["steps"],
             "before": summary["initial_eval_loss"], "after": summary["final_eval_loss"], "lr": summary["plan"]["lr"],

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.train.rundir import METRICS, read_metrics
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from preference_pairs import write_pairs  # noqa: E402
 
@@ -133,7 +135,7 @@ def run_system(system: str, data: Path, out: Path, pack_length: int, env: dict) 
     if system == "trl":
         result = json.loads((out / "bench_result.json").read_text(encoding="utf-8"))
     else:
-        last = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()][-1]
+        last = read_metrics(out / METRICS)[-1]
         result = {"elapsed_s": last["elapsed_s"], "steps": last["step"]}
     return {**result, "rss_mb": rss, "adapter": str(out)}
 
