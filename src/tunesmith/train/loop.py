@@ -257,7 +257,7 @@ def _mixed_precision(precision: str) -> str:
 
 def _prepare_output_dir(config: Config) -> Path:
     out = Path(config.output.output_dir)
-    from tunesmith.models.load import RUN_INFO
+    from tunesmith.train.rundir import RUN_INFO
     from tunesmith.train.checkpoint import checkpoints_dir
 
     has_run = (out / RUN_INFO).is_file() or checkpoints_dir(out).is_dir()
