@@ -257,8 +257,8 @@ def _mixed_precision(precision: str) -> str:
 
 def _prepare_output_dir(config: Config) -> Path:
     out = Path(config.output.output_dir)
-    from tunesmith.train.rundir import RUN_INFO
     from tunesmith.train.checkpoint import checkpoints_dir
+    from tunesmith.train.rundir import RUN_INFO
 
     has_run = (out / RUN_INFO).is_file() or checkpoints_dir(out).is_dir()
     if has_run and not config.train.resume and not config.output.overwrite:
