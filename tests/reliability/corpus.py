@@ -173,6 +173,12 @@ CASES = [
          ["nothing"], "no data files"),
 ]
 
+# Valid preference pairs: data check, data convert and eval read them, but supervised training cannot
+# use them and must say which objective can (walked through train in test_model_commands.py).
+PAIRS_FOR_SFT = Case("preference_pairs_for_sft", lambda d: _lines(d / "pairs.jsonl", [
+    json.dumps({"prompt": q, "chosen": a, "rejected": "I don't know."}, ensure_ascii=False) for q, a in QA]), 1,
+    ["pairs.jsonl:1"], "--method.objective dpo", examples=len(QA))
+
 VALID = [c for c in CASES if c.code == 0]
 INVALID = [c for c in CASES if c.code != 0]
 

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from tests.reliability.conftest import Outcome, cli, files_under
-from tests.reliability.corpus import INVALID, PREDICTION_CASES, VALID, build
+from tests.reliability.corpus import INVALID, PAIRS_FOR_SFT, PREDICTION_CASES, VALID, build
 from tunesmith.cli import main
 
 VALID_PREDICTIONS = [c for c in PREDICTION_CASES if c.code == 0]
@@ -43,6 +43,17 @@ def test_train_refuses_bad_data_before_writing(case, tiny_model_dir, tmp_path, c
     objective = ["--objective", "dpo"] if case.name.startswith("preference") else []
     run_main(capfd, *train_argv(tiny_model_dir, build(case, tmp_path), out), *objective).check(case, tmp_path)
     assert files_under(out) == []
+
+
+def test_preference_pairs_given_to_sft_training_name_the_objective(tiny_model_dir, tmp_path, capfd):
+    data = build(PAIRS_FOR_SFT, tmp_path)
+    checked = run_main(capfd, "data", "check", data, "--no-tokens")  # read, and shown as what they are
+    assert checked.code == 0 and "preference pairs" in checked.out and f"valid {PAIRS_FOR_SFT.examples}," in checked.out
+    out = tmp_path / "run"
+    run_main(capfd, *train_argv(tiny_model_dir, data, out)).check(PAIRS_FOR_SFT, tmp_path)
+    assert files_under(out) == []
+    trained = run_main(capfd, *train_argv(tiny_model_dir, data, out), "--objective", "dpo")
+    assert trained.code == 0 and "Traceback" not in trained.out, trained.out[-3000:]
 
 
 @pytest.mark.parametrize("case", VALID, ids=[c.name for c in VALID])
