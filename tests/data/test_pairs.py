@@ -358,7 +358,9 @@ def test_what_a_layout_cannot_hold_is_named(tmp_path):
 def test_convert_refuses_a_target_of_the_other_kind(tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     assert run_convert(shared_data("dpo_en_demo.json"), "openai", out) == 2
-    assert "preference pairs convert to one of alpaca, sharegpt, trl, openai-preference" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "dpo_en_demo.json holds preference pairs" in err  # the file is named
+    assert "pairs convert to one of alpaca, sharegpt, trl, openai-preference" in err
     assert run_convert(shared_data("alpaca_zh_demo.json"), "trl", out) == 2
     assert "holds supervised examples (no rejected response)" in capsys.readouterr().err
     assert not out.exists()

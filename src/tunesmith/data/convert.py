@@ -338,7 +338,9 @@ def _convert_file(args, labels) -> tuple[list[dict], dict]:
 def _convert_pair_file(args, labels) -> tuple[list[dict], dict]:
     if labels is not None:
         raise UsageError("--labels is for seed-instruction, a layout for supervised examples, not for pairs")
-    convert_pairs([], args.to)  # an unfit target is refused before reading
+    if args.to not in PAIR_WRITERS:  # refused before reading
+        raise UsageError(f"{args.file} holds preference pairs, and {args.to} is a layout for supervised examples; "
+                         f"pairs convert to one of {', '.join(PAIR_TARGETS)}")
     result = read_pairs(args.file, format=args.format, columns=args.columns, encoding=args.encoding)
     if result.errors:
         raise DataError(result.errors)
