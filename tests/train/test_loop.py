@@ -172,7 +172,7 @@ def test_frozen_weights_in_bf16_change_no_bf16_loss(tiny_model_dir, chat_file, t
     if not torch.cpu._is_avx512_bf16_supported():
         pytest.skip("bf16 autocast needs AVX512-BF16 here")
     held = []
-    monkeypatch.setattr(methods, "hold_frozen_weights",
+    monkeypatch.setattr(loop, "hold_frozen_weights",
                         lambda model, dtype, hold=methods.hold_frozen_weights: held.append(hold(model, dtype)))
     settings = {"train__precision": "bf16", "train__max_steps": 3, "method__dropout": 0}
     finetune(tiny_config(tiny_model_dir, chat_file, tmp_path / "held", **settings))

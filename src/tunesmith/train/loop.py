@@ -41,9 +41,54 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, set_seed
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from tunesmith.config import Config, check_config, fingerprint_keys
+from tunesmith.data.cache import encode_cached
+from tunesmith.data.packing import forward_pieces, length_grouped_batches, pack_rows
+from tunesmith.data.pairs import load_pairs
+from tunesmith.data.prompt import with_system_prompt
+from tunesmith.data.readers import load_conversations
+from tunesmith.data.templates import apply_template
+from tunesmith.data.tokenize import EncodeOptions
 from tunesmith.errors import TunesmithError, UsageError
+from tunesmith.loss import sum_nll
+from tunesmith.models.load import load_tokenizer, refusing_remote_code
+from tunesmith.models.resolve import resolve
+from tunesmith.train import checkpoint as ckpt
+from tunesmith.train.checkpoint import WEIGHTS, assert_finite, checkpoints_dir, clear_run
+from tunesmith.train.methods import (
+    apply_method,
+    check_available,
+    count_parameters,
+    hold_frozen_weights,
+    is_adapter,
+    load_base_model,
+)
+from tunesmith.train.objectives import (
+    Objective,
+    Reference,
+    disable_dropout,
+    encode_pairs,
+    evaluate_pairs,
+    is_preference,
+    step_stats,
+)
+from tunesmith.train.plan import DataStats, ModelFacts, make_plan, resolve_config
+from tunesmith.train.rundir import (
+    METRICS,
+    RUN_INFO,
+    MetricsLog,
+    check_trackers,
+    plot_losses,
+    read_metrics,
+    write_model_card,
+    write_run_info,
+)
 
 
 @dataclass
@@ -99,8 +144,6 @@ class Data:
 
 
 def _read(paths: list[str], config: Config) -> list:
-    from tunesmith.data.prompt import with_system_prompt
-    from tunesmith.data.readers import load_conversations
 
     convs = load_conversations(paths, format=config.data.format, columns=config.data.columns,
                                encoding=config.data.encoding)
@@ -121,13 +164,10 @@ def _split(convs: list, val_size: float, seed: int) -> tuple[list, list]:
 
 
 def _encode(convs: list, tokenizer, config: Config, what: str) -> list:
-    from tunesmith.data.cache import encode_cached
-    from tunesmith.data.tokenize import EncodeOptions
 
     d = config.data
     options = EncodeOptions(max_length=d.max_length, truncation=d.truncation, train_on_prompt=d.train_on_prompt,
                             last_turn_only=d.last_turn_only)
-    from accelerate import PartialState
 
     result = encode_cached(convs, tokenizer, options, config.data.template, progress=PartialState().is_main_process)
     examples, unsupervised = [], []
@@ -148,7 +188,6 @@ def _encode(convs: list, tokenizer, config: Config, what: str) -> list:
 
 def prepare_data(config: Config, tokenizer) -> Data:
     """Examples for the objective: encoded conversations (SFT) or encoded preference pairs."""
-    from tunesmith.train.objectives import is_preference
 
     read, encode = (_read_pairs, _encode_pairs) if is_preference(config.method.objective) else (_read, _encode)
     convs = read(config.data.path, config)
@@ -162,16 +201,12 @@ def prepare_data(config: Config, tokenizer) -> Data:
 
 
 def _read_pairs(paths: list[str], config: Config) -> list:
-    from tunesmith.data.pairs import load_pairs
 
     return load_pairs(paths, format=config.data.format, columns=config.data.columns, encoding=config.data.encoding)
 
 
 def _encode_pairs(pairs: list, tokenizer, config: Config, what: str) -> list:
-    from accelerate import PartialState
 
-    from tunesmith.data.tokenize import EncodeOptions
-    from tunesmith.train.objectives import encode_pairs
 
     d = config.data
     options = EncodeOptions(max_length=d.max_length, truncation=d.truncation)
@@ -197,7 +232,6 @@ def _data_fingerprint(train: list, val: list) -> str:
 
 def epoch_layout(examples: list, config: Config, epoch_seed: int) -> list[list[list[int]]]:
     """Micro-batches for one epoch: each a list of rows, each row a list of example indices."""
-    from tunesmith.data.packing import length_grouped_batches, pack_rows
 
     rng = random.Random(epoch_seed)
     order = list(range(len(examples)))
@@ -234,7 +268,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def _print(*args) -> None:
-    from accelerate import PartialState
 
     if PartialState().is_main_process:
         print(*args, file=sys.stderr, flush=True)
@@ -257,15 +290,12 @@ def _mixed_precision(precision: str) -> str:
 
 def _prepare_output_dir(config: Config) -> Path:
     out = Path(config.output.output_dir)
-    from tunesmith.train.checkpoint import checkpoints_dir
-    from tunesmith.train.rundir import RUN_INFO
 
     has_run = (out / RUN_INFO).is_file() or checkpoints_dir(out).is_dir()
     if has_run and not config.train.resume and not config.output.overwrite:
         raise UsageError(f"{out} already holds a run; pass --resume auto to continue it, "
                          "--output.overwrite true to replace it, or another --output-dir")
     if has_run and config.output.overwrite and not config.train.resume:
-        from tunesmith.train.checkpoint import clear_run
 
         clear_run(out)  # the old run's checkpoints must not be rotated or resumed as this run's
     out.mkdir(parents=True, exist_ok=True)
@@ -293,7 +323,6 @@ def _add_neftune(model, alpha: float) -> None:
 
 
 def _load_model(config: Config, base_path: Path):
-    from tunesmith.train.methods import apply_method, count_parameters, load_base_model
 
     model = load_base_model(base_path, config.method, config.model.attn_implementation,
                             allow_pickle=config.model.allow_pickle)
@@ -309,10 +338,7 @@ def _load_model(config: Config, base_path: Path):
 def _hold_frozen_in_compute_dtype(model, config: Config) -> None:
     """Adapter runs under bf16/fp16 autocast keep their frozen base weights in that dtype (methods.hold_frozen_weights);
     not under FSDP or DeepSpeed, which flatten parameters of one dtype."""
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
 
-    from tunesmith.train.methods import hold_frozen_weights, is_adapter
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_mixed_precision(config.train.precision))
     sharded = AcceleratorState().distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
@@ -370,7 +396,6 @@ CPU_FORWARD_TOKENS = 1024
 
 def _pieces(examples: list, batch: list[list[int]], device) -> list[list[list[int]]]:
     """The micro-batch's rows in pieces for one forward/backward each (on CPU; whole elsewhere)."""
-    from tunesmith.data.packing import forward_pieces
 
     if torch.device(device).type != "cpu":
         return [batch]
@@ -385,7 +410,6 @@ def train_step(accelerator, model, data: Data, window: list, packing: bool, pad_
     Gradients end up as d(summed loss over the window / the window's weight): every supervised
     token (SFT) or every pair (preference objectives) of the step weighs the same.
     """
-    from tunesmith.train.objectives import Objective
 
     objective = objective or Objective()
     weight = sum(objective.weight(data.train, b) for b in window)
@@ -417,8 +441,6 @@ def evaluate_loss(accelerator, model, examples: list, config: Config, pad_id: in
 def evaluate_held_out(accelerator, model, examples: list, config: Config, pad_id: int,
                       objective=None) -> tuple[float, dict]:
     """(held-out loss, the objective's statistics) over ``examples``, split across processes, in a fixed order."""
-    from tunesmith.loss import sum_nll
-    from tunesmith.train.objectives import Objective, evaluate_pairs, step_stats
 
     objective = objective or Objective.of(config.method)
     batch_size = config.eval.batch_size or config.train.batch_size
@@ -460,13 +482,7 @@ class PreparedRun:
 
 def prepare_run(config: Config) -> PreparedRun:
     """Checks, the base model's path and tokenizer, the tokenized data and the run plan; no weights loaded."""
-    from accelerate import PartialState
 
-    from tunesmith.data.templates import apply_template
-    from tunesmith.models.load import load_tokenizer
-    from tunesmith.models.resolve import resolve
-    from tunesmith.train.methods import check_available
-    from tunesmith.train.rundir import check_trackers
 
     check_config(config)
     check_available(config.method)  # before any model is loaded
@@ -479,8 +495,6 @@ def prepare_run(config: Config) -> PreparedRun:
     state = PartialState(cpu=not torch.cuda.is_available())
     with state.main_process_first():  # the first process fills the tokenization cache
         data = prepare_data(config, tokenizer)
-    from tunesmith.models.load import refusing_remote_code
-    from tunesmith.train.plan import ModelFacts
 
     with refusing_remote_code(base_path):  # a damaged config.json or weights header is one message
         facts = ModelFacts.read(base_path)
@@ -490,7 +504,6 @@ def prepare_run(config: Config) -> PreparedRun:
 
 def plan_run(config: Config, data: Data, facts, processes: int):
     """(the config with the plan's choices filled in, the RunPlan), using the loop's own epoch layout."""
-    from tunesmith.train.plan import DataStats, make_plan, resolve_config
 
     def steps_per_epoch(c: Config) -> int:
         layout = epoch_layout(data.train, c, epoch_seed(c.train.seed, 0))
@@ -547,12 +560,7 @@ def finetune(config: Config, prepared: PreparedRun | None = None) -> TrainResult
 
 def _start(run: PreparedRun) -> Session:
     """Accelerator, run directory, model with its method, optimizer, schedule; resumed state; step-0 loss."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
 
-    from tunesmith.train import checkpoint as ckpt
-    from tunesmith.train.rundir import MetricsLog
 
     config, t = run.config, run.config.train
     # accelerate keeps its settings in a process-wide singleton that refuses a second, different
@@ -592,8 +600,6 @@ def _start(run: PreparedRun) -> Session:
 
 def _prepare_objective(model, run: PreparedRun, accelerator):
     """The run's Objective. Preference objectives: dropout off; DPO: its frozen reference (see objectives.py)."""
-    from tunesmith.train.methods import load_base_model
-    from tunesmith.train.objectives import Objective, Reference, disable_dropout
 
     config = run.config
     objective = Objective.of(config.method)
@@ -647,7 +653,6 @@ def _train(s: Session) -> bool:
 
 def _optimizer_step(s: Session, window: list, stop_requested: bool) -> tuple[float, float, float, bool]:
     """Forward/backward over the window, checks, then the update: (loss, grad norm, lr, stop asked anywhere)."""
-    from tunesmith.train.objectives import step_stats
 
     state, t = s.state, s.run.config.train
     objective = s.objective
@@ -703,7 +708,6 @@ def _checkpoint_due(config: Config, state: TrainState, improved: bool) -> bool:
 
 def _save_checkpoint(s: Session) -> Path:
     """Write a checkpoint; rotation never deletes it or the best one."""
-    from tunesmith.train import checkpoint as ckpt
 
     state = s.state
     path = ckpt.save_checkpoint(s.accelerator, s.model, s.optimizer, s.scheduler, asdict(state),
@@ -717,7 +721,6 @@ def _save_checkpoint(s: Session) -> Path:
 
 def _finish(s: Session, started: float, stopped_early: bool) -> TrainResult:
     """The best weights when asked, the run directory, the plan's measured figures, the learning check."""
-    from tunesmith.train import checkpoint as ckpt
 
     config, state, plan = s.run.config, s.state, s.run.plan
     final_eval = state.last_eval_loss
@@ -837,23 +840,19 @@ def _maybe_evaluate(s: Session, total_steps: int) -> tuple[bool, bool]:
 
 
 def _load_best(accelerator, model, path: Path) -> None:
-    from safetensors.torch import load_file
 
-    from tunesmith.train.checkpoint import WEIGHTS
 
     accelerator.unwrap_model(model).load_state_dict(load_file(path / WEIGHTS), strict=False)
 
 
 def _final_train_loss(out: Path, state: TrainState) -> float | None:
     """The mean train loss of the last metrics line (last log window)."""
-    from tunesmith.train.rundir import METRICS, read_metrics
 
     rows = [r for r in read_metrics(out / METRICS) if r.get("loss") is not None]
     return rows[-1]["loss"] if rows else None
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
 
@@ -861,8 +860,6 @@ def _progress(total: int, initial: int, enabled: bool):
 def _save_run(accelerator, model, tokenizer, config: Config, out: Path, *, base_path: Path, state: TrainState,
               data: Data, final_train, final_eval, n_total: int, n_trainable: int) -> None:
     """Final weights (adapter or full), tokenizer with its template, run info, card and loss plot."""
-    from tunesmith.train.checkpoint import assert_finite
-    from tunesmith.train.rundir import plot_losses, write_model_card, write_run_info
 
     unwrapped = accelerator.unwrap_model(model)
     assert_finite(unwrapped, state.step)
