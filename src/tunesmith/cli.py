@@ -61,15 +61,11 @@ def _eval(args) -> int:
 
 
 def _generate(args) -> int:
-    import torch
-
     from tunesmith.data.prompt import read_tools, render_prompt
-    from tunesmith.inference import GenerationOptions, for_generation, generate
-    from tunesmith.models.load import load
+    from tunesmith.inference import GenerationOptions, generate, load_for_generation
 
     tools = read_tools(args.tools)
-    loaded = load(args.model, dtype=torch.float32 if args.precision == "fp32" else None)
-    loaded.model = for_generation(loaded.model, args.precision)
+    loaded = load_for_generation(args.model, args.precision)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
     prompt = render_prompt(loaded.tokenizer, messages, loaded.run_info, tools=tools)
@@ -82,14 +78,14 @@ def _chat(args) -> int:
     from tunesmith.serve.chat import chat_repl
 
     return chat_repl(args.model, system=args.system, tools=args.tools, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature)
+                     temperature=args.temperature, precision=args.precision)
 
 
 def _serve(args) -> int:
     from tunesmith.serve.server import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_body_mb=args.max_body_mb,
-          max_queue=args.max_queue, max_batch=args.max_batch, allow_pickle=args.allow_pickle)
+          max_queue=args.max_queue, max_batch=args.max_batch, allow_pickle=args.allow_pickle, precision=args.precision)
     return 0
 
 
@@ -137,12 +133,14 @@ def _add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256)
                    help="nucleus sampling mass (with a temperature)")
 
 
-def _add_precision_flag(p: argparse.ArgumentParser) -> None:
+def _add_precision_flag(p: argparse.ArgumentParser, default: str | None = "auto", why: str = "") -> None:
     from tunesmith.inference import PRECISIONS
 
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+    shown = f"default: {default}" if default else "default: fp32 on CPU, bf16 on a GPU that has it"
+    p.add_argument("--precision", default=default, choices=PRECISIONS,
                    help="weights' dtype for generation: auto is bf16 where the CPU (AVX512-BF16, AMX) or GPU computes "
-                        "it natively, else fp32; greedy answers in bf16 can differ from fp32's after a few tokens")
+                        f"it natively, else fp32; greedy answers in bf16 can differ from fp32's after a few tokens "
+                        f"({shown}{why})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--tools", default=None, help="JSON file of function schemas shown to the model as training showed them")
     _add_generation_flags(p, max_new_tokens=512)
+    _add_precision_flag(p, default=None)
     p.set_defaults(func=_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API")
@@ -277,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests generated together in one batch; more wait in the queue")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load pickle (.bin) weights when a model has no safetensors; pickles can run code")
+    _add_precision_flag(p, default=None, why="; in fp32 a batch of requests answers exactly as each request alone")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("export", help="merged HF weights or a GGUF file")

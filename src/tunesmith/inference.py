@@ -63,6 +63,17 @@ def for_generation(model, precision: str = "auto"):
     return model.to(dtype)
 
 
+def load_for_generation(name_or_run, precision: str | None = "auto", *, allow_pickle: bool = False):
+    """``models.load`` for generate, chat and serve: in ``precision`` (see ``for_generation``), or with
+    ``precision=None`` as loaded (fp32 on CPU, bf16 on a GPU that has it)."""
+    from tunesmith.models.load import load
+
+    loaded = load(name_or_run, dtype=torch.float32 if precision == "fp32" else None, allow_pickle=allow_pickle)
+    if precision is not None:
+        loaded.model = for_generation(loaded.model, precision)
+    return loaded
+
+
 def precision_name(dtype: torch.dtype) -> str:
     """"bf16", "fp32", "fp16" for reports; the dtype's own name otherwise."""
     names = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}

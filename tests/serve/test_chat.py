@@ -72,3 +72,13 @@ def test_reset_and_system_change_what_the_model_sees(tiny_model_dir, tiny, tmp_p
     assert "You are Aurora.<|im_end|>" not in result.stdout
     assert "unknown command /frobnicate; commands: /reset" in result.stdout
 
+
+
+def test_chat_in_bf16_answers_as_generate_in_bf16(tiny_model_dir, tmp_path):
+    from tunesmith.inference import load_for_generation
+
+    result = _chat(tiny_model_dir, ["Who are you?", "/exit"], tmp_path, "--precision", "bf16")
+    assert result.returncode == 0, result.stderr
+    bf16 = load_for_generation(tiny_model_dir, "bf16")
+    assert bf16.model.dtype == torch.bfloat16
+    assert _answers(result.stdout) == [_greedy(bf16, [{"role": "user", "content": "Who are you?"}])]

@@ -289,3 +289,26 @@ def test_messages_the_chat_template_refuses_get_a_400(tiny_model_dir):
         assert status == 400
         error = json.loads(text)["error"]
         assert "roles must alternate" in error["message"] and error["param"] == "messages"
+
+
+def test_serve_precision_bf16_serves_the_bf16_model(tiny_model_dir, tmp_path, server):
+    """--precision reaches the served model: /stats says bf16, and answers are generate's in bf16."""
+    from tunesmith.inference import load_for_generation
+
+    assert json.load(urllib.request.urlopen(server + "/stats", timeout=10))["precision"] == "fp32"  # the CPU default
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TUNESMITH_HOME=str(tmp_path / "home"))
+    process = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", str(tiny_model_dir), "--port", str(port),
+                                "--precision", "bf16"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process)
+        assert json.load(urllib.request.urlopen(url + "/stats", timeout=10))["precision"] == "bf16"
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        bf16 = load_for_generation(tiny_model_dir, "bf16")
+        prompt = render_prompt(bf16.tokenizer, [{"role": "user", "content": QUESTIONS[0]}])
+        expected = generate(bf16.model, bf16.tokenizer, [prompt], GenerationOptions(MAX_TOKENS))[0].text
+        assert _ask(client, QUESTIONS[0]).choices[0].message.content == expected
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

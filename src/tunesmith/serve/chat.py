@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from tunesmith.data.prompt import read_tools, render_prompt, run_system_prompt
-from tunesmith.inference import GenerationOptions, stream
+from tunesmith.inference import GenerationOptions, load_for_generation, stream
 
 HELP = "commands: /reset, /system TEXT, /history, /prompt, /exit"
 
@@ -41,14 +41,13 @@ class Session:
 
 
 def chat_repl(model, *, system: str | None = None, tools: str | None = None, max_new_tokens: int = 512,
-              temperature: float = 0.0) -> int:
+              temperature: float = 0.0, precision: str | None = None) -> int:
     """Run the interactive chat on ``model`` (alias, model dir or run dir) until /exit or end of input.
 
-    ``tools``: a JSON file of function schemas offered to the model."""
-    from tunesmith.models.load import load
-
+    ``tools``: a JSON file of function schemas offered to the model; ``precision``: see
+    ``inference.load_for_generation``."""
     schemas = read_tools(tools)
-    loaded = load(model)
+    loaded = load_for_generation(model, precision)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())

@@ -58,7 +58,7 @@ from starlette.exceptions import HTTPException
 
 from tunesmith.data.prompt import render_prompt
 from tunesmith.data.tokenize import TemplateRefused
-from tunesmith.inference import GenerationOptions, find_control_token
+from tunesmith.inference import GenerationOptions, find_control_token, precision_name
 from tunesmith.serve import batching
 from tunesmith.serve.batching import DEFAULT_MAX_BATCH, Batcher, Done, Piece
 
@@ -196,7 +196,8 @@ def create_app(loaded, *, api_key: str | None = None, max_body_mb: float = DEFAU
 
     @app.get("/stats")
     def stats() -> dict:
-        return {"model": engine.model_id, **engine.batcher.stats()}
+        return {"model": engine.model_id, "precision": precision_name(engine.loaded.model.dtype),
+                **engine.batcher.stats()}
 
     @app.get("/v1/models")
     def models() -> dict:
@@ -482,18 +483,19 @@ def bind_warning(host: str, api_key: str | None) -> str | None:
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
           max_body_mb: float = DEFAULT_MAX_BODY_MB, max_queue: int = DEFAULT_MAX_QUEUE,
-          max_batch: int = DEFAULT_MAX_BATCH, allow_pickle: bool = False) -> None:
+          max_batch: int = DEFAULT_MAX_BATCH, allow_pickle: bool = False, precision: str | None = None) -> None:
     """Load ``model`` (alias, model dir or run dir) and serve it until interrupted.
 
-    ``api_key`` defaults to the TUNESMITH_API_KEY environment variable."""
+    ``api_key`` defaults to the TUNESMITH_API_KEY environment variable; ``precision``: see
+    ``inference.load_for_generation`` (None: fp32 on CPU, where batched answers equal lone ones)."""
     import uvicorn
 
-    from tunesmith.models.load import load
+    from tunesmith.inference import load_for_generation
 
     api_key = api_key or os.environ.get("TUNESMITH_API_KEY") or None
     if warning := bind_warning(host, api_key):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    loaded = load(model, allow_pickle=allow_pickle)
+    loaded = load_for_generation(model, precision, allow_pickle=allow_pickle)
     app = create_app(loaded, api_key=api_key, max_body_mb=max_body_mb, max_queue=max_queue, max_batch=max_batch,
                      names=(str(model),))
     locked = "; API key required" if api_key else ""
