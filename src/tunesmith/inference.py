@@ -8,7 +8,8 @@ Greedy batches run through ``_greedy_tokens``, a plain decoding loop over the mo
 that prefills the sorted prompts in groups of similar length and drops each sequence from the
 batch as soon as it ends: with the 64 rows eval uses, the few long answers no longer drag every
 finished row through the remaining steps. Sampling, and any model whose generation config asks
-for a logits processor (a repetition penalty, banned words...), go through ``model.generate``.
+for a logits processor (a repetition penalty, banned words...: ``logits_processors``), go through
+``model.generate``.
 Precision is the model's dtype: ``generation_dtype`` picks bf16 where the hardware computes it
 natively (AVX512-BF16 or AMX CPUs, CUDA with bf16); ``for_generation`` casts a model (merging a
 peft adapter first). On an AVX512-BF16 CPU, 64 rows generate 2.5x faster in bf16 than in fp32.
@@ -148,7 +149,7 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], options: Generatio
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=model.device)
     stops = stop_token_ids(model, tokenizer)
     started = time.perf_counter()
-    if _plain_greedy(model, options):
+    if not options.temperature and not logits_processors(model, options, stops, width):
         rows = _greedy_tokens(model, input_ids, attention, stops, options.max_new_tokens)
     else:
         out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=options.max_new_tokens,
@@ -165,24 +166,35 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], options: Generatio
     return generations
 
 
-# Generation-config settings that add a logits processor to greedy decoding in model.generate; a model that sets
-# any of them (Qwen2.5's repetition_penalty, say) is decoded by model.generate so that its outputs do not change.
-_PROCESSOR_SETTINGS = ("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size",
-                       "encoder_no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens",
-                       "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
-                       "sequence_bias", "exponential_decay_length_penalty", "renormalize_logits", "guidance_scale",
-                       "watermarking_config", "epsilon_cutoff", "eta_cutoff")
+def logits_processors(model, options: GenerationOptions, stop_ids: list[int], prompt_length: int):
+    """The logits processors transformers' generate builds for ``options`` and the model's generation
+    config (a repetition penalty, the temperature, top-k and top-p warpers when sampling); empty for
+    plain greedy decoding. Built by generate's own (private) method, so the server processes a request
+    as ``tunesmith generate`` does, and ``_greedy_tokens`` runs only where generate would add nothing."""
+    import copy
 
-
-def _plain_greedy(model, options: GenerationOptions) -> bool:
-    """Greedy decoding that model.generate would run with no logits processor: ``_greedy_tokens`` gives the same."""
     from transformers import GenerationConfig
 
-    if options.temperature and options.temperature > 0:
-        return False
-    config, default = getattr(model, "generation_config", None), GenerationConfig()
-    return config is None or all(getattr(config, name, None) == getattr(default, name, None)
-                                 for name in _PROCESSOR_SETTINGS)
+    config = copy.deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
+    if options.temperature:
+        config.update(do_sample=True, temperature=options.temperature, top_p=options.top_p)
+    else:
+        config.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else next(iter(stop_ids), None)
+    config.update(eos_token_id=stop_ids, pad_token_id=pad_id)
+    model._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=model.device)
+    return model._get_logits_processor(generation_config=config, input_ids_seq_length=prompt_length,
+                                       device=model.device)
+
+
+def joinable(model) -> bool:
+    """Whether this model's KV caches are plain per-layer tensors (no sliding window, no linear attention):
+    rows can then be left-padded, stacked and dropped (``_greedy_tokens``, the server's batching)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    layers = DynamicCache(config=model.config).layers
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 # Prompts prefilled together. Rows come sorted by length, so each group is cut to its own longest prompt and carries
@@ -197,11 +209,9 @@ def _greedy_tokens(model, input_ids: torch.Tensor, attention: torch.Tensor, stop
     A row that stops leaves the batch: its cache rows, mask and position are dropped, so the steps left
     run on the rows still generating. Position ids count real tokens only, as model.generate's do."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     cache = DynamicCache(config=model.config)
-    # Plain per-layer K/V tensors (no sliding window, no linear attention): rows can be joined and dropped.
-    plain = bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+    plain = joinable(model)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     if plain and input_ids.shape[0] > PREFILL_ROWS:
         cache, logits = _prefill_in_groups(model, input_ids, attention, positions)

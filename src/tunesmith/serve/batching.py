@@ -40,7 +40,6 @@ attention) cannot be padded and stacked this way, so they run one request at a t
 from __future__ import annotations
 
 import collections
-import copy
 import inspect
 import random
 import threading
@@ -49,11 +48,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, GenerationConfig
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache
 
 from tunesmith.data.packing import block_causal_mask
-from tunesmith.inference import GenerationOptions, decode_new, stop_token_ids
+from tunesmith.inference import GenerationOptions, decode_new, joinable, logits_processors, stop_token_ids
 from tunesmith.loss import model_inputs
 
 DEFAULT_MAX_BATCH = 16
@@ -153,11 +151,6 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def joinable(model) -> bool:
-    """Whether this model's caches can be left-padded and stacked (plain full-attention layers only)."""
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
-
-
 def _cache_of(out) -> DynamicCache:
     return out["cache"] if "cache" in out else out["past_key_values"]
 
@@ -249,23 +242,6 @@ def pick(logits: torch.Tensor, rows: list[Row]) -> list[int]:
         if not row.plain:
             tokens[i] = row.choose(logits[i])
     return tokens
-
-
-def logits_processors(model, options: GenerationOptions, stop_ids: list[int], prompt_length: int):
-    """The logits processors transformers' generate builds for ``options`` and the model's generation
-    config (a repetition penalty, the temperature, top-k and top-p warpers when sampling); empty for
-    plain greedy decoding. Built by generate's own (private) method, so a request is processed as
-    ``tunesmith generate`` processes it."""
-    config = copy.deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
-    if options.temperature:
-        config.update(do_sample=True, temperature=options.temperature, top_p=options.top_p)
-    else:
-        config.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    config.update(eos_token_id=stop_ids, pad_token_id=config.pad_token_id if config.pad_token_id is not None
-                  else stop_ids[0])
-    model._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=model.device)
-    return model._get_logits_processor(generation_config=config, input_ids_seq_length=prompt_length,
-                                       device=model.device)
 
 
 # --------------------------------------------------------------------------------------- the worker
