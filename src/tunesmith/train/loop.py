@@ -188,7 +188,6 @@ def _encode(convs: list, tokenizer, config: Config, what: str) -> list:
 
 def prepare_data(config: Config, tokenizer) -> Data:
     """Examples for the objective: encoded conversations (SFT) or encoded preference pairs."""
-
     read, encode = (_read_pairs, _encode_pairs) if is_preference(config.method.objective) else (_read, _encode)
     convs = read(config.data.path, config)
     if config.data.eval_path:
@@ -232,7 +231,6 @@ def _data_fingerprint(train: list, val: list) -> str:
 
 def epoch_layout(examples: list, config: Config, epoch_seed: int) -> list[list[list[int]]]:
     """Micro-batches for one epoch: each a list of rows, each row a list of example indices."""
-
     rng = random.Random(epoch_seed)
     order = list(range(len(examples)))
     rng.shuffle(order)
@@ -312,7 +310,6 @@ def _config_fingerprint(config: Config) -> dict:
 
 def _add_neftune(model, alpha: float) -> None:
     """NEFTune (Jain et al. 2023): uniform noise of scale alpha/sqrt(length*dim) on input embeddings, training only."""
-
     def hook(module, inputs, output):
         if not module.training:
             return output
@@ -338,8 +335,6 @@ def _load_model(config: Config, base_path: Path):
 def _hold_frozen_in_compute_dtype(model, config: Config) -> None:
     """Adapter runs under bf16/fp16 autocast keep their frozen base weights in that dtype (methods.hold_frozen_weights);
     not under FSDP or DeepSpeed, which flatten parameters of one dtype."""
-
-
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_mixed_precision(config.train.precision))
     sharded = AcceleratorState().distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if dtype is not None and is_adapter(config.method.name) and config.method.name != "qlora" and not sharded:
@@ -396,7 +391,6 @@ CPU_FORWARD_TOKENS = 1024
 
 def _pieces(examples: list, batch: list[list[int]], device) -> list[list[list[int]]]:
     """The micro-batch's rows in pieces for one forward/backward each (on CPU; whole elsewhere)."""
-
     if torch.device(device).type != "cpu":
         return [batch]
     widths = [sum(len(examples[i].input_ids) for i in row) for row in batch]
@@ -410,7 +404,6 @@ def train_step(accelerator, model, data: Data, window: list, packing: bool, pad_
     Gradients end up as d(summed loss over the window / the window's weight): every supervised
     token (SFT) or every pair (preference objectives) of the step weighs the same.
     """
-
     objective = objective or Objective()
     weight = sum(objective.weight(data.train, b) for b in window)
     supervised = sum(_supervised_count(data.train, b) for b in window)
@@ -441,7 +434,6 @@ def evaluate_loss(accelerator, model, examples: list, config: Config, pad_id: in
 def evaluate_held_out(accelerator, model, examples: list, config: Config, pad_id: int,
                       objective=None) -> tuple[float, dict]:
     """(held-out loss, the objective's statistics) over ``examples``, split across processes, in a fixed order."""
-
     objective = objective or Objective.of(config.method)
     batch_size = config.eval.batch_size or config.train.batch_size
     shard = (accelerator.process_index, accelerator.num_processes)
@@ -482,8 +474,6 @@ class PreparedRun:
 
 def prepare_run(config: Config) -> PreparedRun:
     """Checks, the base model's path and tokenizer, the tokenized data and the run plan; no weights loaded."""
-
-
     check_config(config)
     check_available(config.method)  # before any model is loaded
     check_trackers(config.output)  # a tracker asked for but not installed fails before any work
@@ -504,7 +494,6 @@ def prepare_run(config: Config) -> PreparedRun:
 
 def plan_run(config: Config, data: Data, facts, processes: int):
     """(the config with the plan's choices filled in, the RunPlan), using the loop's own epoch layout."""
-
     def steps_per_epoch(c: Config) -> int:
         layout = epoch_layout(data.train, c, epoch_seed(c.train.seed, 0))
         return len(windows(layout, c.train.grad_accum * processes, processes))
@@ -560,8 +549,6 @@ def finetune(config: Config, prepared: PreparedRun | None = None) -> TrainResult
 
 def _start(run: PreparedRun) -> Session:
     """Accelerator, run directory, model with its method, optimizer, schedule; resumed state; step-0 loss."""
-
-
     config, t = run.config, run.config.train
     # accelerate keeps its settings in a process-wide singleton that refuses a second, different
     # mixed_precision; clear them (not the process group) so finetune can run again in one process.
@@ -600,7 +587,6 @@ def _start(run: PreparedRun) -> Session:
 
 def _prepare_objective(model, run: PreparedRun, accelerator):
     """The run's Objective. Preference objectives: dropout off; DPO: its frozen reference (see objectives.py)."""
-
     config = run.config
     objective = Objective.of(config.method)
     if objective.preference:
@@ -653,7 +639,6 @@ def _train(s: Session) -> bool:
 
 def _optimizer_step(s: Session, window: list, stop_requested: bool) -> tuple[float, float, float, bool]:
     """Forward/backward over the window, checks, then the update: (loss, grad norm, lr, stop asked anywhere)."""
-
     state, t = s.state, s.run.config.train
     objective = s.objective
     sums = train_step(s.accelerator, s.model, s.run.data, window, s.run.config.data.packing, s.pad_id, objective)
@@ -708,7 +693,6 @@ def _checkpoint_due(config: Config, state: TrainState, improved: bool) -> bool:
 
 def _save_checkpoint(s: Session) -> Path:
     """Write a checkpoint; rotation never deletes it or the best one."""
-
     state = s.state
     path = ckpt.save_checkpoint(s.accelerator, s.model, s.optimizer, s.scheduler, asdict(state),
                                 s.run.config.to_yaml(), s.fingerprint, s.out)
@@ -721,7 +705,6 @@ def _save_checkpoint(s: Session) -> Path:
 
 def _finish(s: Session, started: float, stopped_early: bool) -> TrainResult:
     """The best weights when asked, the run directory, the plan's measured figures, the learning check."""
-
     config, state, plan = s.run.config, s.state, s.run.plan
     final_eval = state.last_eval_loss
     if config.eval.load_best and state.best_step is not None and state.best_step != state.step:
@@ -847,7 +830,6 @@ def _load_best(accelerator, model, path: Path) -> None:
 
 def _final_train_loss(out: Path, state: TrainState) -> float | None:
     """The mean train loss of the last metrics line (last log window)."""
-
     rows = [r for r in read_metrics(out / METRICS) if r.get("loss") is not None]
     return rows[-1]["loss"] if rows else None
 
@@ -860,7 +842,6 @@ def _progress(total: int, initial: int, enabled: bool):
 def _save_run(accelerator, model, tokenizer, config: Config, out: Path, *, base_path: Path, state: TrainState,
               data: Data, final_train, final_eval, n_total: int, n_trainable: int) -> None:
     """Final weights (adapter or full), tokenizer with its template, run info, card and loss plot."""
-
     unwrapped = accelerator.unwrap_model(model)
     assert_finite(unwrapped, state.step)
     state_dict = accelerator.get_state_dict(model)  # gathers shards under FSDP/DeepSpeed; every process calls it
