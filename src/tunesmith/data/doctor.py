@@ -17,7 +17,6 @@ common).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import time
@@ -31,6 +30,7 @@ from tunesmith.data.conversation import Conversation
 from tunesmith.data.pairs import SIDES, Pair, is_preference_data, read_pairs
 from tunesmith.data.readers import DataIssue, read_dataset
 from tunesmith.errors import TunesmithError, UsageError
+from tunesmith.output import progress_bar
 
 NEAR_DUPLICATE_JACCARD = 0.8  # of character 5-gram sets; rewordings of one example score well above it
 SHINGLE = 5
@@ -417,8 +417,8 @@ def _check_overlap(report: DataReport, convs, eval_files: list[str], format, col
 def _add_token_stats(report: DataReport, convs: list[Conversation], model: str | None, progress: bool) -> None:
     tokenizer = load_check_tokenizer(model, report.template)
     report.model = str(model or _default_model())
-    with _progress(progress, len(convs)) as advance:
-        tally = tally_tokens(convs, tokenizer, report.max_length, report.truncation, advance)
+    with progress_bar("tokenizing", len(convs), enabled=progress) as bar:
+        tally = tally_tokens(convs, tokenizer, report.max_length, report.truncation, bar.update)
     total = [p + r for p, r in zip(tally.prompt, tally.response, strict=True)]
     report.token_lengths = {**length_stats(total), "prompt": length_stats(tally.prompt),
                             "response": length_stats(tally.response)}
@@ -442,15 +442,6 @@ def _default_model() -> str:
     from tunesmith.models import DEFAULT_MODEL
 
     return DEFAULT_MODEL
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int):
-    """The tokenizing bar (output.progress_bar); yields ``advance(n)``."""
-    from tunesmith.output import progress_bar
-
-    with progress_bar("tokenizing", total, enabled=enabled) as bar:
-        yield bar.update
 
 
 # ---------------------------------------------------------------- preference pairs
@@ -580,8 +571,8 @@ def _count_pair_supervision(pair: Pair, side: str, encoded, tally: PairTally) ->
 def _add_pair_token_stats(report: DataReport, pairs: list[Pair], model: str | None, progress: bool) -> None:
     tokenizer = load_check_tokenizer(model, report.template)
     report.model = str(model or _default_model())
-    with _progress(progress, 2 * len(pairs)) as advance:
-        tally = tally_pair_tokens(pairs, tokenizer, report.max_length, report.truncation, advance)
+    with progress_bar("tokenizing", 2 * len(pairs), enabled=progress) as bar:
+        tally = tally_pair_tokens(pairs, tokenizer, report.max_length, report.truncation, bar.update)
     report.token_lengths = {**length_stats(tally.longest), "prompt": length_stats(tally.prompt),
                             "chosen": length_stats(tally.chosen), "rejected": length_stats(tally.rejected)}
     report.truncated, report.dropped, report.zero_supervised = tally.truncated, tally.dropped, tally.zero_supervised
