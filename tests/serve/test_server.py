@@ -48,16 +48,18 @@ def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> 
     raise TimeoutError(f"server at {url} did not become healthy in {timeout}s")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
+@contextlib.contextmanager
+def _served(model_dir, home, *flags: str, env: dict | None = None):
+    """`tunesmith serve MODEL FLAGS` in a subprocess on a free port (``env`` added to this one's);
+    yields (url, process) once healthy."""
     port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TUNESMITH_HOME=str(tmp_path_factory.mktemp("serve-home")))
-    process = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", str(tiny_model_dir), "--port", str(port)],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TUNESMITH_HOME=str(home), **(env or {}))
+    process = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", str(model_dir), "--port", str(port),
+                                *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process)
-        yield url
+        yield url, process
     finally:
         process.terminate()
         try:
@@ -65,6 +67,12 @@ def server(tiny_model_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             raise
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    with _served(tiny_model_dir, tmp_path_factory.mktemp("serve-home")) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -296,19 +304,10 @@ def test_serve_precision_bf16_serves_the_bf16_model(tiny_model_dir, tmp_path, se
     from tunesmith.inference import load_for_generation
 
     assert json.load(urllib.request.urlopen(server + "/stats", timeout=10))["precision"] == "fp32"  # the CPU default
-    port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TUNESMITH_HOME=str(tmp_path / "home"))
-    process = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", str(tiny_model_dir), "--port", str(port),
-                                "--precision", "bf16"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, process)
+    with _served(tiny_model_dir, tmp_path / "home", "--precision", "bf16") as (url, _):
         assert json.load(urllib.request.urlopen(url + "/stats", timeout=10))["precision"] == "bf16"
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         bf16 = load_for_generation(tiny_model_dir, "bf16")
         prompt = render_prompt(bf16.tokenizer, [{"role": "user", "content": QUESTIONS[0]}])
         expected = generate(bf16.model, bf16.tokenizer, [prompt], GenerationOptions(MAX_TOKENS))[0].text
         assert _ask(client, QUESTIONS[0]).choices[0].message.content == expected
-    finally:
-        process.terminate()
-        process.wait(timeout=30)

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -22,7 +19,7 @@ import openai
 import pytest
 import torch
 
-from tests.serve.test_server import QUESTIONS, _free_port, _wait_healthy, in_process_server
+from tests.serve.test_server import QUESTIONS, _served, in_process_server
 from tunesmith.inference import GenerationOptions, find_control_token, generate, render_prompt
 from tunesmith.models.load import load
 
@@ -124,18 +121,8 @@ def _rss_kb(pid: int) -> int:
 @pytest.fixture(scope="module")
 def keyed_server(tiny_model_dir, tmp_path_factory):
     """`tunesmith serve` in a subprocess, its key from TUNESMITH_API_KEY: (url, process)."""
-    port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TUNESMITH_API_KEY=KEY,
-               TUNESMITH_HOME=str(tmp_path_factory.mktemp("serve-home")))
-    process = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", str(tiny_model_dir), "--port", str(port)],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, process)
-        yield url, process
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with _served(tiny_model_dir, tmp_path_factory.mktemp("serve-home"), env={"TUNESMITH_API_KEY": KEY}) as served:
+        yield served
 
 
 def test_the_key_can_come_from_the_environment(keyed_server):
