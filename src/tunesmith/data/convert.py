@@ -270,11 +270,16 @@ PAIR_WRITERS = {"alpaca": pair_to_alpaca, "sharegpt": pair_to_sharegpt, "trl": p
 PAIR_TARGETS = tuple(PAIR_WRITERS)
 
 
+def check_pair_target(to: str, where: str) -> None:
+    """Refuse a supervised layout for preference pairs read from ``where``."""
+    if to not in PAIR_WRITERS:
+        raise UsageError(f"{where} holds preference pairs, and {to} is a layout for supervised examples; "
+                         f"pairs convert to one of {', '.join(PAIR_TARGETS)}")
+
+
 def convert_pairs(pairs: list[Pair], to: str, *, system_prompt: str | None = None) -> list[dict]:
     """Rows of preference layout ``to``; every pair that does not fit is named in one ConversionError."""
-    if to not in PAIR_WRITERS:
-        raise UsageError(f"{to} is a layout for supervised examples; preference pairs convert to one of "
-                         f"{', '.join(PAIR_TARGETS)}")
+    check_pair_target(to, ", ".join(dict.fromkeys(pair.source for pair in pairs if pair.source)) or "the input")
     rows, problems = [], []
     for pair in pairs:
         if system_prompt:
@@ -338,9 +343,7 @@ def _convert_file(args, labels) -> tuple[list[dict], dict]:
 def _convert_pair_file(args, labels) -> tuple[list[dict], dict]:
     if labels is not None:
         raise UsageError("--labels is for seed-instruction, a layout for supervised examples, not for pairs")
-    if args.to not in PAIR_WRITERS:  # refused before reading
-        raise UsageError(f"{args.file} holds preference pairs, and {args.to} is a layout for supervised examples; "
-                         f"pairs convert to one of {', '.join(PAIR_TARGETS)}")
+    check_pair_target(args.to, args.file)  # before reading
     result = read_pairs(args.file, format=args.format, columns=args.columns, encoding=args.encoding)
     if result.errors:
         raise DataError(result.errors)
