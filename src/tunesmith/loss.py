@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tunesmith.attention import PACKED_SDPA
 from tunesmith.data.tokenize import IGNORE
 
 CHUNK_TOKENS = 1024
@@ -168,8 +169,6 @@ def model_inputs(model, batch: dict) -> dict:
     flash-attention and attention.PACKED_SDPA (what training uses in place of sdpa) take no mask and
     find the packed examples from the restarting position_ids.
     """
-    from tunesmith.attention import PACKED_SDPA
-
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
