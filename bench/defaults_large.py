@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tunesmith.train.rundir import METRICS, read_metrics
+from tunesmith.run import METRICS, read_metrics
 
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "alpaca_en_demo.json"
 OLD_DEFAULTS = ["--batch-size", "4", "--grad-accum", "4", "--lr", "2e-4", "--train.warmup_ratio", "0.03",

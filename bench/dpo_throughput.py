@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.train.rundir import METRICS, read_metrics
+from tunesmith.run import METRICS, read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from preference_pairs import write_pairs  # noqa: E402

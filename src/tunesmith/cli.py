@@ -344,11 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         from tunesmith.errors import TunesmithError, report_error
+        from tunesmith.models.resolve import cache_root
 
         if os.environ.get("TUNESMITH_DEBUG") and not isinstance(exc, TunesmithError):
             raise
         # A user error is one message; a bug is one line naming its saved traceback, never a dump.
-        return report_error(exc, argv)
+        return report_error(exc, argv, crash_dir=cache_root() / "crash-reports")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ from typing import Any
 import yaml
 
 from tunesmith.errors import UsageError
-from tunesmith.models.resolve import DEFAULT_MODEL
+
+# The embedded default (models.resolve's alias table says where its weights come from).
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, *, minimum: float | None = None,

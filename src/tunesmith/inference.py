@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from tunesmith.data.prompt import render_prompt  # noqa: F401  (generate, chat and serve render through it)
 from tunesmith.data.templates import END_OF_TURN_TOKENS, find_control_token  # noqa: F401
+from tunesmith.errors import UsageError
+from tunesmith.models.load import default_device, load
 
 # --precision of eval and generate. auto: bf16 where the hardware computes it natively, else fp32.
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -43,9 +45,6 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
 
 def generation_dtype(precision: str = "auto", device: str | torch.device | None = None) -> torch.dtype:
     """The dtype to generate in for ``precision`` (one of PRECISIONS) on ``device`` (default: the default device)."""
-    from tunesmith.errors import UsageError
-    from tunesmith.models.load import default_device
-
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision == "auto":
@@ -67,8 +66,6 @@ def for_generation(model, precision: str = "auto"):
 def load_for_generation(name_or_run, precision: str | None = "auto", *, allow_pickle: bool = False):
     """``models.load`` for generate, chat and serve: in ``precision`` (see ``for_generation``), or with
     ``precision=None`` as loaded (fp32 on CPU, bf16 on a GPU that has it)."""
-    from tunesmith.models.load import load
-
     loaded = load(name_or_run, dtype=torch.float32 if precision == "fp32" else None, allow_pickle=allow_pickle)
     if precision is not None:
         loaded.model = for_generation(loaded.model, precision)

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.attention import PACKED_SDPA
+from tunesmith.data.packing import collate_padded, collate_pairs
 from tunesmith.data.tokenize import IGNORE
+from tunesmith.output import progress_bar
 
 CHUNK_TOKENS = 1024
 # The frozen-head path keeps nothing of a chunk but its gradient, so smaller chunks only cut the peak
@@ -49,8 +51,6 @@ def sum_nll(model, examples: Sequence, batch_size: int, pad_id: int | None, *, d
     Examples go in length-sorted, right-padded batches of ``batch_size`` (similar lengths: little padding).
     ``shard=(index, count)``: only every count-th batch from ``index`` (the others run in other processes;
     their sums add up). ``on_batch(n)`` is called after each batch of n examples (a progress bar)."""
-    from tunesmith.data.packing import collate_padded
-
     pad_id = 0 if pad_id is None else pad_id  # any id works: padding is masked out of attention and loss
     device = device if device is not None else model.device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
@@ -197,3 +197,27 @@ def sequence_logps(model, batch: dict, sequences: int) -> tuple[torch.Tensor, to
     logps = torch.zeros(sequences, dtype=nll.dtype, device=nll.device).index_add(0, owner, -nll)
     counts = torch.zeros(sequences, dtype=torch.long, device=nll.device).index_add(0, owner, torch.ones_like(owner))
     return logps, counts
+
+
+@torch.no_grad()
+def side_logps(model, pairs: Sequence, pad_id: int, *, batch_size: int = 4,
+               autocast: Callable = nullcontext, progress: bool = True,
+               desc: str = "log-probs") -> list[tuple[float, float]]:
+    """(chosen, rejected) summed answer log-probabilities of each pair under ``model`` as it is (eval mode).
+
+    Pairs go in a fixed order and fixed padded batches, so the same model always gives the same values."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[tuple[float, float]] = []
+    with progress_bar(desc, len(pairs), enabled=progress, unit="pair", keep=True) as bar:
+        for start in range(0, len(pairs), batch_size):
+            chunk = list(range(start, min(start + batch_size, len(pairs))))
+            inputs = collate_pairs(pairs, [[i] for i in chunk], False, pad_id)
+            with autocast():
+                logps, _ = sequence_logps(model, {k: v.to(device) for k, v in inputs.items()}, 2 * len(chunk))
+            values = logps.double().cpu().tolist()
+            out += [(values[2 * k], values[2 * k + 1]) for k in range(len(chunk))]
+            bar.update(len(chunk))
+    model.train(was_training)
+    return out

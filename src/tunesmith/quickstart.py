@@ -20,8 +20,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tunesmith.models.resolve import DEFAULT_MODEL, resolve
+from tunesmith.config import DEFAULT_MODEL, load_config
+from tunesmith.data.doctor import check_data, print_report
+from tunesmith.evaluate.pipeline import evaluate
+from tunesmith.models.resolve import resolve
 from tunesmith.output import fmt_delta, fmt_number
+from tunesmith.train.loop import finetune, prepare_run
 
 
 def write_identity_data(out_dir: Path, name: str, author: str) -> tuple[Path, Path]:
@@ -52,11 +56,6 @@ def train_overrides(model: str, train_file: Path, eval_file: Path, run_dir: Path
 
 def quickstart(name: str = "Aurora", author: str = "the tunesmith community", out: str | None = None,
                model: str | None = None, max_steps: int | None = None) -> Path:
-    from tunesmith.config import load_config
-    from tunesmith.data.doctor import check_data, print_report
-    from tunesmith.evaluate.pipeline import evaluate
-    from tunesmith.train.loop import finetune, prepare_run
-
     console = Console()
     started = time.perf_counter()
     model = model or DEFAULT_MODEL

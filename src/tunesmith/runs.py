@@ -1,6 +1,6 @@
 """`tunesmith runs [DIR]`: every run directory under DIR with its status, method, data, steps and losses.
 
-Everything is read from the files a run writes (train/rundir.py, train/plan.py, train/checkpoint.py),
+Everything is read from the files a run writes (run.py, train/plan.py, train/checkpoint.py),
 so a run started from a terminal, a script or the web UI is listed alike. The status:
 
 - finished: the run wrote its ``tunesmith.json`` (the last thing training writes).
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from tunesmith.train.checkpoint import checkpoints_dir, list_checkpoints
+from tunesmith.output import fmt_number, print_json, print_table
+from tunesmith.run import CONFIG, METRICS, RUN_INFO, checkpoints_dir, list_checkpoints, read_metrics
 from tunesmith.train.plan import PLAN_FILE
-from tunesmith.train.rundir import CONFIG, METRICS, RUN_INFO, read_metrics
 
 PROCESS_FILE = "process.json"  # the UI's record of the child it started here: pid, command, exit code
 STATUSES = ("running", "finished", "stopped", "failed")
@@ -207,15 +207,11 @@ COLUMNS = ["name", "status", "method", "data", "steps", "train loss", "eval loss
 
 
 def table_rows(runs: list[RunSummary]) -> list[list[str]]:
-    from tunesmith.output import fmt_number
-
     return [[r.name, r.status, r.method or "", ",".join(r.data), f"{r.steps}/{r.total_steps or '?'}",
              fmt_number(r.train_loss), fmt_number(r.eval_loss), r.path] for r in runs]
 
 
 def print_runs(root: str | Path = "runs", as_json: bool = False) -> int:
-    from tunesmith.output import print_json, print_table
-
     runs = list_runs(root)
     if as_json:
         print_json({"root": str(root), "runs": [r.to_dict() for r in runs]})

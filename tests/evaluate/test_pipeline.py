@@ -186,7 +186,7 @@ def test_perplexity_cuts_examples_at_the_runs_max_length_for_the_run_and_its_bas
 
 def test_a_run_records_the_max_length_eval_cuts_at(tmp_path):
     from tunesmith.config import load_config
-    from tunesmith.train.rundir import write_run_info
+    from tunesmith.run import write_run_info
 
     config = load_config(None, ["data.max_length=96"])
     info = write_run_info(tmp_path, config, base_model_path=tmp_path, steps=1, data_fingerprint="x",

@@ -11,6 +11,7 @@ from tests.conftest import write_jsonl
 from tests.evaluate.test_pipeline import QA, make_lora_run
 from tunesmith import inference
 from tunesmith.errors import UsageError
+from tunesmith.evaluate import pipeline
 from tunesmith.evaluate.pipeline import evaluate
 from tunesmith.inference import for_generation, generation_dtype, native_bf16, precision_name
 
@@ -67,7 +68,7 @@ def generation_dtypes(monkeypatch):
         seen.append(model.dtype)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "generate", spy)
+    monkeypatch.setattr(pipeline, "generate", spy)  # the name the eval pipeline calls
     return seen
 
 

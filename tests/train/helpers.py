@@ -37,6 +37,6 @@ def tiny_config(model_dir: Path, data: Path, out: Path, **extra):
 
 
 def read_losses(run_dir: Path) -> list[float]:
-    from tunesmith.train.rundir import read_metrics
+    from tunesmith.run import read_metrics
 
     return [r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]  # step 0: eval only

@@ -106,7 +106,7 @@ def test_fingerprint_leaves_out_exactly_the_fields_that_do_not_change_what_is_le
 def test_bounds_and_choices_are_declared_with_their_fields():
     from tunesmith.config import ADAPTER_METHODS, check_config, choices, minimum
     from tunesmith.data.tokenize import TRUNCATION_POLICIES
-    from tunesmith.train.methods import is_adapter
+    from tunesmith.run import is_adapter
 
     assert choices("data.truncation") == TRUNCATION_POLICIES
     assert all(is_adapter(m) == (m in ADAPTER_METHODS) for m in choices("method.name"))

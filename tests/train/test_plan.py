@@ -15,7 +15,7 @@ from tests.train.helpers import chat_rows, tiny_config, tiny_overrides, write_ch
 from tunesmith.config import load_config
 from tunesmith.data.tokenize import IGNORE, Encoded
 from tunesmith.train.loop import Data, finetune, lr_factor, plan_run
-from tunesmith.train.plan import MIN_STEPS, ModelFacts, default_lr, examples_per_step
+from tunesmith.train.plan import MIN_STEPS, ModelFacts, default_lr, examples_per_step, lr_steps
 
 SMOLLM = ModelFacts(params=135_000_000, hidden_size=576, model_type="llama")
 
@@ -65,6 +65,16 @@ def test_the_issue_case_plans_four_steps_and_says_it_cannot_teach():
     assert any("only 4 optimizer steps" in w for w in plan.warnings)
     assert any("learning rate x steps" in w for w in plan.warnings)
     assert any(line.startswith("WARNING: only 4 optimizer steps") for line in plan.lines())
+
+
+def test_lr_times_steps_counts_a_run_shorter_than_its_warmup():
+    """50 steps into a 100-step warmup at 2e-4: the rate climbs to 1e-4, summing to 2e-4 * 50^2 / 200."""
+    assert lr_steps(2e-4, 50, 100) == pytest.approx(2e-4 * 12.5)
+    assert lr_steps(2e-4, 100, 100) == pytest.approx(2e-4 * 50)  # the warmup's half, as for a longer run
+    assert lr_steps(2e-4, 300, 100) == pytest.approx(2e-4 * 250)
+    assert lr_steps(2e-4, 40, 0) == pytest.approx(2e-4 * 40)
+    _, plan = _plan(60, 40, train__lr=2e-4, train__max_steps=50, train__warmup_steps=100)
+    assert any("learning rate x steps = 0.0025," in w for w in plan.warnings), plan.warnings
 
 
 def test_user_values_win_and_only_the_rest_is_chosen():

@@ -118,3 +118,26 @@ def test_rotation_keeps_the_best_and_the_newest(tmp_path):
     with pytest.warns(UserWarning, match="incomplete"):
         assert find_resume(tmp_path, "auto").name == "step-40"
     assert rotate(tmp_path, 1, keep={best}) == []  # the best and the newest both stay, even over the limit
+
+
+@pytest.mark.slow  # five CLI processes
+def test_generate_and_eval_on_a_stopped_run_name_its_step_and_the_resume_command(tiny_model_dir, chat_file,
+                                                                                   tmp_path):
+    run = tmp_path / "stopped"
+    flags = _flags(tiny_overrides(tiny_model_dir, chat_file, run, output__save_every=5))
+    assert _train_cli(flags, TUNESMITH_TEST_KILL="after-checkpoint:5").returncode == -signal.SIGKILL
+    step5 = run / "checkpoints" / "step-5"
+    for command in (["generate", str(run), "--prompt", "hi"], ["eval", str(run), "--data", str(chat_file)]):
+        out = subprocess.run([sys.executable, "-m", "tunesmith.cli", *command], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode != 0
+        assert f"{run} is a run that stopped at step 5 before saving its model" in out.stderr, out.stderr
+        assert f"resume it with `tunesmith train {step5 / 'config.yaml'} --resume auto`" in out.stderr
+        assert "not a model directory" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "tunesmith.cli", "generate", str(step5), "--prompt", "hi"],
+                         capture_output=True, text=True, timeout=120)
+    assert f"{step5} is a training checkpoint, not a model" in out.stderr, out.stderr
+    # The command it names continues the run to the end.
+    resumed = _train_cli([str(step5 / "config.yaml"), "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr and (run / "adapter_model.safetensors").is_file()

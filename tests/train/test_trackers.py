@@ -15,8 +15,8 @@ import pytest
 
 from tests.train.helpers import tiny_config
 from tunesmith.errors import UsageError
+from tunesmith.run import read_metrics, tracker_names
 from tunesmith.train.loop import finetune
-from tunesmith.train.rundir import read_metrics, tracker_names
 
 NUMERIC = ("loss", "lr", "grad_norm", "tokens", "supervised_tokens")
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tunesmith.data.conversation import Conversation
+from tunesmith.data.readers import load_conversations
 from tunesmith.data.templates import apply_template
 from tunesmith.data.tokenize import Encoded, EncodeOptions, EncodeResult, encode_all
 from tunesmith.models.resolve import cache_root
@@ -51,8 +52,6 @@ def encode_cached(data: Sequence[Conversation] | str | os.PathLike | Sequence[st
         print(f"using cached tokenized data: {len(result.examples)} examples from {entry}", file=sys.stderr)
         return result
     if paths is not None:
-        from tunesmith.data.readers import load_conversations
-
         data = load_conversations(paths, format=format, columns=columns)
     result = encode_all(list(data), tokenizer, options, progress=progress)
     _save(entry, result)

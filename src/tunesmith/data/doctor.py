@@ -29,8 +29,12 @@ from tunesmith.config import minimum
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.pairs import SIDES, Pair, is_preference_data, read_pairs
 from tunesmith.data.readers import DataIssue, read_dataset
+from tunesmith.data.templates import apply_template
+from tunesmith.data.tokenize import IGNORE, EncodeOptions, encode, encode_all
 from tunesmith.errors import TunesmithError, UsageError
-from tunesmith.output import progress_bar
+from tunesmith.models import DEFAULT_MODEL, resolve
+from tunesmith.models.load import load_tokenizer
+from tunesmith.output import finish_report, json_stdout, progress_bar, stdout_console
 
 NEAR_DUPLICATE_JACCARD = 0.8  # of character 5-gram sets; rewordings of one example score well above it
 SHINGLE = 5
@@ -243,10 +247,6 @@ class TokenTally:
 
 def load_check_tokenizer(model: str | None, template: str | None):
     """The tokenizer (never the weights) with the chat template training would use."""
-    from tunesmith.data.templates import apply_template
-    from tunesmith.models import DEFAULT_MODEL, resolve
-    from tunesmith.models.load import load_tokenizer
-
     tokenizer = load_tokenizer(resolve(model or DEFAULT_MODEL))
     apply_template(tokenizer, template)
     return tokenizer
@@ -255,8 +255,6 @@ def load_check_tokenizer(model: str | None, template: str | None):
 def encode_each(convs: list[Conversation], tokenizer, options, on_chunk=None):
     """(conv, Encoded or DataIssue) for every conversation, in chunks; a conversation the template
     refuses becomes an error at its row instead of stopping the check."""
-    from tunesmith.data.tokenize import encode, encode_all
-
     for begin in range(0, len(convs), ENCODE_CHUNK):
         chunk = convs[begin:begin + ENCODE_CHUNK]
         try:
@@ -282,8 +280,6 @@ def _encode_or_issue(encode, conv: Conversation, tokenizer, options):
 
 def tally_tokens(convs: list[Conversation], tokenizer, max_length: int | None, truncation: str,
                  on_chunk=None) -> TokenTally:
-    from tunesmith.data.tokenize import EncodeOptions, encode
-
     whole = EncodeOptions()
     policy = EncodeOptions(max_length=max_length, truncation=truncation) if max_length else None
     tally = TokenTally()
@@ -331,8 +327,6 @@ def _count_supervision(conv: Conversation, encoded, tally: TokenTally) -> None:
 
 def mask_preview(conv: Conversation, encoded, tokenizer) -> dict:
     """The rendered example as runs of tokens that are / are not in the loss."""
-    from tunesmith.data.tokenize import IGNORE
-
     segments: list[dict] = []
     run: list[int] = []
     flags = [label != IGNORE for label in encoded.labels]
@@ -433,14 +427,10 @@ def _add_token_stats(report: DataReport, convs: list[Conversation], model: str |
 
 
 def _whole_options():
-    from tunesmith.data.tokenize import EncodeOptions
-
     return EncodeOptions()
 
 
 def _default_model() -> str:
-    from tunesmith.models import DEFAULT_MODEL
-
     return DEFAULT_MODEL
 
 
@@ -510,8 +500,6 @@ class PairTally:
 def tally_pair_tokens(pairs: list[Pair], tokenizer, max_length: int | None, truncation: str,
                       on_chunk=None) -> PairTally:
     """Token lengths of both sides of every pair, and what ``max_length`` would cut on each side."""
-    from tunesmith.data.tokenize import EncodeOptions, encode
-
     policy = EncodeOptions(max_length=max_length, truncation=truncation) if max_length else None
     sides = [c for p in pairs for c in (p.chosen_conversation(), p.rejected_conversation())]
     encoded = encode_each(sides, tokenizer, EncodeOptions(), on_chunk)
@@ -592,8 +580,6 @@ def _add_pair_token_stats(report: DataReport, pairs: list[Pair], model: str | No
 
 
 def run_check_command(args) -> int:
-    from tunesmith.output import finish_report, json_stdout
-
     with json_stdout(args.json):
         report = check_data(args.files, model=args.model, max_length=args.max_length, truncation=args.truncation,
                             template=args.template, eval_files=args.eval_files, format=args.format,
@@ -610,7 +596,6 @@ LISTED_ERRORS, LISTED_WARNINGS, LISTED_GROUPS, PREVIEW_SEGMENT_CHARS = 50, 20, 1
 def print_report(report: DataReport, console=None) -> None:
     from rich.markup import escape
 
-    from tunesmith.output import stdout_console
 
     # Lines that name files are soft-wrapped: rich never breaks them, so a path stays whole in a pipe.
     console = console or stdout_console()

@@ -124,3 +124,18 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int) -
         batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def collate_pairs(pairs: Sequence, batch: list[list[int]], packing: bool, pad_id: int) -> dict:
+    """Tensors for a micro-batch of preference pairs (``data.pairs.EncodedPair``; rows of pair indices) with ``seq_ids``: 2k is pair k's chosen
+    side and 2k + 1 its rejected side, pairs numbered in row order."""
+    rows = [[side for i in row for side in pairs[i].sides] for row in batch]
+    if packing:
+        out = collate_packed(rows, pad_id)
+        segments = out.pop("segment_ids")
+        first = torch.tensor([0] + [len(row) for row in rows[:-1]]).cumsum(0)  # sequences before each row
+        out["seq_ids"] = torch.where(segments > 0, segments - 1 + first[:, None], -1)
+        return out
+    out = collate_padded([side for row in rows for side in row], pad_id)
+    out["seq_ids"] = torch.where(out["attention_mask"] > 0, torch.arange(len(out["input_ids"]))[:, None], -1)
+    return out

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from tunesmith.data import textfiles
 from tunesmith.data.conversation import Conversation, Message, location, openai_tools
+from tunesmith.data.prompt import with_system_prompt
 from tunesmith.data.readers import (
     ALPACA_FIELDS,
     FORMATS,
@@ -56,7 +58,9 @@ from tunesmith.data.readers import (
     raw_rows,
     rename_columns,
 )
+from tunesmith.data.tokenize import Encoded, encode
 from tunesmith.errors import UsageError
+from tunesmith.output import progress_bar
 
 PAIR_FORMATS = ("alpaca", "sharegpt", "trl", "openai-preference")
 SIDES = ("chosen", "rejected")
@@ -468,8 +472,55 @@ def encode_pair(pair: Pair, tokenizer, options):
     """(chosen, rejected) `tokenize.Encoded`, each labelled on its response only; None when the "drop" policy
     drops either side (a pair is kept or dropped whole). Each side is cut as `tokenize.encode` cuts it, so
     with truncate_prompt the two sides may keep different amounts of a long prompt."""
-    from tunesmith.data.tokenize import encode
-
     chosen = encode(pair.chosen_conversation(), tokenizer, options)
     rejected = encode(pair.rejected_conversation(), tokenizer, options)
     return None if chosen is None or rejected is None else (chosen, rejected)
+
+
+# ---------------------------------------------------------------- pairs as the loop sees them
+
+
+@dataclass
+class EncodedPair:
+    """Both sides of a preference pair, tokenized; the loop lays pairs out like SFT examples."""
+
+    chosen: Encoded
+    rejected: Encoded
+    source: str = ""
+    line: int = 0
+    reference: tuple[float, float] | None = None  # (chosen, rejected) log-probabilities under the reference (DPO)
+
+    @property
+    def sides(self) -> tuple[Encoded, Encoded]:
+        return self.chosen, self.rejected
+
+    @property
+    def input_ids(self) -> list[int]:  # both sides: what the pair takes in a packed row
+        return self.chosen.input_ids + self.rejected.input_ids
+
+    @property
+    def labels(self) -> list[int]:
+        return self.chosen.labels + self.rejected.labels
+
+    @property
+    def num_supervised(self) -> int:
+        return self.chosen.num_supervised + self.rejected.num_supervised
+
+
+def encode_pairs(pairs: Sequence, tokenizer, options, system_prompt: str | None, what: str,
+                 progress: bool = True) -> tuple[list[EncodedPair], list[str]]:
+    """Both sides of each ``data.pairs.Pair`` encoded with only the answer supervised, and where the pairs that
+    could not be kept are (a side dropped by truncation=drop, or left with no supervised token)."""
+    options = replace(options, last_turn_only=True, train_on_prompt=False)
+    kept, lost = [], []
+    with progress_bar(f"tokenizing {what}", len(pairs), enabled=progress and len(pairs) >= 500, unit="pair",
+                      keep=True) as bar:
+        for pair in pairs:
+            pair = replace(pair, prompt=with_system_prompt([pair.prompt], system_prompt)[0])
+            sides = encode_pair(pair, tokenizer, options)
+            bar.update(1)
+            if sides is None or not all(side.num_supervised for side in sides):
+                lost.append(pair.where)
+                continue
+            kept.append(EncodedPair(*sides, source=sides[0].source, line=sides[0].line))
+    return kept, lost

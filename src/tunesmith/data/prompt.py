@@ -24,11 +24,7 @@ from tunesmith.data.conversation import Conversation, Message, openai_tools
 from tunesmith.data.templates import apply_template, current_template
 from tunesmith.data.tokenize import generation_prompt
 from tunesmith.errors import UsageError
-
-
-def run_system_prompt(run_info: dict | None) -> str | None:
-    """The system prompt a run was trained with (None: whatever the template inserts)."""
-    return (run_info or {}).get("system_prompt")
+from tunesmith.run import run_system_prompt
 
 
 def with_system_prompt(conversations: Iterable[Conversation], system_prompt: str | None) -> list[Conversation]:
@@ -68,18 +64,14 @@ def render_prompt(tokenizer, source: Conversation | Sequence[dict], run_info: di
     return generation_prompt(conv, tokenizer)
 
 
-def ensure_template(tokenizer, fallback_dir: Path | str | None = None) -> None:
-    """A tokenizer without a chat template gets the one saved in ``fallback_dir`` (a compared run), else
-    the built-in fallback training uses."""
+def ensure_template(tokenizer, fallback: str | None = None) -> None:
+    """A tokenizer without a chat template gets ``fallback`` (the template of a compared run, which the
+    caller reads from its tokenizer), else the built-in fallback training uses."""
     if current_template(tokenizer):
         return
-    if fallback_dir is not None:
-        from tunesmith.models.load import load_tokenizer
-
-        template = current_template(load_tokenizer(fallback_dir))
-        if template:
-            tokenizer.chat_template = template
-            return
+    if fallback:
+        tokenizer.chat_template = fallback
+        return
     apply_template(tokenizer, None)
 
 

@@ -35,6 +35,7 @@ from tunesmith.config import choices
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.templates import END_OF_TURN_TOKENS, current_template, find_control_token, template_label
 from tunesmith.errors import TunesmithError, UsageError
+from tunesmith.output import progress_bar
 
 IGNORE = -100  # the label cross-entropy skips (PyTorch's ignore_index)
 TRUNCATION_POLICIES = choices("data.truncation")
@@ -344,8 +345,6 @@ def _require_fast(tokenizer) -> None:
 def encode_all(convs: Sequence[Conversation], tokenizer, options: EncodeOptions, progress: bool = True,
                chunk_size: int = 256) -> EncodeResult:
     """Encode every conversation (in batches, with a progress bar), counting drops and truncations."""
-    from tunesmith.output import progress_bar
-
     result = EncodeResult(examples=[])
     with progress_bar("tokenizing", len(convs), enabled=progress) as bar:
         for begin in range(0, len(convs), chunk_size):

@@ -12,7 +12,9 @@ import types
 
 class _CallablePackage(types.ModuleType):
     def __call__(self, *args, **kwargs):
-        from tunesmith.evaluate.pipeline import evaluate
+        from tunesmith.evaluate.pipeline import (
+            evaluate,  # deferred: the pipeline imports torch; metrics need not
+        )
 
         return evaluate(*args, **kwargs)
 

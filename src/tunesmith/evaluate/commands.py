@@ -4,12 +4,13 @@ score a predictions file."""
 from __future__ import annotations
 
 from tunesmith.errors import UsageError
+from tunesmith.evaluate.harness import evaluate_harness, resolve_tasks
+from tunesmith.evaluate.pipeline import evaluate, score_file
+from tunesmith.evaluate.report import SETTINGS, lower_is_better, metrics_document
 from tunesmith.output import fmt_delta, fmt_number, json_stdout, print_json, print_table, stdout_console
 
 
 def run_eval_command(args) -> int:
-    from tunesmith.evaluate.report import metrics_document
-
     if args.predictions:
         _refuse(args, "model", "data", "compare", "harness")
     elif not args.model or not (args.data or args.harness):
@@ -26,15 +27,11 @@ def run_eval_command(args) -> int:
 
 
 def _run(args):
-    from tunesmith.evaluate.pipeline import evaluate, score_file
-
     if args.predictions:
         return score_file(args.predictions, metrics=args.metrics, labels=args.labels, out=args.out,
                           jieba=args.jieba, bertscore_model=args.bertscore_model, encoding=args.encoding)
     tasks = None
     if args.harness:
-        from tunesmith.evaluate.harness import resolve_tasks
-
         tasks = resolve_tasks(args.harness)  # a task name's typo fails before minutes of generation
     result = None
     if args.data:
@@ -43,8 +40,6 @@ def _run(args):
                           temperature=args.temperature, top_p=args.top_p, limit=args.limit, jieba=args.jieba,
                           bertscore_model=args.bertscore_model, encoding=args.encoding, precision=args.precision)
     if tasks:
-        from tunesmith.evaluate.harness import evaluate_harness
-
         result = evaluate_harness(args.model, tasks, compare=args.compare, out=args.out, limit=args.harness_limit,
                                   fewshot=args.harness_fewshot, batch_size=args.batch_size or 8,
                                   chat_template=args.harness_chat_template, into=result)
@@ -75,8 +70,6 @@ def _check_harness_flags(args) -> None:
 
 def print_summary(result) -> None:
     """The metrics table (with the compared model and deltas) and where the report went."""
-    from tunesmith.evaluate.report import SETTINGS, lower_is_better
-
     compared = result.compare_metrics is not None
     columns = ["metric", "model"] + ([result.compare, "delta"] if compared else [])
     rows = []

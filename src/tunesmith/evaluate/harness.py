@@ -33,7 +33,13 @@ from pathlib import Path
 
 import yaml
 
+from tunesmith.data.prompt import ensure_template, run_system_prompt
+from tunesmith.data.templates import current_template
 from tunesmith.errors import TunesmithError, UsageError
+from tunesmith.evaluate.pipeline import EvalResult, compare_target, metric_deltas, report_dir
+from tunesmith.evaluate.report import write_report
+from tunesmith.models.load import load, read_run_info
+from tunesmith.models.resolve import resolve
 
 INSTALL = "pip install 'tunesmith[harness]'"
 LIST_TASKS = "`lm-eval ls tasks` (older lm-eval: `lm-eval --tasks list`)"
@@ -160,9 +166,6 @@ def score_model(name: str, tasks: HarnessTasks, *, chat_template: bool | None, l
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from tunesmith.data.prompt import ensure_template, run_system_prompt
-    from tunesmith.data.templates import current_template
-    from tunesmith.models.load import load
 
     loaded = load(name)
     chat = bool(current_template(loaded.tokenizer)) if chat_template is None else chat_template
@@ -228,8 +231,6 @@ def _finite(value) -> bool:
 
 def harness_deltas(model: dict, compared: dict) -> dict:
     """Model minus compared for the scores themselves (not their standard errors or example counts)."""
-    from tunesmith.evaluate.pipeline import metric_deltas
-
     return {key: delta for key, delta in metric_deltas(model, compared).items()
             if not key.endswith(("_stderr", "/n"))}
 
@@ -246,8 +247,6 @@ def evaluate_harness(model: str, tasks: str | Sequence[str] | HarnessTasks, *, c
     task's own). ``into``: an EvalResult of pipeline.evaluate on the same model and ``compare``; the
     harness scores join its metrics, and its report (when it wrote one) is written again with them.
     """
-    from tunesmith.evaluate.pipeline import EvalResult, compare_target, report_dir
-
     if batch_size < 1 or (limit is not None and limit < 1) or (fewshot is not None and fewshot < 0):
         raise UsageError(f"batch size and limit must be at least 1 and few-shot at least 0, not {batch_size}, "
                          f"{limit} and {fewshot}")
@@ -270,21 +269,15 @@ def evaluate_harness(model: str, tasks: str | Sequence[str] | HarnessTasks, *, c
     result.options["harness"] = {"tasks": tasks.given, "task_names": tasks.names, **options, **how,
                                  "lm_eval_version": _lm_eval_version()}
     if out_dir:
-        from tunesmith.evaluate.report import write_report
-
         result.paths = write_report(result, out_dir)
     return result
 
 
 def _resolved(model: str) -> Path:
-    from tunesmith.models.resolve import resolve
-
     return resolve(model)
 
 
 def _run_info(model: str) -> dict:
-    from tunesmith.models.load import read_run_info
-
     return read_run_info(_resolved(model))
 
 

@@ -25,7 +25,16 @@ from functools import lru_cache
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError, UsageError
-from tunesmith.evaluate.text import contains_han, is_cjk_token, kana_share, normalize, term_pattern, tokens
+from tunesmith.evaluate.text import (
+    contains_han,
+    is_cjk_token,
+    kana_share,
+    length,
+    normalize,
+    term_pattern,
+    tokens,
+)
+from tunesmith.models.resolve import ALIASES, DEFAULT_ENCODER, resolve
 from tunesmith.output import progress_bar
 
 DEFAULT_METRICS = ["rouge", "bleu", "chrf", "exact_match", "length", "repetition"]
@@ -167,8 +176,6 @@ def exact_match(predictions, references) -> float:
 
 def lengths(predictions, references) -> dict:
     """Mean lengths in language-aware units (CJK characters, words) and their ratio (pred/ref)."""
-    from tunesmith.evaluate.text import length
-
     predictions, references = _check_pairs(predictions, references)
     pred_mean = _mean(map(length, predictions))
     ref_mean = _mean(map(length, references))
@@ -246,7 +253,6 @@ def bertscore_baseline(model: str, lang: str, baseline_path=None) -> Path:
     """The rescaling baseline file: given, or shipped with bert-score for (lang, hub id); else an error."""
     import bert_score
 
-    from tunesmith.models.resolve import ALIASES
 
     if baseline_path is not None:
         path = Path(baseline_path)
@@ -282,8 +288,6 @@ def bertscore(predictions, references, *, model: str | None = None, num_layers: 
     rescaled with bert-score's formula, (x - baseline) / (1 - baseline), and a missing baseline
     is an error, never silently unrescaled numbers.
     """
-    from tunesmith.models.resolve import DEFAULT_ENCODER, resolve
-
     predictions, references = _check_pairs(predictions, references)
     model = model or DEFAULT_ENCODER
     lang = lang or ("zh" if any(contains_han(r) for r in references) else "en")

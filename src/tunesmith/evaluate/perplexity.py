@@ -15,7 +15,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from tunesmith.data.conversation import Conversation
+from tunesmith.data.tokenize import EncodeOptions, encode_all
 from tunesmith.errors import UsageError
+from tunesmith.loss import sum_nll
+from tunesmith.output import progress_bar
 
 
 @dataclass
@@ -36,8 +39,6 @@ def perplexity(model, tokenizer, conversations: Sequence[Conversation], *, batch
 
     The tokenizer must carry the chat template the model is used with (a run's saved tokenizer does).
     """
-    from tunesmith.data.tokenize import EncodeOptions, encode_all
-
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, not {batch_size}")
     encoded = encode_all(conversations, tokenizer, EncodeOptions(max_length=max_length), progress=progress)
@@ -52,8 +53,5 @@ def perplexity(model, tokenizer, conversations: Sequence[Conversation], *, batch
 
 def _sum_nll(model, examples, batch_size: int, pad_id: int | None, progress: bool) -> tuple[float, int]:
     """loss.sum_nll (the quantity training validates with) under a progress bar."""
-    from tunesmith.loss import sum_nll
-    from tunesmith.output import progress_bar
-
     with progress_bar("perplexity", len(examples), enabled=progress) as bar:
         return sum_nll(model, examples, batch_size, pad_id, on_batch=bar.update)

@@ -34,11 +34,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith import atomic
+from tunesmith.atomic import refuse_existing
 from tunesmith.data import textfiles
 from tunesmith.data.conversation import Conversation
+from tunesmith.data.pairs import is_preference_data, load_pairs
+from tunesmith.data.prompt import ensure_template, render_prompt, run_system_prompt, with_system_prompt
+from tunesmith.data.readers import load_conversations
 from tunesmith.errors import TunesmithError, UsageError
-from tunesmith.evaluate.metrics import metric_names
-from tunesmith.inference import GenerationOptions, for_generation, generation_dtype, precision_name
+from tunesmith.evaluate.metrics import metric_names, score
+from tunesmith.evaluate.perplexity import perplexity
+from tunesmith.evaluate.preference import preference_metrics
+from tunesmith.evaluate.report import write_report
+from tunesmith.inference import GenerationOptions, for_generation, generate, generation_dtype, precision_name
+from tunesmith.models.load import base_model, load
+from tunesmith.models.resolve import resolve
+from tunesmith.output import progress_bar
 
 PERPLEXITY = "perplexity"
 # Prompts generated together when batch_size is not given. With the default model on an AVX512-BF16 CPU (64 alpaca
@@ -133,8 +143,6 @@ def evaluate(model: str, data: str | Sequence, *, metrics: Sequence[str] | str |
         result.compare_metrics, result.compare_predictions = other.metrics, other.predictions
         result.deltas = metric_deltas(main.metrics, other.metrics)
     if out_dir:
-        from tunesmith.evaluate.report import write_report
-
         result.paths = {name: str(path) for name, path in paths.items() if path}
         result.paths = write_report(result, out_dir)
     return result
@@ -152,8 +160,6 @@ def make_settings(metrics, labels, **kwargs) -> EvalSettings:
 
 
 def read_eval_data(data, limit: int | None, encoding: str | None = None) -> list[Conversation]:
-    from tunesmith.data.readers import load_conversations
-
     if isinstance(data, Sequence) and not isinstance(data, str) and not data:
         raise UsageError("no evaluation data: pass a file, a list of files or a list of conversations")
     if isinstance(data, Sequence) and not isinstance(data, str) and isinstance(data[0], Conversation):
@@ -173,8 +179,6 @@ def read_eval_data(data, limit: int | None, encoding: str | None = None) -> list
 
 def read_eval_pairs(data, limit: int | None, encoding: str | None = None) -> list | None:
     """Preference pairs when ``data`` names pair files, else None (read as conversations)."""
-    from tunesmith.data.pairs import is_preference_data, load_pairs
-
     if isinstance(data, Sequence) and not isinstance(data, str) and not all(isinstance(d, str | os.PathLike)
                                                                              for d in data):
         return None  # conversations given directly
@@ -190,7 +194,6 @@ def report_dir(out: str | os.PathLike | None) -> Path | None:
     """The report directory, refused up front when the path is taken by a file (or runs through one)."""
     if out is None:
         return None
-    from tunesmith.atomic import refuse_existing
 
     refuse_existing(out, overwrite=True, directory=True)  # an existing report directory is resumed, not refused
     return Path(out)
@@ -208,8 +211,6 @@ def compare_target(model: str, compare: str) -> str:
     """The model to compare against: ``compare`` itself, or for "base" the base model of the run ``model``."""
     if compare != "base":
         return compare
-    from tunesmith.models.load import base_model
-    from tunesmith.models.resolve import resolve
 
     base = base_model(resolve(model))
     if not base:
@@ -237,8 +238,6 @@ def evaluate_model(name: str, conversations: list[Conversation], options: Genera
     ``like_run``: the tunesmith.json whose system prompt and max_length to use (default: the model's own)."""
     import torch
 
-    from tunesmith.data.prompt import ensure_template, run_system_prompt, with_system_prompt
-    from tunesmith.models.load import load
 
     loaded = load(name, dtype=torch.float32 if settings.precision == "fp32" else None)
     ensure_template(loaded.tokenizer, fallback_template)
@@ -246,8 +245,6 @@ def evaluate_model(name: str, conversations: list[Conversation], options: Genera
     conversations = with_system_prompt(conversations, run_system_prompt(run_info))
     metrics = {}
     if settings.perplexity:
-        from tunesmith.evaluate.perplexity import perplexity
-
         # Cut as training cut (the run's max_length, else the model's context; the prompt first): the eval loss
         # is then the one training validated with. The report counts what was cut.
         result = perplexity(loaded.model, loaded.tokenizer, conversations, batch_size=settings.batch_size,
@@ -256,8 +253,6 @@ def evaluate_model(name: str, conversations: list[Conversation], options: Genera
         metrics.update(eval_loss=result.eval_loss, perplexity=result.perplexity,
                        supervised_tokens=result.supervised_tokens)
     if pairs:
-        from tunesmith.evaluate.preference import preference_metrics
-
         metrics.update(preference_metrics(loaded, pairs, system_prompt=run_system_prompt(run_info),
                                           max_length=run_info.get("max_length") or context_length(loaded.model),
                                           batch_size=settings.batch_size, progress=settings.progress))
@@ -277,10 +272,6 @@ def evaluate_model(name: str, conversations: list[Conversation], options: Genera
 def generate_predictions(loaded, conversations: list[Conversation], options: GenerationOptions,
                          settings: EvalSettings, path: Path | None, label: str) -> list[dict]:
     """One record per conversation; streamed to ``path`` and resumed from it when its fingerprint matches."""
-    from tunesmith.data.prompt import render_prompt
-    from tunesmith.inference import generate
-    from tunesmith.output import progress_bar
-
     # The system prompt is already in the conversations (the run's, or the compared run's for its base).
     prompts = [render_prompt(loaded.tokenizer, conv.prompt()) for conv in conversations]
     check_context(loaded, conversations, prompts, options)
@@ -394,8 +385,6 @@ def score_predictions(records: list[dict], settings: EvalSettings) -> dict:
 
     Classification compares against a record's ``label`` when it has one, else its reference text.
     """
-    from tunesmith.evaluate.metrics import score
-
     predictions = [r["prediction"] for r in records]
     references = [r["reference"] for r in records]
     result = score(predictions, references, metrics=settings.metrics, labels=settings.labels,
@@ -495,7 +484,5 @@ def score_file(path: str | Path, *, metrics=None, labels=None, out: str | None =
         metrics_out.update(generation_stats(records))
     result = EvalResult(model=str(path), data=str(path), metrics=metrics_out, predictions=records)
     if out:
-        from tunesmith.evaluate.report import write_report
-
         result.paths = write_report(result, Path(out))
     return result

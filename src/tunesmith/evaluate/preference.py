@@ -15,7 +15,9 @@ Generation metrics are computed on the prompts by the pipeline, with the chosen 
 
 from __future__ import annotations
 
+from tunesmith.data.pairs import encode_pairs
 from tunesmith.data.tokenize import EncodeOptions
+from tunesmith.loss import side_logps
 
 # Measures of the pair set, not of the model: never compared.
 PAIR_SETTINGS = {"pairs"}
@@ -23,8 +25,6 @@ PAIR_SETTINGS = {"pairs"}
 
 def preference_metrics(loaded, pairs: list, *, system_prompt: str | None, max_length: int | None, batch_size: int,
                        progress: bool = True) -> dict:
-    from tunesmith.train.objectives import encode_pairs, side_logps
-
     options = EncodeOptions(max_length=max_length, truncation="truncate_prompt")
     encoded, _ = encode_pairs(pairs, loaded.tokenizer, options, system_prompt, "evaluation pairs", progress)
     if not encoded:

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunesmith.export.gguf import export_gguf
+from tunesmith.export.merge import merge_to_dir
+from tunesmith.export.ollama import modelfile_path
+from tunesmith.export.verify import print_report, summary_line, verify
 from tunesmith.output import finish_report, json_stdout, print_json
 
 
@@ -28,8 +32,6 @@ def run_export_command(args) -> int:
             if modelfile:
                 print(f"Ollama Modelfile written to {modelfile} (ollama create NAME -f {modelfile})")
         if report:
-            from tunesmith.export.verify import summary_line
-
             print(f"{summary_line(report)} (ran automatically; details: tunesmith verify {args.model} "
                   f"{'--merged' if args.merge else '--gguf'} {out})")
         if args.merge:
@@ -41,8 +43,6 @@ def run_export_command(args) -> int:
 
 
 def run_verify_command(args) -> int:
-    from tunesmith.export.verify import print_report, verify
-
     with json_stdout(args.json):
         report = verify(args.model, gguf=args.gguf, merged=args.merged, data=args.data, prompts=args.prompts,
                         max_new_tokens=args.max_new_tokens)
@@ -50,8 +50,6 @@ def run_verify_command(args) -> int:
 
 
 def _verify_export(args, out: Path):
-    from tunesmith.export.verify import verify
-
     if args.merge:
         return verify(args.model, merged=out)
     return verify(args.model, gguf=out)
@@ -59,17 +57,12 @@ def _verify_export(args, out: Path):
 
 def _export(args) -> Path:
     if args.merge:
-        from tunesmith.export.merge import merge_to_dir
-
         return merge_to_dir(args.model, args.out, overwrite=args.overwrite)
-    from tunesmith.export.gguf import export_gguf
 
     return export_gguf(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite, modelfile=True)
 
 
 def _modelfile(args, out: Path) -> Path | None:
-    from tunesmith.export.ollama import modelfile_path
-
     path = None if args.merge else modelfile_path(out)
     return path if path and path.is_file() else None
 

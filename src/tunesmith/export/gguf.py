@@ -56,7 +56,9 @@ import torch
 
 from tunesmith import atomic
 from tunesmith.errors import TunesmithError, UsageError
+from tunesmith.export import ollama
 from tunesmith.export.merge import template_with_system
+from tunesmith.models.load import load
 
 DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 
@@ -79,9 +81,6 @@ def export_gguf(run_or_model, out, dtype: str = "f16", *, overwrite: bool = Fals
     """Write ``run_or_model`` (alias, model dir or run dir; LoRA merged) to the GGUF file ``out``;
     an existing ``out`` is replaced only with ``overwrite``. ``modelfile``: also write an Ollama Modelfile
     beside it (export/ollama.py: ``model.gguf`` -> ``model.Modelfile``), under the same rule."""
-    from tunesmith.export import ollama
-    from tunesmith.models.load import load
-
     if dtype not in DTYPES:
         raise UsageError(f"GGUF dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     out = Path(out)

@@ -19,13 +19,12 @@ from pathlib import Path
 import torch
 
 from tunesmith import atomic
+from tunesmith.models.load import load
 
 
 def merge_to_dir(run_or_model, out, *, overwrite: bool = False) -> Path:
     """Write ``run_or_model`` (a run dir, model dir or alias) with any adapter merged into ``out``;
     a non-empty ``out`` is replaced only with ``overwrite``."""
-    from tunesmith.models.load import load
-
     out = Path(out)
     atomic.refuse_existing(out, overwrite, directory=True)  # before the model is loaded
     loaded = load(run_or_model, dtype=torch.float32, device="cpu", merge=True)

@@ -33,7 +33,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunesmith import atomic
+from tunesmith.data.conversation import Conversation, Message
+from tunesmith.data.prompt import with_system_prompt
+from tunesmith.data.tokenize import IGNORE, EncodeOptions, encode
 from tunesmith.errors import TunesmithError
+from tunesmith.inference import stop_token_ids
 
 ROLES = ("system", "user", "assistant", "tool")
 # Plain letters: no template escapes, trims or splits them.
@@ -255,8 +260,6 @@ def _quoted(value: str, what: str) -> str:
 
 def stop_tokens(loaded) -> list[str]:
     """What tunesmith's generate stops at, the end-of-turn token training supervised first."""
-    from tunesmith.inference import stop_token_ids
-
     ids = stop_token_ids(loaded.model, loaded.tokenizer)
     end = supervised_end(loaded.tokenizer, loaded.system_prompt)
     ordered = ([end] if end is not None else []) + [i for i in ids if i != end]
@@ -265,10 +268,6 @@ def stop_tokens(loaded) -> list[str]:
 
 def supervised_end(tokenizer, system_prompt: str | None) -> int | None:
     """The token that closes an assistant turn in training (its last supervised label), as verify finds it."""
-    from tunesmith.data.conversation import Conversation, Message
-    from tunesmith.data.prompt import with_system_prompt
-    from tunesmith.data.tokenize import IGNORE, EncodeOptions, encode
-
     conv = with_system_prompt([Conversation([Message("user", "Hi"), Message("assistant", "Hello")])], system_prompt)
     try:
         encoded = encode(conv[0], tokenizer, EncodeOptions())
@@ -282,8 +281,6 @@ def write_modelfile(modelfile: Modelfile, gguf_path) -> Path | None:
     """Write ``modelfile`` beside ``gguf_path`` (atomically; the caller has refused an existing one unless told to
     overwrite); a note goes to stderr. Without text, an older Modelfile there is removed: it would describe
     another export."""
-    from tunesmith import atomic
-
     path = modelfile_path(gguf_path)
     if modelfile.note:
         print(f"note: {modelfile.note}", file=sys.stderr)

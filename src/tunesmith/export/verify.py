@@ -27,6 +27,17 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.data.conversation import Conversation, Message
+from tunesmith.data.prompt import render_prompt, run_system_prompt, with_system_prompt
+from tunesmith.data.readers import load_conversations
+from tunesmith.data.tokenize import IGNORE, EncodeOptions, encode, prompt_text
+from tunesmith.export.gguf import export_gguf
+from tunesmith.export.merge import merge_to_dir
+from tunesmith.inference import GenerationOptions, generate, stop_token_ids
+from tunesmith.models.load import load
+from tunesmith.output import print_table
+from tunesmith.serve import server
+
 # llama.cpp marks these as end-of-generation by name when the file does not (llama-vocab.cpp).
 LLAMA_CPP_EOG_NAMES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>",
                        "<|end_of_text|>", "<end_of_utterance>")
@@ -76,8 +87,6 @@ def verify(run_or_model, *, gguf=None, merged=None, data=None, prompts: int = 4,
            max_new_tokens: int = 24) -> VerifyReport:
     """Check ``run_or_model`` (a run dir, model dir or alias) against its merged export (``merged``, a
     directory; merged into a temporary one when omitted and the source is an adapter) and ``gguf``."""
-    from tunesmith.models.load import load
-
     adapter = load(run_or_model, dtype=torch.float32, device="cpu")
     report = VerifyReport(source=str(adapter.path))
     convs = _conversations(data, prompts)
@@ -90,7 +99,6 @@ def verify(run_or_model, *, gguf=None, merged=None, data=None, prompts: int = 4,
         if gguf is not None:
             paths.append(_gguf_path(Path(gguf), convs, max_new_tokens))
             if not _exact(paths[-1]):  # answers are only required of an exact type: write the f16 one too
-                from tunesmith.export.gguf import export_gguf
 
                 f16 = export_gguf(run_or_model, Path(tmp) / "f16.gguf", dtype="f16")
                 paths.append(_gguf_path(f16, convs, max_new_tokens))
@@ -103,11 +111,7 @@ def verify(run_or_model, *, gguf=None, merged=None, data=None, prompts: int = 4,
 def _conversations(data, count: int) -> list:
     """The last ``count`` conversations of ``data`` (pass held-out data: a validation file), or the built-in
     questions with a placeholder answer (their prompts are compared, and the answer's closing token)."""
-    from tunesmith.data.conversation import Conversation, Message
-
     if data is not None:
-        from tunesmith.data.readers import load_conversations
-
         convs = [c for c in load_conversations([str(data)]) if not c.is_text and c.messages
                  and c.messages[-1].role == "assistant"]
         return convs[-count:]
@@ -133,9 +137,6 @@ class Training:
 
 def _training_path(adapter, convs, report: VerifyReport) -> Training:
     """Each conversation encoded as training encodes it (the run's system prompt given to those without)."""
-    from tunesmith.data.prompt import run_system_prompt, with_system_prompt
-    from tunesmith.data.tokenize import IGNORE, EncodeOptions, encode, prompt_text
-
     system = run_system_prompt(adapter.run_info)
     prompts, ends, texts, problems = [], set(), [], []
     for conv in with_system_prompt(convs, system):
@@ -165,8 +166,6 @@ def _training_path(adapter, convs, report: VerifyReport) -> Training:
 
 def render(loaded, messages: list[dict]) -> str:
     """The prompt generate, chat and serve render for ``messages`` (the run's system prompt included)."""
-    from tunesmith.data.prompt import render_prompt
-
     return render_prompt(loaded.tokenizer, messages, loaded.run_info)
 
 
@@ -176,8 +175,6 @@ def _generate_path(adapter, convs, max_new_tokens: int) -> Route:
 
 def _loaded_route(name: str, loaded, convs, max_new_tokens: int) -> Route:
     """What generate does with a loaded model: its prompts, its stop ids, its greedy answers."""
-    from tunesmith.inference import stop_token_ids
-
     path = Route(name, loaded.tokenizer, set(stop_token_ids(loaded.model, loaded.tokenizer)))
     path.texts = [render(loaded, _user_messages(c)) for c in convs]
     path.prompts = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in path.texts]
@@ -189,8 +186,6 @@ def _serve_path(adapter, convs, max_new_tokens: int) -> Route:
     """The server's chat endpoint, in process: its request parsing, its prompt, its stop handling."""
     from fastapi.testclient import TestClient
 
-    from tunesmith.inference import stop_token_ids
-    from tunesmith.serve import server
 
     app = server.create_app(adapter)
     path = Route("serve", adapter.tokenizer, set(stop_token_ids(adapter.model, adapter.tokenizer)), answers=[])
@@ -217,14 +212,11 @@ def _serve_path(adapter, convs, max_new_tokens: int) -> Route:
 def _merge_if_adapter(adapter, tmp: Path) -> Path | None:
     if not (Path(adapter.path) / "adapter_config.json").is_file():
         return None  # a plain model: nothing is merged, the model is its own export
-    from tunesmith.export.merge import merge_to_dir
 
     return merge_to_dir(adapter.path, tmp / "merged")
 
 
 def _merged_path(merged_dir, convs, max_new_tokens: int) -> Route:
-    from tunesmith.models.load import load
-
     merged = load(merged_dir, dtype=torch.float32, device="cpu")
     return _loaded_route("merged", merged, convs, max_new_tokens)
 
@@ -282,8 +274,6 @@ def _exact(path: Route) -> bool:
 
 
 def _greedy(model, tokenizer, texts: list[str], max_new_tokens: int) -> list[str]:
-    from tunesmith.inference import GenerationOptions, generate
-
     return [g.text for g in generate(model, tokenizer, texts, GenerationOptions(max_new_tokens=max_new_tokens))]
 
 
@@ -335,8 +325,6 @@ def _system_check(report: VerifyReport, training: Training, paths: list[Route]) 
 
 
 def print_report(report: VerifyReport) -> None:
-    from tunesmith.output import print_table
-
     rows = [[c.name, c.path, ("PASS" if c.ok else "FAIL") if c.required else ("pass" if c.ok else "differs"),
              c.detail] for c in report.checks]
     print_table(f"verify {report.source}", ["check", "path", "result", "detail"], rows)

@@ -12,19 +12,14 @@ config asks for its own Python modeling code is refused by transformers with a m
 
 from __future__ import annotations
 
-import contextlib
-import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.models.resolve import resolve
-from tunesmith.train.rundir import RUN_INFO
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+from tunesmith.models.safety import refusing_remote_code, require_safetensors
+from tunesmith.run import base_model, read_run_info, run_system_prompt
 
 
 @dataclass
@@ -42,24 +37,7 @@ class Loaded:
     @property
     def system_prompt(self) -> str | None:
         """The system prompt the run was trained with (None: whatever the template inserts)."""
-        from tunesmith.data.prompt import run_system_prompt
-
         return run_system_prompt(self.run_info)
-
-
-def read_run_info(path: Path) -> dict:
-    info = Path(path) / RUN_INFO
-    return json.loads(info.read_text()) if info.is_file() else {}
-
-
-def base_model(path: Path) -> str | None:
-    """The base model a run or a peft adapter directory was trained from (tunesmith.json's base_model, else
-    the adapter config's); None for a plain model."""
-    path = Path(path)
-    base = read_run_info(path).get("base_model")
-    if not base and (path / "adapter_config.json").is_file():
-        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-    return base or None
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -70,42 +48,6 @@ def default_dtype(device: str) -> torch.dtype:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def require_safetensors(path: str | Path, allow_pickle: bool = False) -> None:
-    """Refuse a model or adapter directory whose weights exist only as pickles, unless allowed."""
-    path = Path(path)
-    if allow_pickle or not path.is_dir() or any(path.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise UsageError(f"{path}: its weights are only in pickle format ({', '.join(pickles[:3])}), and loading a "
-                         "pickle can run arbitrary code. Convert them to safetensors, or, if you trust where they "
-                         "came from, allow it: --model.allow_pickle true (train) or --allow-pickle (serve)")
-
-
-@contextlib.contextmanager
-def refusing_remote_code(path: str | Path):
-    """One-line errors for what loading a model directory raises: transformers' refusal of a model that ships
-    its own Python code (a usage error), and damaged, incomplete or unsupported files (a corrupt config.json,
-    an unknown model type, truncated safetensors or GGUF, a broken tokenizer.json)."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except ValueError as exc:  # json.JSONDecodeError is one too
-        if "trust_remote_code" not in str(exc):
-            raise damaged_model(path, exc) from exc
-        raise UsageError(f"{path}: this model needs its own Python code to load (trust_remote_code), which "
-                         "tunesmith never runs; choose a model whose architecture transformers supports") from None
-    except (OSError, SafetensorError, struct.error) as exc:
-        raise damaged_model(path, exc) from exc
-
-
-def damaged_model(path: str | Path, exc: Exception) -> TunesmithError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-    return TunesmithError(f"{path}: cannot load the model: {first.rstrip('.')}. Its files look damaged, incomplete "
-                          "or of an unsupported kind; pull or export it again, or choose another model")
 
 
 def load_tokenizer(path: str | Path):

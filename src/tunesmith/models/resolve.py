@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
+from tunesmith.models.safety import refusing_remote_code
+from tunesmith.run import unfinished_run
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_ENCODER = "all-minilm-l6-v2"
 
 
@@ -93,7 +94,8 @@ def resolve(name_or_path: str | os.PathLike, *, download: bool = True) -> Path:
     if path.is_dir():
         if is_model_dir(path) or (path / "adapter_config.json").is_file():
             return path
-        raise ModelNotFoundError(f"{path} is a directory but holds no config.json: not a model directory")
+        raise ModelNotFoundError(unfinished_run(path)
+                                 or f"{path} is a directory but holds no config.json: not a model directory")
     if name.endswith(".gguf"):
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {path}")
@@ -309,8 +311,6 @@ def _dequantize(gguf_path: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     folder, file = str(gguf_path.parent), gguf_path.name
-    from tunesmith.models.load import refusing_remote_code
-
     with refusing_remote_code(gguf_path):  # a truncated or foreign GGUF file: one line naming it
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)

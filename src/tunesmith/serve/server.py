@@ -58,7 +58,7 @@ from starlette.exceptions import HTTPException
 
 from tunesmith.data.prompt import render_prompt
 from tunesmith.data.tokenize import TemplateRefused
-from tunesmith.inference import GenerationOptions, find_control_token, precision_name
+from tunesmith.inference import GenerationOptions, find_control_token, load_for_generation, precision_name
 from tunesmith.serve import batching
 from tunesmith.serve.batching import DEFAULT_MAX_BATCH, Batcher, Done, Piece
 
@@ -490,7 +490,6 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | No
     ``inference.load_for_generation`` (None: fp32 on CPU, where batched answers equal lone ones)."""
     import uvicorn
 
-    from tunesmith.inference import load_for_generation
 
     api_key = api_key or os.environ.get("TUNESMITH_API_KEY") or None
     if warning := bind_warning(host, api_key):

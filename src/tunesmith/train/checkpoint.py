@@ -27,7 +27,6 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
 import signal
 import warnings
@@ -39,11 +38,19 @@ from safetensors.torch import load_file, save_file
 
 from tunesmith.atomic import fsync_dir, fsync_file
 from tunesmith.errors import TunesmithError, UsageError
-from tunesmith.train.rundir import CONFIG, LOSS_PLOT, METRICS, MODEL_CARD, RUN_INFO, TENSORBOARD
-
-CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/step-N
-COMPLETE = "COMPLETE"
-STEP_DIR = re.compile(r"^step-(\d+)$")
+from tunesmith.run import (
+    CHECKPOINTS,
+    COMPLETE,
+    CONFIG,
+    LOSS_PLOT,
+    METRICS,
+    MODEL_CARD,
+    RUN_INFO,
+    TENSORBOARD,
+    checkpoints_dir,
+    list_checkpoints,
+)
+from tunesmith.train.methods import trainable_state_dict
 
 
 class ResumeRefused(UsageError):
@@ -51,10 +58,6 @@ class ResumeRefused(UsageError):
 
 
 WEIGHTS = "weights.safetensors"  # the trainable tensors of a checkpoint
-
-
-def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / CHECKPOINTS
 
 
 def step_dir(output_dir: str | Path, step: int) -> Path:
@@ -117,8 +120,6 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, confi
 
 def _write_checkpoint(accelerator, model, optimizer, scheduler, state, config_yaml, fingerprint,
                       tmp: Path, final: Path) -> None:
-    from tunesmith.train.methods import trainable_state_dict
-
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save of this same step
         tmp.mkdir(parents=True)
@@ -306,17 +307,6 @@ def _unreadable(file: Path) -> str | None:
     return None
 
 
-def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path, bool]]:
-    """(step, path, complete) for every step-N folder, oldest first."""
-    root = checkpoints_dir(output_dir)
-    found = []
-    for path in root.iterdir() if root.is_dir() else []:
-        match = STEP_DIR.match(path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path, (path / COMPLETE).is_file()))
-    return sorted(found)
-
-
 def find_resume(output_dir: str | Path, spec: str) -> Path:
     """``auto``: the newest complete, undamaged checkpoint under output_dir (a damaged newer one is
     reported and skipped); otherwise ``spec`` is a checkpoint path, which must be whole."""
@@ -370,7 +360,7 @@ def rotate(output_dir: str | Path, limit: int, keep: set[Path]) -> list[Path]:
     return removed
 
 
-# What a finished run writes at the top of its directory (rundir.py, the adapter or full weights and the
+# What a finished run writes at the top of its directory (run.py, the adapter or full weights and the
 # tokenizer). clear_run removes exactly these, never the whole folder: an output_dir may be "." or hold
 # the user's own files.
 RUN_FILES = (RUN_INFO, CONFIG, METRICS, LOSS_PLOT, MODEL_CARD, "adapter_config.json",

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from tunesmith.config import FLAG_ALIASES, fields_info, unknown_key_error
+from tunesmith.config import FLAG_ALIASES, fields_info, load_config, unknown_key_error
 
 _USAGE = "tunesmith train [CONFIG.yaml] [--plan] [--json] [--print-config] [--section.key VALUE ...]"
 _EPILOG = """precedence: --flags > CONFIG.yaml > defaults. Lists are comma separated, bools true/false.
@@ -82,20 +82,20 @@ def parse_train_args(argv: list[str]):
 
 
 def run_train_command(argv: list[str]) -> int:
-    from tunesmith.config import load_config
-
     path, overrides, flags = parse_train_args(argv)
     config = load_config(path, overrides)
     if flags.print_config:
         sys.stdout.write(config.to_yaml())
         return 0
-    if flags.plan:
-        from tunesmith.train.loop import prepare_run
+    from tunesmith.train.loop import (  # deferred: torch, accelerate; --help answers at once
+        finetune,
+        prepare_run,
+    )
 
+    if flags.plan:
         plan = prepare_run(config).plan
         print(json.dumps(plan.to_dict(), indent=2) if flags.json else "\n".join(["run plan:", *plan.lines()]))
         return 0
-    from tunesmith.train.loop import finetune
 
     result = finetune(config)
     from accelerate import PartialState

@@ -50,45 +50,46 @@ from tqdm.auto import tqdm
 from tunesmith.config import Config, check_config, fingerprint_keys
 from tunesmith.data.cache import encode_cached
 from tunesmith.data.packing import forward_pieces, length_grouped_batches, pack_rows
-from tunesmith.data.pairs import load_pairs
+from tunesmith.data.pairs import encode_pairs, load_pairs
 from tunesmith.data.prompt import with_system_prompt
 from tunesmith.data.readers import load_conversations
 from tunesmith.data.templates import apply_template
 from tunesmith.data.tokenize import EncodeOptions
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.loss import sum_nll
-from tunesmith.models.load import load_tokenizer, refusing_remote_code
+from tunesmith.models.load import load_tokenizer
 from tunesmith.models.resolve import resolve
+from tunesmith.models.safety import refusing_remote_code
+from tunesmith.run import (
+    METRICS,
+    RUN_INFO,
+    MetricsLog,
+    check_trackers,
+    checkpoints_dir,
+    is_adapter,
+    plot_losses,
+    read_metrics,
+    write_model_card,
+    write_run_info,
+)
 from tunesmith.train import checkpoint as ckpt
-from tunesmith.train.checkpoint import WEIGHTS, assert_finite, checkpoints_dir, clear_run
+from tunesmith.train.checkpoint import WEIGHTS, assert_finite, clear_run
 from tunesmith.train.methods import (
     apply_method,
     check_available,
     count_parameters,
     hold_frozen_weights,
-    is_adapter,
     load_base_model,
 )
 from tunesmith.train.objectives import (
     Objective,
     Reference,
     disable_dropout,
-    encode_pairs,
     evaluate_pairs,
     is_preference,
     step_stats,
 )
 from tunesmith.train.plan import DataStats, ModelFacts, make_plan, resolve_config
-from tunesmith.train.rundir import (
-    METRICS,
-    RUN_INFO,
-    MetricsLog,
-    check_trackers,
-    plot_losses,
-    read_metrics,
-    write_model_card,
-    write_run_info,
-)
 
 
 @dataclass
@@ -519,7 +520,7 @@ class Session:
     optimizer: object
     scheduler: object
     state: TrainState
-    log: object  # rundir.MetricsLog on the main process, else None
+    log: object  # run.MetricsLog on the main process, else None
     out: Path
     fingerprint: dict
     n_total: int

@@ -16,12 +16,10 @@ import importlib.util
 
 import torch
 
-from tunesmith.config import ADAPTER_METHODS, MethodConfig
+from tunesmith.config import MethodConfig
 from tunesmith.errors import UsageError
-
-
-def is_adapter(method: str) -> bool:
-    return method in ADAPTER_METHODS
+from tunesmith.models.load import refusing_remote_code, require_safetensors
+from tunesmith.run import is_adapter
 
 
 def check_available(method: MethodConfig) -> None:
@@ -43,7 +41,6 @@ def load_base_model(path, method: MethodConfig, attn_implementation: str | None 
     Safetensors only unless ``allow_pickle`` (model.allow_pickle); never the model's own Python code."""
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.models.load import refusing_remote_code, require_safetensors
 
     require_safetensors(path, allow_pickle)
     kwargs = {"dtype": torch.float32, "trust_remote_code": False, "use_safetensors": None if allow_pickle else True}
@@ -60,7 +57,7 @@ def load_base_model(path, method: MethodConfig, attn_implementation: str | None 
     with refusing_remote_code(path):
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if not attn_implementation:
-        from tunesmith.attention import use_packed_sdpa
+        from tunesmith.attention import use_packed_sdpa  # deferred: attention imports transformers
 
         use_packed_sdpa(model)
     return model

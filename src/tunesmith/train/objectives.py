@@ -38,7 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.config import MethodConfig
-from tunesmith.data.tokenize import Encoded
+from tunesmith.data.packing import collate_packed, collate_padded, collate_pairs
+from tunesmith.data.pairs import EncodedPair
+from tunesmith.loss import sequence_logps, side_logps, supervised_loss
+from tunesmith.run import is_adapter
 
 PREFERENCE = ("dpo", "orpo", "simpo")
 DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}
@@ -84,50 +87,6 @@ def orpo_loss(avg_chosen: torch.Tensor, avg_rejected: torch.Tensor,
 # ---------------------------------------------------------------- pairs as the loop sees them
 
 
-@dataclass
-class EncodedPair:
-    """Both sides of a preference pair, tokenized; the loop lays pairs out like SFT examples."""
-
-    chosen: Encoded
-    rejected: Encoded
-    source: str = ""
-    line: int = 0
-    reference: tuple[float, float] | None = None  # (chosen, rejected) log-probabilities under the reference (DPO)
-
-    @property
-    def sides(self) -> tuple[Encoded, Encoded]:
-        return self.chosen, self.rejected
-
-    @property
-    def input_ids(self) -> list[int]:  # both sides: what the pair takes in a packed row
-        return self.chosen.input_ids + self.rejected.input_ids
-
-    @property
-    def labels(self) -> list[int]:
-        return self.chosen.labels + self.rejected.labels
-
-    @property
-    def num_supervised(self) -> int:
-        return self.chosen.num_supervised + self.rejected.num_supervised
-
-
-def collate_pairs(pairs: Sequence[EncodedPair], batch: list[list[int]], packing: bool, pad_id: int) -> dict:
-    """Tensors for a micro-batch of pairs (rows of pair indices) with ``seq_ids``: 2k is pair k's chosen
-    side and 2k + 1 its rejected side, pairs numbered in row order."""
-    from tunesmith.data.packing import collate_packed, collate_padded
-
-    rows = [[side for i in row for side in pairs[i].sides] for row in batch]
-    if packing:
-        out = collate_packed(rows, pad_id)
-        segments = out.pop("segment_ids")
-        first = torch.tensor([0] + [len(row) for row in rows[:-1]]).cumsum(0)  # sequences before each row
-        out["seq_ids"] = torch.where(segments > 0, segments - 1 + first[:, None], -1)
-        return out
-    out = collate_padded([side for row in rows for side in row], pad_id)
-    out["seq_ids"] = torch.where(out["attention_mask"] > 0, torch.arange(len(out["input_ids"]))[:, None], -1)
-    return out
-
-
 def _batch_pairs(pairs: Sequence[EncodedPair], batch: list[list[int]]) -> list[EncodedPair]:
     return [pairs[i] for row in batch for i in row]
 
@@ -165,8 +124,6 @@ class Objective:
         return sum(examples[i].num_supervised for row in batch for i in row)
 
     def collate(self, examples: Sequence, batch: list[list[int]], packing: bool, pad_id: int) -> dict:
-        from tunesmith.data.packing import collate_packed, collate_padded
-
         if self.preference:
             return collate_pairs(examples, batch, packing, pad_id)
         if packing:
@@ -175,8 +132,6 @@ class Objective:
 
     def loss(self, model, examples: Sequence, batch: list[list[int]], inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(the micro-batch's summed loss, its summed statistics [len(STAT_KEYS)]; empty for SFT)."""
-        from tunesmith.loss import supervised_loss
-
         if not self.preference:
             nll, _ = supervised_loss(model, inputs)
             return nll, torch.zeros(0)
@@ -188,8 +143,6 @@ class Objective:
 
     def pair_losses(self, model, pairs: Sequence[EncodedPair], inputs: dict):
         """(loss, chosen reward, rejected reward) per pair of the micro-batch."""
-        from tunesmith.loss import sequence_logps
-
         logps, counts = sequence_logps(model, inputs, 2 * len(pairs))
         logps = logps.float()
         chosen, rejected = logps[0::2], logps[1::2]
@@ -212,33 +165,6 @@ def step_stats(stats: torch.Tensor, pairs: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- the frozen reference
-
-
-@torch.no_grad()
-def side_logps(model, pairs: Sequence[EncodedPair], pad_id: int, *, batch_size: int = 4,
-               autocast: Callable = nullcontext, progress: bool = True,
-               desc: str = "log-probs") -> list[tuple[float, float]]:
-    """(chosen, rejected) summed answer log-probabilities of each pair under ``model`` as it is (eval mode).
-
-    Pairs go in a fixed order and fixed padded batches, so the same model always gives the same values."""
-    from tunesmith.loss import sequence_logps
-    from tunesmith.output import progress_bar
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out: list[tuple[float, float]] = []
-    with progress_bar(desc, len(pairs), enabled=progress, unit="pair", keep=True) as bar:
-        for start in range(0, len(pairs), batch_size):
-            chunk = list(range(start, min(start + batch_size, len(pairs))))
-            inputs = collate_pairs(pairs, [[i] for i in chunk], False, pad_id)
-            with autocast():
-                logps, _ = sequence_logps(model, {k: v.to(device) for k, v in inputs.items()}, 2 * len(chunk))
-            values = logps.double().cpu().tolist()
-            out += [(values[2 * k], values[2 * k + 1]) for k in range(len(chunk))]
-            bar.update(len(chunk))
-    model.train(was_training)
-    return out
 
 
 def compute_reference(model, pairs: Sequence[EncodedPair], pad_id: int, *, batch_size: int = 4,
@@ -279,8 +205,6 @@ class Reference:
 
 def reference_model(model, method: MethodConfig, load_base: Callable):
     """A context giving the frozen reference: the adapter disabled, or a fresh copy of the base model."""
-    from tunesmith.train.methods import is_adapter
-
     if is_adapter(method.name) and hasattr(model, "disable_adapter"):
         return _AdapterOff(model)
     return _BaseCopy(load_base)
@@ -317,31 +241,6 @@ def disable_dropout(model) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-
-
-def encode_pairs(pairs: Sequence, tokenizer, options, system_prompt: str | None, what: str,
-                 progress: bool = True) -> tuple[list[EncodedPair], list[str]]:
-    """Both sides of each ``data.pairs.Pair`` encoded with only the answer supervised, and where the pairs that
-    could not be kept are (a side dropped by truncation=drop, or left with no supervised token)."""
-    from dataclasses import replace
-
-    from tunesmith.data.pairs import encode_pair
-    from tunesmith.data.prompt import with_system_prompt
-    from tunesmith.output import progress_bar
-
-    options = replace(options, last_turn_only=True, train_on_prompt=False)
-    kept, lost = [], []
-    with progress_bar(f"tokenizing {what}", len(pairs), enabled=progress and len(pairs) >= 500, unit="pair",
-                      keep=True) as bar:
-        for pair in pairs:
-            pair = replace(pair, prompt=with_system_prompt([pair.prompt], system_prompt)[0])
-            sides = encode_pair(pair, tokenizer, options)
-            bar.update(1)
-            if sides is None or not all(side.num_supervised for side in sides):
-                lost.append(pair.where)
-                continue
-            kept.append(EncodedPair(*sides, source=sides[0].source, line=sides[0].line))
-    return kept, lost
 
 
 @torch.no_grad()

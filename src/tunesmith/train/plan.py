@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunesmith.config import Config
+from tunesmith.run import is_adapter
 
 MIN_STEPS = 80  # optimizer steps a small dataset should get in all (the epoch rule aims for it)
 MIN_EPOCHS, MAX_EPOCHS = 3, 10
@@ -206,8 +207,6 @@ OBJECTIVE_LR_FACTOR = {"sft": 1.0, "dpo": 0.1, "simpo": 0.1, "orpo": 0.5}
 
 
 def default_lr(method: str, facts: ModelFacts, objective: str = "sft") -> tuple[float, str]:
-    from tunesmith.train.methods import is_adapter
-
     power = next((p for family, p in _LR_POWER.items() if facts.model_type.startswith(family)), 0.781)
     scale = (2000 / facts.hidden_size) ** power
     adapter = is_adapter(method)
@@ -304,15 +303,21 @@ def total_steps(config: Config, steps_per_epoch: int) -> int:
 LR_STEPS_TO_TEACH = {"adapter": 0.01, "full": 0.001}  # sum of the peak lr over steps below which little moves
 
 
-def plan_warnings(plan: RunPlan) -> list[str]:
-    from tunesmith.train.methods import is_adapter
+def lr_steps(lr: float, steps: int, warmup: int) -> float:
+    """The learning rate summed over the run's steps, warmup rising linearly to ``lr`` (the decay after it is
+    not counted: what matters is how far the weights can move). A run shorter than its warmup never reaches
+    ``lr``: its steps sum to lr * steps^2 / (2 * warmup)."""
+    warm = min(warmup, steps)
+    return lr * ((warm * warm / (2 * warmup) if warmup else 0.0) + steps - warm)
 
+
+def plan_warnings(plan: RunPlan) -> list[str]:
     out = []
     if plan.total_steps < 20:
         out.append(f"only {plan.total_steps} optimizer steps: too few to teach a model much; lower "
                    "--batch-size/--grad-accum or raise --epochs")
     budget = LR_STEPS_TO_TEACH["adapter" if is_adapter(plan.method) else "full"]
-    effective = plan.lr * max(plan.total_steps - plan.warmup_steps / 2, 0)
+    effective = lr_steps(plan.lr, plan.total_steps, plan.warmup_steps)
     if effective < budget:
         out.append(f"learning rate x steps = {effective:.2g}, far below the ~{budget:g} that visibly moves a "
                    f"{plan.method} model; raise --lr or the number of steps")
@@ -326,8 +331,6 @@ def plan_warnings(plan: RunPlan) -> list[str]:
 
 def estimate_seconds(tokens: float, facts: ModelFacts, method: str, device: str) -> float:
     """FLOPs at a rough device rate: 6N per token for full training, 4N when the base is frozen."""
-    from tunesmith.train.methods import is_adapter
-
     per_token = (4 if is_adapter(method) or method == "freeze" else 6) * facts.params
     return tokens * per_token / PRIOR_FLOPS[device]
 

@@ -11,7 +11,7 @@ The server holds no logic of its own:
 - Train: the form is ``config.fields_info()`` grouped by section (help, default, choices), so a
   new option appears without UI code. Plan runs ``tunesmith train ... --plan --json``; Start runs
   ``tunesmith train ...`` as a child process (ui/jobs.py); the page shows that exact command.
-- Runs: ``runs.list_runs`` and the run's metrics.jsonl (``rundir.read_metrics``).
+- Runs: ``runs.list_runs`` and the run's metrics.jsonl (``run.read_metrics``).
 - Data: ``check_data`` (the data doctor), its report as ``DataReport.to_dict``.
 - Chat: ``models.load`` once per model, prompts rendered by serve/chat.py's ``Session`` (the run's
   template and system prompt), answers streamed by ``inference.stream``; the run's base model
@@ -32,7 +32,18 @@ from pathlib import Path
 
 from fastapi import Request  # in a route's signature, so FastAPI must find it at module level
 
+from tunesmith.config import fields_info, parse_value, unknown_key_error
+from tunesmith.data.convert import TARGETS
+from tunesmith.data.doctor import check_data
+from tunesmith.data.prompt import run_system_prompt
 from tunesmith.errors import TunesmithError, UsageError
+from tunesmith.inference import GenerationOptions, stream
+from tunesmith.models.load import base_model, load, read_run_info
+from tunesmith.models.resolve import resolve
+from tunesmith.run import METRICS, read_metrics
+from tunesmith.runs import PROCESS_FILE, is_run_dir, list_runs, read_run
+from tunesmith.serve.chat import Session
+from tunesmith.train.plan import Choice, RunPlan
 from tunesmith.ui.jobs import Jobs, cli_argv, log_tail, shown_command
 from tunesmith.ui.strings import FIELD_HELP_ZH, STRINGS
 
@@ -45,8 +56,6 @@ PLAN_TIMEOUT_S = 600
 
 def form_schema() -> list[dict]:
     """Every config field, grouped by section, as the page draws it."""
-    from tunesmith.config import fields_info
-
     sections: dict[str, list] = {}
     for info in fields_info():
         sections.setdefault(info.key.split(".")[0], []).append({
@@ -74,8 +83,6 @@ def _shown(value) -> str:
 
 def train_args(values: dict[str, str]) -> list[str]:
     """``--section.key VALUE`` for every form value that differs from its default (checked as the CLI checks)."""
-    from tunesmith.config import parse_value, unknown_key_error
-
     fields = _fields()
     args = []
     for key, raw in values.items():
@@ -88,8 +95,6 @@ def train_args(values: dict[str, str]) -> list[str]:
 
 
 def output_dir(values: dict[str, str]) -> Path:
-    from tunesmith.config import parse_value
-
     key = "output.output_dir"
     return Path(parse_value(_fields()[key], values.get(key, _fields()[key].default)))
 
@@ -97,8 +102,6 @@ def output_dir(values: dict[str, str]) -> Path:
 def refuse_existing_run(out: Path, args: list[str]) -> None:
     """Training refuses a folder holding a run unless resumed or overwritten; say so before starting a child,
     whose record would otherwise replace the earlier run's."""
-    from tunesmith.runs import is_run_dir
-
     if is_run_dir(out) and not {"--train.resume", "--output.overwrite"} & set(args):
         raise UsageError(f"{out} already holds a run; set train.resume to auto to continue it, "
                          "output.overwrite to true to replace it, or choose another output.output_dir")
@@ -108,7 +111,6 @@ def resume_args(run_dir: Path) -> list[str]:
     """The command the UI started the run with (its record), continued with ``--train.resume auto``."""
     import shlex
 
-    from tunesmith.runs import PROCESS_FILE, read_run
 
     record = _read_json(run_dir / PROCESS_FILE)
     if not record.get("command"):
@@ -132,15 +134,11 @@ def _read_json(path: Path) -> dict:
 
 
 def _fields() -> dict:
-    from tunesmith.config import fields_info
-
     return {info.key: info for info in fields_info()}
 
 
 def plan(values: dict[str, str]) -> dict:
     """``tunesmith train ... --plan --json`` run as the CLI runs it: the plan, its lines and the command."""
-    from tunesmith.train.plan import Choice, RunPlan
-
     args = [*train_args(values), "--plan", "--json"]
     done = subprocess.run(cli_argv(["train", *args]), capture_output=True, text=True, timeout=PLAN_TIMEOUT_S,
                           stdin=subprocess.DEVNULL)
@@ -161,12 +159,8 @@ def _error_lines(stderr: str) -> str:
 
 
 def run_detail(path: Path, jobs: Jobs) -> dict:
-    from tunesmith.runs import read_run
-    from tunesmith.train.rundir import METRICS, read_metrics
-
     summary = read_run(path).to_dict()
     rows = read_metrics(path / METRICS) if (path / METRICS).is_file() else []
-    from tunesmith.runs import PROCESS_FILE
 
     resumable = summary["status"] in ("stopped", "failed") and bool(_read_json(path / PROCESS_FILE).get("command"))
     return {**summary, "metrics": rows, "log": log_tail(path), "stoppable": jobs.owns(path), "resumable": resumable,
@@ -193,8 +187,6 @@ class Models:
         self.lock = threading.Lock()
 
     def get(self, name: str):
-        from tunesmith.models.load import load
-
         with self.lock:
             if name not in self.loaded:
                 self.loaded[name] = load(name)
@@ -205,10 +197,6 @@ class Models:
 def chat_model(name: str, base: bool) -> tuple[str, str | None]:
     """(the model to answer, the system prompt to use): ``base`` answers with the run's base model and the
     run's system prompt, so both sides see the same conversation."""
-    from tunesmith.data.prompt import run_system_prompt
-    from tunesmith.models.load import base_model, read_run_info
-    from tunesmith.models.resolve import resolve
-
     path = resolve(name)
     system = run_system_prompt(read_run_info(path))
     if not base:
@@ -221,9 +209,6 @@ def chat_model(name: str, base: bool) -> tuple[str, str | None]:
 
 def chat_stream(models: Models, request: dict):
     """The answer's text pieces as they are generated (the prompt rendered as chat/serve render it)."""
-    from tunesmith.inference import GenerationOptions, stream
-    from tunesmith.serve.chat import Session
-
     messages = request.get("messages") or []
     if not messages or messages[-1].get("role") != "user":
         raise UsageError("the conversation must end with a user message")
@@ -303,7 +288,6 @@ def create_app(runs_dir: str | Path = "runs", lang: str = "en", trusted_hosts: l
     @app.get("/api/settings")
     def settings():
         suggested = root / time.strftime("run-%Y%m%d-%H%M%S")
-        from tunesmith.data.convert import TARGETS
 
         return {"lang": lang, "strings": STRINGS, "runs_dir": str(root), "sections": form_schema(),
                 "convert_targets": list(TARGETS),
@@ -360,8 +344,6 @@ def _run_routes(app, root: Path, jobs) -> None:
 
     @app.get("/api/runs")
     def runs():
-        from tunesmith.runs import list_runs
-
         return {"root": str(root), "runs": [{**r.to_dict(), "stoppable": jobs.owns(Path(r.path))}
                                             for r in list_runs(root)]}
 
@@ -439,8 +421,6 @@ def _data_routes(app, root: Path) -> None:
 
     @app.post("/api/data/check")
     def data_check(request: dict = Body(...)):
-        from tunesmith.data.doctor import check_data
-
         files = [f for f in request.get("files", []) if f]
         if not files:
             raise UsageError("no data file given")

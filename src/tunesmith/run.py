@@ -1,16 +1,20 @@
-"""What a run directory holds besides the weights: metrics.jsonl, loss.png, tunesmith.json, config.yaml, README.md.
+"""The run directory: the files a run holds besides the weights, and reading and writing them.
 
-Together with the adapter (or full weights) and the tokenizer saved with its chat template,
-these make the folder self-describing: eval, chat, serve and export need only its path.
+metrics.jsonl, loss.png, tunesmith.json (the run info: base model, method, template, system
+prompt), config.yaml and README.md. Together with the adapter (or full weights) and the tokenizer
+saved with its chat template, these make the folder self-describing: eval, chat, serve and export
+need only its path, and read it through this module (checkpoints/step-N belong to train.checkpoint).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from tunesmith import __version__
+from tunesmith.config import ADAPTER_METHODS
 from tunesmith.errors import UsageError
 from tunesmith.output import fmt_number
 
@@ -21,6 +25,69 @@ METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 MODEL_CARD = "README.md"
 TENSORBOARD = "tensorboard"  # the TensorBoard tracker's folder
+CHECKPOINTS = "checkpoints"  # output_dir/checkpoints/step-N, written by train.checkpoint
+COMPLETE = "COMPLETE"  # the marker of a checkpoint written in full
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path, bool]]:
+    """(step, path, complete) for every step-N folder, oldest first."""
+    root = checkpoints_dir(output_dir)
+    found = []
+    for path in root.iterdir() if root.is_dir() else []:
+        match = STEP_DIR.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path, (path / COMPLETE).is_file()))
+    return sorted(found)
+
+
+def unfinished_run(path: Path) -> str | None:
+    """What a folder training left without a model is (a stopped run, or one of its checkpoints) and the
+    command that continues it; None for any other folder."""
+    path = Path(path)
+    if STEP_DIR.match(path.name) and path.parent.name == CHECKPOINTS:
+        run = path.parent.parent
+        return (f"{path} is a training checkpoint, not a model: it holds the state to continue {run} from, "
+                f"with `tunesmith train {path / CONFIG} --resume auto`; use {run} once its training finishes")
+    complete = [(step, folder) for step, folder, done in list_checkpoints(path) if done]
+    if complete:
+        step, folder = complete[-1]
+        return (f"{path} is a run that stopped at step {step} before saving its model (the last complete "
+                f"checkpoint is {folder}); resume it with `tunesmith train {folder / CONFIG} --resume auto`")
+    if (path / METRICS).is_file():
+        return (f"{path} is a run that ended before its first checkpoint, so it holds no model and nothing to "
+                "resume; train it again (`tunesmith runs` shows how it ended)")
+    return None
+
+
+def is_adapter(method: str) -> bool:
+    """Whether a run of ``method`` saves a peft adapter (else full weights)."""
+    return method in ADAPTER_METHODS
+
+
+def read_run_info(path: Path) -> dict:
+    """A run's tunesmith.json; {} for a directory that is not a tunesmith run."""
+    info = Path(path) / RUN_INFO
+    return json.loads(info.read_text()) if info.is_file() else {}
+
+
+def run_system_prompt(run_info: dict | None) -> str | None:
+    """The system prompt a run was trained with (None: whatever the template inserts)."""
+    return (run_info or {}).get("system_prompt")
+
+
+def base_model(path: Path) -> str | None:
+    """The base model a run or a peft adapter directory was trained from (tunesmith.json's base_model, else
+    the adapter config's); None for a plain model."""
+    path = Path(path)
+    base = read_run_info(path).get("base_model")
+    if not base and (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return base or None
 
 
 class MetricsLog:
@@ -265,8 +332,6 @@ def write_model_card(run_dir: Path, config, info: dict, *, trainable: int, total
 
 
 def _method_summary(config) -> str:
-    from tunesmith.train.methods import is_adapter
-
     m = config.method
     if is_adapter(m.name):
         return f"{m.name} r={m.r} alpha={m.alpha} dropout={m.dropout} on {','.join(m.target_modules)}"
@@ -276,8 +341,6 @@ def _method_summary(config) -> str:
 
 
 def _python_usage(config, run: Path) -> str:
-    from tunesmith.train.methods import is_adapter
-
     if is_adapter(config.method.name):
         body = ("from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
                 f"model = AutoPeftModelForCausalLM.from_pretrained(\"{run}\")\n"
