@@ -12,9 +12,7 @@ import types
 
 class _CallablePackage(types.ModuleType):
     def __call__(self, *args, **kwargs):
-        from tunesmith.evaluate.pipeline import (
-            evaluate,  # deferred: the pipeline imports torch; metrics need not
-        )
+        from tunesmith.evaluate.pipeline import evaluate  # deferred: torch, which metrics do not need
 
         return evaluate(*args, **kwargs)
 

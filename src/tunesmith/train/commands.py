@@ -87,10 +87,7 @@ def run_train_command(argv: list[str]) -> int:
     if flags.print_config:
         sys.stdout.write(config.to_yaml())
         return 0
-    from tunesmith.train.loop import (  # deferred: torch, accelerate; --help answers at once
-        finetune,
-        prepare_run,
-    )
+    from tunesmith.train.loop import finetune, prepare_run  # deferred: torch; --help answers at once
 
     if flags.plan:
         plan = prepare_run(config).plan
