@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import sys
 
-from tunesmith.output import progress_bar
+from tunesmith.output import progress_bar, stdout_console
 
 
 class _Terminal(io.StringIO):
@@ -40,3 +40,12 @@ def test_numbers_and_deltas():
 
     assert (fmt_number(0.12345), fmt_number(7), fmt_number(None, missing="n/a")) == ("0.1235", "7", "n/a")
     assert (fmt_delta(0.5, 3), fmt_delta(-2), fmt_delta(None)) == ("+0.500", "-2", "")
+
+
+def test_a_long_command_printed_to_a_file_stays_on_one_line(monkeypatch):
+    """A file or a pipe gets no 80-column wrap: a suggested command is copied whole."""
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stream)
+    command = "tunesmith train --data " + "/a/long/path" * 20 + "/train.jsonl --output-dir runs/x"
+    stdout_console().print(command)
+    assert stream.getvalue() == command + "\n"

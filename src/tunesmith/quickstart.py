@@ -24,7 +24,7 @@ from tunesmith.config import DEFAULT_MODEL, load_config
 from tunesmith.data.doctor import check_data, print_report
 from tunesmith.evaluate.pipeline import evaluate
 from tunesmith.models.resolve import resolve
-from tunesmith.output import fmt_delta, fmt_number
+from tunesmith.output import fmt_delta, fmt_number, stdout_console
 from tunesmith.train.loop import finetune, prepare_run
 
 
@@ -56,7 +56,7 @@ def train_overrides(model: str, train_file: Path, eval_file: Path, run_dir: Path
 
 def quickstart(name: str = "Aurora", author: str = "the tunesmith community", out: str | None = None,
                model: str | None = None, max_steps: int | None = None) -> Path:
-    console = Console()
+    console = stdout_console()  # in a file or a pipe, a printed command stays one line
     started = time.perf_counter()
     model = model or DEFAULT_MODEL
     run_dir = Path(out or f"runs/quickstart-{name.lower()}").resolve()

@@ -99,6 +99,7 @@ def test_quickstart_trains_with_the_train_defaults(quickstart):
     command = stdout.split("equivalent command:", 1)[1].split("run plan", 1)[0]
     flags = set(re.findall(r"(?<!\S)--[\w.-]+", command))
     assert flags == {"--model", "--data", "--eval-data", "--output-dir", "--output.overwrite"}, command
+    assert len(command.strip().splitlines()) == 1, command  # piped to a file, the command is one line to copy
     recorded = json.loads((run / "plan.json").read_text())
     auto = {c["key"]: c["auto"] for c in recorded["choices"]}
     for key in ("train.lr", "train.batch_size", "train.grad_accum", "train.epochs", "train.warmup_steps"):
