@@ -596,7 +596,6 @@ LISTED_ERRORS, LISTED_WARNINGS, LISTED_GROUPS, PREVIEW_SEGMENT_CHARS = 50, 20, 1
 def print_report(report: DataReport, console=None) -> None:
     from rich.markup import escape
 
-
     # Lines that name files are soft-wrapped: rich never breaks them, so a path stays whole in a pipe.
     console = console or stdout_console()
     formats = ", ".join(f"{path} ({fmt})" for path, fmt in report.formats.items())

@@ -166,7 +166,6 @@ def score_model(name: str, tasks: HarnessTasks, *, chat_template: bool | None, l
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-
     loaded = load(name)
     chat = bool(current_template(loaded.tokenizer)) if chat_template is None else chat_template
     if chat:

@@ -253,7 +253,6 @@ def bertscore_baseline(model: str, lang: str, baseline_path=None) -> Path:
     """The rescaling baseline file: given, or shipped with bert-score for (lang, hub id); else an error."""
     import bert_score
 
-
     if baseline_path is not None:
         path = Path(baseline_path)
     else:

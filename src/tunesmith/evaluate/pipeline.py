@@ -238,7 +238,6 @@ def evaluate_model(name: str, conversations: list[Conversation], options: Genera
     ``like_run``: the tunesmith.json whose system prompt and max_length to use (default: the model's own)."""
     import torch
 
-
     loaded = load(name, dtype=torch.float32 if settings.precision == "fp32" else None)
     ensure_template(loaded.tokenizer, fallback_template)
     run_info = like_run if like_run is not None else loaded.run_info

@@ -186,7 +186,6 @@ def _serve_path(adapter, convs, max_new_tokens: int) -> Route:
     """The server's chat endpoint, in process: its request parsing, its prompt, its stop handling."""
     from fastapi.testclient import TestClient
 
-
     app = server.create_app(adapter)
     path = Route("serve", adapter.tokenizer, set(stop_token_ids(adapter.model, adapter.tokenizer)), answers=[])
     with TestClient(app) as client:

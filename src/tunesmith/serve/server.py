@@ -490,7 +490,6 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | No
     ``inference.load_for_generation`` (None: fp32 on CPU, where batched answers equal lone ones)."""
     import uvicorn
 
-
     api_key = api_key or os.environ.get("TUNESMITH_API_KEY") or None
     if warning := bind_warning(host, api_key):
         print(f"warning: {warning}", file=sys.stderr, flush=True)

@@ -145,7 +145,6 @@ class Data:
 
 
 def _read(paths: list[str], config: Config) -> list:
-
     convs = load_conversations(paths, format=config.data.format, columns=config.data.columns,
                                encoding=config.data.encoding)
     return with_system_prompt(convs, config.data.system_prompt)
@@ -165,7 +164,6 @@ def _split(convs: list, val_size: float, seed: int) -> tuple[list, list]:
 
 
 def _encode(convs: list, tokenizer, config: Config, what: str) -> list:
-
     d = config.data
     options = EncodeOptions(max_length=d.max_length, truncation=d.truncation, train_on_prompt=d.train_on_prompt,
                             last_turn_only=d.last_turn_only)
@@ -201,13 +199,10 @@ def prepare_data(config: Config, tokenizer) -> Data:
 
 
 def _read_pairs(paths: list[str], config: Config) -> list:
-
     return load_pairs(paths, format=config.data.format, columns=config.data.columns, encoding=config.data.encoding)
 
 
 def _encode_pairs(pairs: list, tokenizer, config: Config, what: str) -> list:
-
-
     d = config.data
     options = EncodeOptions(max_length=d.max_length, truncation=d.truncation)
     kept, lost = encode_pairs(pairs, tokenizer, options, d.system_prompt, what, progress=PartialState().is_main_process)
@@ -267,7 +262,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def _print(*args) -> None:
-
     if PartialState().is_main_process:
         print(*args, file=sys.stderr, flush=True)
 
@@ -321,7 +315,6 @@ def _add_neftune(model, alpha: float) -> None:
 
 
 def _load_model(config: Config, base_path: Path):
-
     model = load_base_model(base_path, config.method, config.model.attn_implementation,
                             allow_pickle=config.model.allow_pickle)
     model = apply_method(model, config.method, config.model.gradient_checkpointing)
@@ -824,8 +817,6 @@ def _maybe_evaluate(s: Session, total_steps: int) -> tuple[bool, bool]:
 
 
 def _load_best(accelerator, model, path: Path) -> None:
-
-
     accelerator.unwrap_model(model).load_state_dict(load_file(path / WEIGHTS), strict=False)
 
 
@@ -836,7 +827,6 @@ def _final_train_loss(out: Path, state: TrainState) -> float | None:
 
 
 def _progress(total: int, initial: int, enabled: bool):
-
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
 
 

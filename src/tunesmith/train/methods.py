@@ -41,7 +41,6 @@ def load_base_model(path, method: MethodConfig, attn_implementation: str | None 
     Safetensors only unless ``allow_pickle`` (model.allow_pickle); never the model's own Python code."""
     from transformers import AutoModelForCausalLM
 
-
     require_safetensors(path, allow_pickle)
     kwargs = {"dtype": torch.float32, "trust_remote_code": False, "use_safetensors": None if allow_pickle else True}
     if attn_implementation:

@@ -111,7 +111,6 @@ def resume_args(run_dir: Path) -> list[str]:
     """The command the UI started the run with (its record), continued with ``--train.resume auto``."""
     import shlex
 
-
     record = _read_json(run_dir / PROCESS_FILE)
     if not record.get("command"):
         raise UsageError(f"{run_dir} was not started from this UI; continue it with its own "
