@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import pulled_home
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.evaluate.metrics import bertscore, bertscore_baseline, bertscore_layer, score
+from tunesmith.evaluate.report import metric_notes
 
 PREDICTIONS = ["The cat sat on the mat.", "A dog ran in the park today.", "机器学习是人工智能的一个重要分支。"]
 REFERENCES = ["The cat sat on the mat.", "The dog was running in a park.", "机器学习是AI的核心技术之一。"]
@@ -122,11 +123,16 @@ def test_tokenizer_without_max_length_is_a_clear_error(tiny_bert, tmp_path):
         bertscore(["a"], ["a"], model=str(broken), num_layers=1)
 
 
-def test_unknown_token_rate_shows_unreadable_text(tiny_bert):
+def test_unknown_token_rate_shows_unreadable_text(tiny_bert, capsys):
     readable = bertscore(["The cat sat."], ["The cat sat."], model=str(tiny_bert), num_layers=1)
+    assert readable["bertscore_unknown_token_rate"] == 0.0 and "bertscore_warning" not in readable
+    assert "warning" not in capsys.readouterr().err
     unreadable = bertscore(["Zebras quiz vexing jokers."], ["The cat sat."], model=str(tiny_bert), num_layers=1)
-    assert readable["bertscore_unknown_token_rate"] == 0.0
     assert unreadable["bertscore_unknown_token_rate"] > 0.2
+    assert "cannot read this text (en)" in unreadable["bertscore_warning"]
+    assert "warning: BERTScore:" in capsys.readouterr().err
+    notes = "\n".join(metric_notes(unreadable))
+    assert unreadable["bertscore_warning"] in notes
 
 
 def test_score_runs_bertscore_only_when_asked(tiny_bert):
@@ -164,6 +170,7 @@ def test_embedded_minilm_cannot_read_most_chinese(encoder_home, monkeypatch):
     monkeypatch.setenv("TUNESMITH_HOME", str(encoder_home))
     result = bertscore(["机器学习是人工智能的一个重要分支。"], ["机器学习是AI的核心技术之一。"])
     assert result["bertscore_unknown_token_rate"] > 0.3
+    assert "all-minilm-l6-v2, which cannot read this text (zh)" in result["bertscore_warning"]
 
 
 REFERENCE_SENTENCES = [

@@ -298,13 +298,18 @@ def bertscore(predictions, references, *, model: str | None = None, num_layers: 
     if baseline is not None:
         base = _read_baseline(baseline, layer)
         scores = [tuple((x - b) / (1 - b) for x, b in zip(row, base, strict=True)) for row in scores]
+    unknown = unknown_token_rate(predictions + references, tokenizer)
+    warning = unreadable_warning(model, lang, unknown)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return {
         "bertscore_precision": _mean(s[0] for s in scores),
         "bertscore_recall": _mean(s[1] for s in scores),
         "bertscore_f1": _mean(s[2] for s in scores),
         "bertscore_model": model, "bertscore_model_path": str(model_path), "bertscore_layer": layer,
         "bertscore_rescaled": baseline is not None, "bertscore_baseline": str(baseline) if baseline else None,
-        "bertscore_unknown_token_rate": unknown_token_rate(predictions + references, tokenizer),
+        "bertscore_unknown_token_rate": unknown,
+        **({"bertscore_warning": warning} if warning else {}),
     }
 
 
@@ -336,6 +341,17 @@ def _encoder_tokenizer(model_path: Path):
         raise UsageError(f"{model_path}: the tokenizer sets no model_max_length; add it to tokenizer_config.json "
                          "(the encoder's maximum positions, e.g. 512)")
     return tokenizer
+
+
+# Above this share of unknown tokens the encoder is comparing [UNK] with [UNK]: the scores mean little.
+UNREADABLE_RATE = 0.05
+
+
+def unreadable_warning(model: str, lang: str, unknown_rate: float) -> str | None:
+    if unknown_rate <= UNREADABLE_RATE:
+        return None
+    return (f"BERTScore: {unknown_rate:.0%} of the tokens are unknown to the encoder {model}, which cannot read this "
+            f"text ({lang}); its scores say little here. Pass an encoder that reads it (--bertscore-model)")
 
 
 def unknown_token_rate(texts, tokenizer) -> float:

@@ -118,6 +118,8 @@ def metric_notes(metrics: dict) -> list[str]:
             else "not rescaled"
         notes.append(f"- BERTScore: encoder `{metrics['bertscore_model']}` ({metrics['bertscore_model_path']}), "
                      f"layer {metrics['bertscore_layer']}, {rescaled}")
+        if metrics.get("bertscore_warning"):
+            notes.append(f"- **warning**: {metrics['bertscore_warning']}")
     if "tokens_per_s" in metrics:
         notes.append("- speed: each example's time is its share of its batch's wall time; tokens/s is generated "
                      "tokens over the total generation time")
