@@ -360,8 +360,11 @@ def summarise(runs: dict, w: Workload) -> dict:
                "train_s": {s: median(s, "train_s") for s in runs},
                "cpu_s": {s: median(s, "cpu_s") for s in runs}}
     if w.cuda:
+        import torch
+
         summary["peak_gpu_mb"] = {s: median(s, "peak_gpu_mb") for s in runs}
         peak = gpu_peak_flops()
+        summary["gpu"] = {"name": torch.cuda.get_device_name(), "peak_bf16_tflops": peak / 1e12 if peak else None}
         if peak:
             summary["mfu"] = {s: speed[s] * flops_per_token(w) / peak for s in runs}
     return summary
