@@ -454,7 +454,8 @@ def main() -> None:
                 runs[s].append(run)
                 print(f"round {r + 1} {s}: {run['tokens_per_s']:.1f} tokens/s ({run['tokens']} tokens in "
                       f"{run['train_s']:.1f} s, {run['cpu_s']:.0f} CPU s in all), peak RSS {run['peak_rss_mb']:.0f} MB, "
-                      f"held-out loss {run['eval_loss']:.4f}", flush=True)
+                      f"held-out loss {run['eval_loss']:.4f}"
+                      + (f", peak GPU {run['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in run else ""), flush=True)
         summary = summarise(runs, w)
         print_table(summary, w, args.rounds)
         if args.json:

@@ -50,8 +50,13 @@ def _packed_losses(model, examples, batch, bf16: bool) -> list[float]:
         return packed_losses(model, examples, _moved(batch))
 
 
-@pytest.mark.parametrize(("attn", "bf16", "rel"), [("packed_sdpa", False, 1e-4), ("packed_sdpa", True, 1e-2),
-                                                   ("sdpa", False, 1e-4), ("flash_attention_2", True, 1e-2)])
+# Tolerances: fp32 as on CPU; bf16 wide enough for the rounding of different matmul shapes (rows of a packed
+# batch against one example alone) and narrow enough to catch examples that see each other (the test below).
+FP32, BF16 = 1e-4, 3e-3
+
+
+@pytest.mark.parametrize(("attn", "bf16", "rel"), [("packed_sdpa", False, FP32), ("packed_sdpa", True, BF16),
+                                                   ("sdpa", False, FP32), ("flash_attention_2", True, BF16)])
 def test_packed_losses_equal_unpacked_on_cuda(tiny_model_dir, examples, attn, bf16, rel):
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         pytest.skip("flash_attn is not installed: flash-attention's varlen path is not checked")
@@ -60,11 +65,12 @@ def test_packed_losses_equal_unpacked_on_cuda(tiny_model_dir, examples, attn, bf
     assert _packed_losses(model, examples, packed_batch(examples), bf16) == pytest.approx(expected, rel=rel)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_without_example_boundaries_packed_losses_differ_on_cuda(tiny_model_dir, examples, bf16):
-    """The check above can fail: positions that do not restart (a plain concatenation) let examples see each other."""
+@pytest.mark.parametrize(("bf16", "rel"), [(False, FP32), (True, BF16)])
+def test_without_example_boundaries_packed_losses_differ_on_cuda(tiny_model_dir, examples, bf16, rel):
+    """The check above can fail at its tolerances: with positions that do not restart (a plain concatenation)
+    the examples of a row are no longer independent (on the tiny model, up to 0.8% of an example's loss)."""
     model = _model(tiny_model_dir, "packed_sdpa")
     batch = packed_batch(examples)
     batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]).clone()
     packed = _packed_losses(model, examples, batch, bf16)
-    assert packed != pytest.approx(_unpacked_losses(model, examples, bf16), rel=0.05)
+    assert packed != pytest.approx(_unpacked_losses(model, examples, bf16), rel=rel)
