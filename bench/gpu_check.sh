@@ -32,15 +32,16 @@ export PYTHON=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$out"
 
+# The quick ones first: should the time limit stop pytest, the most tests have a result.
 CUDA_TESTS=(
-    tests/cuda/test_cuda_training.py::test_qlora_4bit_trains_and_its_adapter_loads_in_plain_peft
-    tests/cuda/test_cuda_training.py::test_bf16_training_loss_within_1_percent_of_fp32
-    tests/cuda/test_cuda_training.py::test_liger_kernel_on_and_off_give_the_same_loss
-    tests/cuda/test_cuda_training.py::test_sigkill_after_a_checkpoint_then_resume_on_cuda_matches_a_straight_run
     tests/cuda/test_cuda_packing.py::test_packed_losses_equal_unpacked_on_cuda
     tests/cuda/test_cuda_packing.py::test_without_example_boundaries_packed_losses_differ_on_cuda
     tests/cuda/test_cuda_generation.py::test_batched_greedy_equals_one_by_one_on_cuda
     tests/cuda/test_cuda_generation.py::test_batched_greedy_equals_one_by_one_when_rows_stop_at_different_steps_on_cuda
+    tests/cuda/test_cuda_training.py::test_bf16_training_loss_within_1_percent_of_fp32
+    tests/cuda/test_cuda_training.py::test_qlora_4bit_trains_and_its_adapter_loads_in_plain_peft
+    tests/cuda/test_cuda_training.py::test_sigkill_after_a_checkpoint_then_resume_on_cuda_matches_a_straight_run
+    tests/cuda/test_cuda_training.py::test_liger_kernel_on_and_off_give_the_same_loss
 )
 
 left() {  # seconds left of the budget, less a reserve for the steps after this one; 10 at least
@@ -92,14 +93,16 @@ if [[ $STEPS == *" tests "* ]]; then
     if "$PYTHON" -c 'import pytest_timeout' 2>/dev/null; then
         per_test=(--timeout 150)  # one test that hangs must not take the benchmark's time
     fi
-    timeout "$(left 270)" "$PYTHON" -m pytest -m cuda -p no:cacheprovider -q -rA ${per_test[@]+"${per_test[@]}"} \
+    # SIGINT at the limit: pytest stops as on Ctrl-C and still writes its report of the tests that ran.
+    timeout -s INT -k 20 "$(left 270)" "$PYTHON" -m pytest -m cuda -p no:cacheprovider -v -rA \
+        ${per_test[@]+"${per_test[@]}"} \
         --junitxml "$out/cuda-tests.xml" "${CUDA_TESTS[@]}" 2>&1 | tee "$out/cuda-tests.log"
     tests_status=${PIPESTATUS[0]}
 fi
 
 if [[ $STEPS == *" bench "* ]]; then
     echo "== bench/gpu.sh (${TRAIN} examples; $(left 15) s at most)"
-    GPU_TOKENIZER=$carry/tokenizer timeout "$(left 15)" bash bench/gpu.sh --rounds 1 \
+    GPU_TOKENIZER=$carry/tokenizer timeout -k 10 "$(left 15)" bash bench/gpu.sh --rounds 1 \
         --systems tunesmith,trl_best,plain --train "$TRAIN" --json "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.log"
     bench_status=${PIPESTATUS[0]}
 fi

@@ -20,6 +20,10 @@ def read_test_results(junit: Path) -> list[dict]:
     """One row per test case: node id, outcome, seconds, and the first line of the reason when not passed."""
     rows = []
     for case in ET.parse(junit).getroot().iter("testcase"):
+        if case.get("name") is None:  # the test that was running when pytest was interrupted
+            rows.append({"test": "(the test running at the time limit)", "outcome": "interrupted", "seconds": 0.0,
+                         "reason": "pytest stopped by the time limit; the tests after it did not run"})
+            continue
         module = case.get("classname", "").replace(".", "/") + ".py"
         outcome, reason = "passed", ""
         for kind in ("failure", "error", "skipped"):
@@ -38,7 +42,7 @@ def tests_table(junit: Path) -> list[str]:
     if not junit.is_file():
         return [f"No test results: {junit} was not written (pytest did not finish)."]
     rows = read_test_results(junit)
-    counts = {o: sum(r["outcome"] == o for r in rows) for o in ("passed", "failed", "error", "skipped")}
+    counts = {o: sum(r["outcome"] == o for r in rows) for o in ("passed", "failed", "error", "skipped", "interrupted")}
     lines = [", ".join(f"{n} {o}" for o, n in counts.items() if n) + f" of {len(rows)} cuda tests", "",
              "| test | result | s | reason |", "| --- | --- | ---: | --- |"]
     lines += [f"| `{r['test']}` | {r['outcome']} | {r['seconds']:.1f} | {r['reason'].replace('|', '/')[:160]} |"

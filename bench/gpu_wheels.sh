@@ -77,8 +77,9 @@ AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct")).save_pretrained(
 EOF
 
 folder_bytes=$(du -sb "$dest" | cut -f1)
-# What the device tool sends: tracked files and untracked ones git does not ignore, plus this folder.
-tree_bytes=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+# What a copy of the working tree holds: tracked files and untracked ones git does not ignore, plus this folder.
+# (a file deleted but not yet committed is no longer there: du skips it and says so)
+tree_bytes=$({ git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- || true; } | tail -1 | cut -f1)
 total=$((folder_bytes + tree_bytes))
 ls -l "$dest/wheels"
 awk -v f="$folder_bytes" -v t="$tree_bytes" -v d="$dest" 'BEGIN { m = 1048576
