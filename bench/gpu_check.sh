@@ -51,8 +51,10 @@ left() {  # seconds left of the budget, less a reserve for the steps after this 
 
 echo "== installing the carried wheels from $carry/wheels into $site"
 if compgen -G "$carry/wheels/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-        "$carry"/wheels/*.whl || echo "installing the wheels failed: the checks that need them will say so"
+    for wheel in "$carry"/wheels/*.whl; do  # one at a time: a wheel this Python cannot take stops no other
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+            "$wheel" || echo "installing $wheel failed: the checks that need it will say so"
+    done
 else
     echo "no wheels in $carry/wheels (run bench/gpu_wheels.sh where PyPI is reachable): bitsandbytes, liger-kernel and trl may be missing"
 fi

@@ -40,7 +40,7 @@ def read_test_results(junit: Path) -> list[dict]:
 
 def tests_table(junit: Path) -> list[str]:
     if not junit.is_file():
-        return [f"No test results: {junit} was not written (pytest did not finish)."]
+        return [f"No test results: {junit} was not written (the tests were not run, or pytest did not finish)."]
     rows = read_test_results(junit)
     counts = {o: sum(r["outcome"] == o for r in rows) for o in ("passed", "failed", "error", "skipped", "interrupted")}
     lines = [", ".join(f"{n} {o}" for o, n in counts.items() if n) + f" of {len(rows)} cuda tests", "",
@@ -52,7 +52,7 @@ def tests_table(junit: Path) -> list[str]:
 
 def bench_table(bench: Path | None) -> list[str]:
     if bench is None or not bench.is_file():
-        return [f"No benchmark result: {bench} was not written (bench/gpu.sh did not finish; see its log)."]
+        return [f"No benchmark result: {bench} was not written (bench/gpu.sh was not run, or did not finish: see its log)."]
     data = json.loads(bench.read_text())
     w, gpu = data["workload"], data.get("gpu", {})
     peak = gpu.get("peak_bf16_tflops")
