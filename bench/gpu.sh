@@ -15,7 +15,9 @@
 #
 #   bash bench/gpu.sh [--rounds 3] [--json gpu.json] [--systems tunesmith,trl_best,plain]
 #
-# Arguments are passed on to train_throughput.py (later ones win). Written and syntax-checked on a
+# Arguments are passed on to train_throughput.py (later ones win): --train N caps the examples.
+# GPU_TOKENIZER=DIR gives gpu_model.py a saved tokenizer (bench/gpu_wheels.sh makes one) where the
+# default model's is not in the cache and cannot be fetched. Written and syntax-checked on a
 # CPU-only machine (bash -n, the Python parts imported there); see bench/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +42,6 @@ fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-"$PYTHON" bench/gpu_model.py --out "$work/llama-1b"
+"$PYTHON" bench/gpu_model.py --out "$work/llama-1b" ${GPU_TOKENIZER:+--tokenizer "$GPU_TOKENIZER"}
 "$PYTHON" bench/train_throughput.py --device cuda --model "$work/llama-1b" --train 900 --heldout 64 \
     --max-length 2048 --batch 8 ${kernels[@]+"${kernels[@]}"} "$@"

@@ -2,10 +2,12 @@
 
 Shaped like Llama 3.2 1B (hidden 2048, 16 layers, 32 heads, 8 key/value heads, MLP 8192) with the
 default model's tokenizer (SmolLM2's, 49,152 tokens; tied embeddings), so it needs no download beyond
-what tunesmith already has. Throughput does not depend on the weights, so random ones (seeded) do;
-the held-out loss of such a run only says that nothing broke. Saved in bf16 safetensors.
+what tunesmith already has (or, with ``--tokenizer DIR``, a saved copy of it: a machine with no network
+and no model cache gets one from bench/gpu_wheels.sh). Throughput does not depend on the weights, so
+random ones (seeded) do; the held-out loss of such a run only says that nothing broke. Saved in bf16
+safetensors.
 
-    python bench/gpu_model.py --out DIR
+    python bench/gpu_model.py --out DIR [--tokenizer DIR]
 """
 
 from __future__ import annotations
@@ -32,14 +34,16 @@ def parameter_count(config) -> int:
     return config.vocab_size * h + layers * per_layer + h
 
 
-def build(out: Path, seed: int = 0) -> int:
+def build(out: Path, seed: int = 0, tokenizer_from: str = TOKENIZER_FROM) -> int:
     """Write the random model and the tokenizer to ``out``; returns the parameter count."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from tunesmith.models.resolve import resolve
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(TOKENIZER_FROM))
+    # A saved tokenizer alone is no model directory (no config.json), so only a name is resolved.
+    source = tokenizer_from if Path(tokenizer_from).is_dir() else resolve(tokenizer_from)
+    tokenizer = AutoTokenizer.from_pretrained(source)
     config = llama_1b_config(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -52,8 +56,10 @@ def build(out: Path, seed: int = 0) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tokenizer", default=TOKENIZER_FROM,
+                        help="the tokenizer's model alias or a directory holding a saved tokenizer")
     args = parser.parse_args()
-    print(f"{build(args.out):,} parameters in {args.out}")
+    print(f"{build(args.out, tokenizer_from=args.tokenizer):,} parameters in {args.out}")
 
 
 if __name__ == "__main__":

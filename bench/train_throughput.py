@@ -360,8 +360,11 @@ def summarise(runs: dict, w: Workload) -> dict:
                "train_s": {s: median(s, "train_s") for s in runs},
                "cpu_s": {s: median(s, "cpu_s") for s in runs}}
     if w.cuda:
+        import torch
+
         summary["peak_gpu_mb"] = {s: median(s, "peak_gpu_mb") for s in runs}
         peak = gpu_peak_flops()
+        summary["gpu"] = {"name": torch.cuda.get_device_name(), "peak_bf16_tflops": peak / 1e12 if peak else None}
         if peak:
             summary["mfu"] = {s: speed[s] * flops_per_token(w) / peak for s in runs}
     return summary
@@ -451,7 +454,8 @@ def main() -> None:
                 runs[s].append(run)
                 print(f"round {r + 1} {s}: {run['tokens_per_s']:.1f} tokens/s ({run['tokens']} tokens in "
                       f"{run['train_s']:.1f} s, {run['cpu_s']:.0f} CPU s in all), peak RSS {run['peak_rss_mb']:.0f} MB, "
-                      f"held-out loss {run['eval_loss']:.4f}", flush=True)
+                      f"held-out loss {run['eval_loss']:.4f}"
+                      + (f", peak GPU {run['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in run else ""), flush=True)
         summary = summarise(runs, w)
         print_table(summary, w, args.rounds)
         if args.json:
