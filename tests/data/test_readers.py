@@ -132,6 +132,26 @@ def test_csv_with_a_column_mapping_reports_file_lines(tmp_path):
     assert [(i.where, i.field) for i in result.errors] == [(f"{path}:5", "output (column 'answer')")]
 
 
+def test_question_and_answer_columns_are_read_as_alpaca_and_said_so(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text('question,answer\n"What is 1+1?",2\n"no answer",\n', encoding="utf-8")
+    result = read_dataset(path)
+    assert [(c.messages[0].content, c.messages[1].content) for c in result.conversations] == [("What is 1+1?", "2")]
+    assert [(i.where, i.field) for i in result.errors] == [(f"{path}:3", "output (column 'answer')")]
+    assert [i.message for i in result.warnings if i.field == "(columns)"] == [
+        "read as alpaca with --columns instruction=question,output=answer"]
+    assert result.formats == {str(path): "alpaca"}
+
+
+def test_columns_of_no_layout_are_one_error_for_the_file_not_one_per_row(tmp_path):
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"q": f"q{i}", "a": "a"} for i in range(40)])
+    result = read_dataset(path)
+    assert [(i.where, i.field) for i in result.errors] == [(str(path), "(columns)")]
+    assert "columns ['a', 'q'], so none of its 40 row(s) was read" in result.errors[0].message
+    assert "--columns instruction=question,output=answer" in result.errors[0].message
+    assert result.conversations == [] and result.num_rows == 40
+
+
 def test_parquet_directory_and_saved_dataset(tmp_path):
     import datasets
     import pandas as pd
@@ -196,7 +216,6 @@ def test_the_three_broken_lines_are_each_reported_and_nothing_else(tmp_path):
     ({"messages": []}, "messages", "expected a non-empty list of messages, got an empty list"),
     ({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "not json"}]},
      "conversations[1].value", "function call is not valid JSON"),
-    ({"question": "q", "answer": "a"}, "(columns)", "cannot tell the format"),
     (["a", "list"], "(row)", "expected an object, got a list"),
 ])
 def test_each_schema_error_names_its_field(tmp_path, row, field, message):

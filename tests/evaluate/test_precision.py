@@ -68,6 +68,7 @@ def generation_dtypes(monkeypatch):
         seen.append(model.dtype)
         return real(model, *args, **kwargs)
 
+    monkeypatch.setattr(inference, "generate", spy)  # what `tunesmith generate` calls
     monkeypatch.setattr(pipeline, "generate", spy)  # the name the eval pipeline calls
     return seen
 

@@ -132,7 +132,7 @@ def test_objective_wires_sums_counts_and_statistics(monkeypatch, name, beta, gam
     2k + 1 rejected), averages per token for SimPO/ORPO, and sums the pair losses and the statistics."""
     logps = torch.tensor([v for pc, pr, *_ in GOLDEN for v in (pc, pr)], dtype=torch.float64)
     counts = torch.tensor([n for *_, nc, nr in GOLDEN for n in (nc, nr)])
-    monkeypatch.setattr("tunesmith.loss.sequence_logps", lambda model, inputs, sequences: (logps, counts))
+    monkeypatch.setattr("tunesmith.train.objectives.sequence_logps", lambda model, inputs, sequences: (logps, counts))
     side = Encoded([1, 2], [IGNORE, 2])
     pairs = [EncodedPair(side, side, reference=(rc, rr)) for _, _, rc, rr, _, _ in GOLDEN]
     batch = [[0, 1, 2], [3, 4]]

@@ -308,6 +308,20 @@ def detect_format(keys: Iterable[str]) -> str | None:
     return None
 
 
+# Question-and-answer columns under other names, read as alpaca when no layout's own keys are there:
+# the first present of each list is used, and the file gets a note saying so.
+QA_COLUMNS = {"instruction": ("instruction", "question", "query"), "output": ("output", "answer", "response")}
+
+
+def qa_columns(keys: Iterable[str]) -> dict[str, str]:
+    """``{"instruction": "question", "output": "answer"}`` for a row of such columns, else {}."""
+    keys = set(keys)
+    found = {target: next((name for name in names if name in keys), None) for target, names in QA_COLUMNS.items()}
+    if None in found.values() or found == {"instruction": "instruction", "output": "output"}:
+        return {}
+    return found
+
+
 def check_format_name(format: str | None) -> str | None:
     if format is not None and format not in FORMATS:
         raise UsageError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
@@ -733,10 +747,41 @@ def _read_file(path: Path, format: str | None, mapping: dict[str, str], result: 
     rows = file_rows(path, mapping, result, encoding)
     refuse_preference(rows)
     result.num_rows += len(rows)
+    if not format and not mapping:
+        rows = _read_qa_columns(path, rows, result)
     detected = file_formats(path, rows, format, detect_format, result)
+    if not format and not detected and any(r.data and not r.failed for r in rows):
+        return _unknown_layout(path, rows, result)
     for row in rows:
         result.conversations += _convert_row(row, format, detected)
         result.issues += row.issues
+
+
+def _read_qa_columns(path: Path, rows: list[Row], result: ReadResult) -> list[Row]:
+    """Rows whose columns are a question and an answer under other names (question,answer), renamed."""
+    if any(detect_format(r.data) for r in rows):
+        return rows
+    found = qa_columns(rows[0].data) if rows else {}
+    if not found or not all(qa_columns(r.data) == found for r in rows if r.data):
+        return rows
+    named = ",".join(f"{target}={source}" for target, source in found.items())
+    result.issues.append(DataIssue(str(path), -1, "(columns)", f"read as alpaca with --columns {named}", "warning"))
+    for row in rows:
+        row.data, row.columns = rename_columns(row.data, found), found
+    return rows
+
+
+def _unknown_layout(path: Path, rows: list[Row], result: ReadResult) -> None:
+    """No row's columns name a layout: one error for the file (naming every column seen and how many rows
+    it leaves unread), not one per row."""
+    columns = sorted({key for row in rows for key in row.data})
+    unread = sum(1 for row in rows if not row.failed)
+    for row in rows:
+        result.issues += row.issues
+    result.issues.append(DataIssue(
+        str(path), -1, "(columns)", f"cannot tell the format from the columns {columns}, so none of its {unread} "
+        f"row(s) was read; pass --format ({', '.join(FORMATS)}) or --columns FIELD=COLUMN,... "
+        "(e.g. --columns instruction=question,output=answer)"))
 
 
 def _row(file: str, line: int, raw, mapping: dict[str, str]) -> Row:
