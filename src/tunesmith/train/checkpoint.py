@@ -156,9 +156,13 @@ def _write_failure(exc: OSError, step: int, final: Path, output_dir) -> str:
 
 def kill_point(stage: str, step: int) -> None:
     """TUNESMITH_TEST_KILL=STAGE:N SIGKILLs this process at STAGE of step N, so tests can prove
-    that a run killed mid-save or right after a save resumes exactly (never set in normal use)."""
-    if os.environ.get("TUNESMITH_TEST_KILL") == f"{stage}:{step}":
+    that a run killed mid-save or right after a save resumes exactly (never set in normal use).
+    TUNESMITH_TEST_KILL=STAGE:N:INT sends SIGINT instead, a Ctrl-C at a known point of a step."""
+    wanted = os.environ.get("TUNESMITH_TEST_KILL", "")
+    if wanted == f"{stage}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif wanted == f"{stage}:{step}:INT":
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -67,6 +67,7 @@ from tunesmith.run import (
     check_trackers,
     checkpoints_dir,
     is_adapter,
+    list_checkpoints,
     plot_losses,
     read_metrics,
     write_model_card,
@@ -601,7 +602,7 @@ def _train(s: Session) -> bool:
     config, data, state, total = s.run.config, s.run.data, s.state, s.run.plan.total_steps
     processes = s.accelerator.num_processes
     per_step = config.train.grad_accum * processes
-    interrupt, speed = _Interrupt(), _SpeedCheck(state.step, s.run.plan)
+    interrupt, speed = _Interrupt(lambda: _lost_at_once(s)), _SpeedCheck(state.step, s.run.plan)
     progress = _progress(total, state.step, s.accelerator.is_main_process)
     step_windows = windows(epoch_layout(data.train, config, state.epoch_seed)[state.batch_index:], per_step, processes)
     started = time.perf_counter()
@@ -611,7 +612,7 @@ def _train(s: Session) -> bool:
                 state.epoch += 1
                 state.epoch_seed, state.batch_index = epoch_seed(config.train.seed, state.epoch), 0
                 step_windows = windows(epoch_layout(data.train, config, state.epoch_seed), per_step, processes)
-            loss, grad_norm, lr, interrupted = _optimizer_step(s, step_windows.pop(0), interrupt.requested)
+            loss, grad_norm, lr, interrupted = _optimizer_step(s, step_windows.pop(0), interrupt)
             elapsed = time.perf_counter() - started
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{state.tokens / max(elapsed, 1e-9):.0f}",
@@ -631,15 +632,17 @@ def _train(s: Session) -> bool:
     return False
 
 
-def _optimizer_step(s: Session, window: list, stop_requested: bool) -> tuple[float, float, float, bool]:
+def _optimizer_step(s: Session, window: list, interrupt: _Interrupt) -> tuple[float, float, float, bool]:
     """Forward/backward over the window, checks, then the update: (loss, grad norm, lr, stop asked anywhere)."""
     state, t = s.state, s.run.config.train
     objective = s.objective
     sums = train_step(s.accelerator, s.model, s.run.data, window, s.run.config.data.packing, s.pad_id, objective)
     state.batch_index += len(window)
     state.step += 1
-    # One reduction carries the loss, the objective's statistics and whether any process was asked to stop (Ctrl-C).
-    local = torch.cat([torch.tensor([sums.loss, float(stop_requested)], dtype=torch.float64), sums.stats])
+    ckpt.kill_point("during-step", state.step)
+    # One reduction carries the loss, the objective's statistics and whether any process was asked to stop (Ctrl-C):
+    # read after the forward/backward, so a Ctrl-C during them stops after this step, on every process alike.
+    local = torch.cat([torch.tensor([sums.loss, float(interrupt.requested)], dtype=torch.float64), sums.stats])
     reduced = s.accelerator.reduce(local.to(s.accelerator.device), reduction="sum").cpu()
     loss, interrupted = reduced[0].item() / sums.weight, reduced[1].item() > 0
     supervised, tokens = sums.supervised, sums.tokens
@@ -656,7 +659,9 @@ def _optimizer_step(s: Session, window: list, stop_requested: bool) -> tuple[flo
     state.recent_losses.append(loss)
     if objective.preference:
         state.recent_stats.append(step_stats(reduced[2:], sums.weight))
-    return loss, grad_norm, lr, interrupted
+    # Alone, a Ctrl-C during the update counts for this step too; with several processes it waits for the next
+    # step's reduction, so that all of them stop after the same step.
+    return loss, grad_norm, lr, interrupted or (s.accelerator.num_processes == 1 and interrupt.requested)
 
 
 def _log_step(s: Session, loss: float, grad_norm: float, lr: float, elapsed: float, evaluated: bool,
@@ -732,16 +737,30 @@ class TrainingInterrupted(TunesmithError):
     exit_code = 130  # the shell's code for a Ctrl-C
 
 
-class _Interrupt:
-    """Ctrl-C (SIGINT) asks for a stop after the current step, with a checkpoint; a second one stops at once."""
+def _lost_at_once(s: Session) -> str:
+    """What a second Ctrl-C loses: the steps since the last complete checkpoint, or all of them."""
+    done = s.state.step
+    kept = [(step, path) for step, path, complete in list_checkpoints(s.run.config.output.output_dir) if complete]
+    if not kept:
+        return (f"interrupted at once during step {done + 1}: no checkpoint was written yet, so the {done} step(s) "
+                "done are lost; train again (one Ctrl-C stops after the current step with a checkpoint)")
+    step, path = kept[-1]
+    return (f"interrupted at once during step {done + 1}: the {done - step} step(s) after the last checkpoint "
+            f"{path} are lost; continue from it with --resume auto")
 
-    def __init__(self):
+
+class _Interrupt:
+    """Ctrl-C (SIGINT) asks for a stop after the current step, with a checkpoint; a second one stops at once,
+    saying what that loses (``lost``)."""
+
+    def __init__(self, lost=lambda: "interrupted"):
         self.requested = False
         self._previous = None
+        self._lost = lost
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            raise TrainingInterrupted(self._lost())
         self.requested = True
         _print("\nstopping after this step (Ctrl-C again to stop at once)")
 
