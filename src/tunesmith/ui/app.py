@@ -55,11 +55,12 @@ from tunesmith.train.rundir import CONFIG, METRICS, read_metrics
 from tunesmith.ui.guard import Guard, is_loopback
 from tunesmith.ui.jobs import Jobs, cli_argv, log_file, shown_command
 from tunesmith.ui.strings import FIELD_HELP_ZH, STRINGS
-from tunesmith.ui.workspace import TooLarge, Workspace
+from tunesmith.ui.workspace import Exists, TooLarge, Workspace
 
 STATIC = Path(__file__).parent / "static"
 PLAN_TIMEOUT_S = 600
 LOG_CHARS = 4000  # the end of a child's log that the page shows
+ERROR_STATUS = {TooLarge: 413, Exists: 409}  # other user errors are a 400
 
 
 # ---------------------------------------------------------------- the Train form
@@ -341,7 +342,9 @@ def create_app(runs_dir: str | Path = "runs", lang: str = "en", *, token: str | 
 
     @app.exception_handler(TunesmithError)
     async def user_error(request, exc: TunesmithError):
-        return JSONResponse({"error": str(exc)}, status_code=413 if isinstance(exc, TooLarge) else 400)
+        # After a 413 the connection closes: the rest of an oversized body is not even read and dropped.
+        close = {"connection": "close"} if isinstance(exc, TooLarge) else None
+        return JSONResponse({"error": str(exc)}, status_code=ERROR_STATUS.get(type(exc), 400), headers=close)
 
     @app.get("/")
     def index():

@@ -26,6 +26,10 @@ class TooLarge(TunesmithError):
     """An upload past the cap (answered 413)."""
 
 
+class Exists(TunesmithError):
+    """An upload whose name is taken, without overwrite (answered 409)."""
+
+
 class Workspace:
     def __init__(self, root: str | Path, max_upload_bytes: int):
         self.root = Path(root)
@@ -59,8 +63,8 @@ class Workspace:
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / clean
         if (target.exists() or target.is_symlink()) and not overwrite:
-            raise UsageError(f"{target} already exists; rename the file, or upload it again with overwrite to "
-                             "replace it")
+            raise Exists(f"{target} already exists; rename the file, or upload it again with overwrite to "
+                         "replace it")
         partial = folder / f".{clean}.{secrets.token_hex(6)}.partial"
         size = 0
         try:
@@ -76,7 +80,7 @@ class Workspace:
             else:
                 os.link(partial, target)  # fails if the name appeared meanwhile
         except FileExistsError:
-            raise UsageError(f"{target} already exists; rename the file, or upload it again with overwrite") from None
+            raise Exists(f"{target} already exists; rename the file, or upload it again with overwrite") from None
         finally:
             partial.unlink(missing_ok=True)
         return target, size
