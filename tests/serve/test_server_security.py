@@ -382,9 +382,9 @@ def test_a_bad_seed_in_one_of_eight_concurrent_requests_fails_only_that_one(open
         assert body["choices"][0]["message"]["content"] == reference(QUESTIONS[i % len(QUESTIONS)], 6).strip()
 
 
-def test_a_request_the_worker_cannot_start_fails_alone_in_its_packed_prefill(loaded, reference):
-    """Past the server's checks (a seed beyond torch's range, straight to the worker): the 7 requests packed into
-    the same prefill still answer, and only the 8th gets the error."""
+def test_requests_the_worker_cannot_start_fail_alone_in_their_packed_prefill(loaded, reference):
+    """Past the server's checks, straight to the worker: a seed beyond torch's range (its row cannot be made) and a
+    token id beyond the vocabulary (the packed prefill fails); the 6 requests packed beside them still answer."""
     from tunesmith.serve.batching import Batcher, Done
     from tunesmith.serve.batching import Request as WorkerRequest
 
@@ -404,6 +404,7 @@ def test_a_request_the_worker_cannot_start_fails_alone_in_its_packed_prefill(loa
     with batcher.wake:  # all 8 wait in the queue before the worker looks: one admission, one packed prefill
         for i, prompt in enumerate(prompts):
             ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = ids + [10**6] if i == 6 else ids
             batcher.submit(WorkerRequest(ids, GenerationOptions(max_new_tokens=6), collector(i),
                                          seed=2**80 if i == 5 else None))
     try:
@@ -412,7 +413,8 @@ def test_a_request_the_worker_cannot_start_fails_alone_in_its_packed_prefill(loa
     finally:
         batcher.close()
     assert isinstance(events[5][-1], Exception) and "Overflow" in str(events[5][-1])
-    for i in set(range(8)) - {5}:
+    assert isinstance(events[6][-1], IndexError), events[6]
+    for i in set(range(8)) - {5, 6}:
         assert isinstance(events[i][-1], Done), events[i]
         assert events[i][-1].text.strip() == reference(QUESTIONS[i % len(QUESTIONS)], 6).strip()
     assert batcher.stats()["busy"] == 0
