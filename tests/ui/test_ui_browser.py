@@ -333,3 +333,9 @@ def test_an_html_file_in_a_run_downloads_instead_of_running_on_the_ui(server, br
     link.click()
     _wait(browser, lambda d: (tmp_path / "downloads" / "README.html").is_file(), 30, "the download")
     assert browser.title == "tunesmith" and not (runs / "uploads" / "evil.jsonl").exists()
+
+    named = runs / "<img src=x onerror=document.title='pwned'>"  # a run's name is shown as text, never as HTML
+    named.mkdir()
+    (named / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    _wait(browser, lambda d: named.name in _text(d, "#runs-table"), 30, "the run with a markup name")
+    assert not browser.find_elements(*_by("#runs-table img")) and browser.title == "tunesmith"
