@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from tunesmith import __version__
+from tunesmith.config import UIConfig, ui_fields
 from tunesmith.config import choices as config_choices
 
 
@@ -110,8 +111,20 @@ def _runs(args) -> int:
 def _ui(args) -> int:
     from tunesmith.ui.app import run_ui
 
-    run_ui(host=args.host, port=args.port, lang=args.lang, runs_dir=args.runs_dir)
+    run_ui(UIConfig(**{info.key: getattr(args, info.key) for info in ui_fields()}))
     return 0
+
+
+def _add_ui_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per UIConfig field: --runs-dir for runs_dir, a switch for a bool."""
+    for info in ui_fields():
+        flag = "--" + info.key.replace("_", "-")
+        if info.type is bool:
+            p.add_argument(flag, action="store_true", help=info.help)
+            continue
+        kind = next((t for t in (int, float) if info.type is t), str)
+        parse = _number(kind, info.minimum) if info.minimum is not None else kind
+        p.add_argument(flag, type=parse, default=info.default, choices=info.choices, help=info.help)
 
 
 def _number(kind, low: float, high: float | None = None, low_open: bool = False):
@@ -316,10 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_runs)
 
     p = sub.add_parser("ui", help="the web UI: data check, train, runs, chat, evaluate, export (English and Chinese)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--lang", default="en", choices=["en", "zh"], help="page language (switchable in the page)")
-    p.add_argument("--runs-dir", default="runs", help="where runs are listed and new runs are written")
+    _add_ui_flags(p)
     p.set_defaults(func=_ui)
     return parser
 

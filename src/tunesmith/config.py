@@ -386,3 +386,29 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         apply_yaml(config, path)
     apply_overrides(config, overrides)
     return config
+
+
+@dataclass
+class UIConfig:
+    """`tunesmith ui`'s options; each field is its flag (``runs_dir`` is ``--runs-dir``). Not part of ``Config``:
+    they configure the page's server, not a training."""
+
+    host: str = opt("127.0.0.1", "address to bind (default: this machine only); any other needs --token or "
+                                 "--insecure-no-auth")
+    port: int = opt(7860, "port to listen on", minimum=1)
+    lang: str = opt("en", "page language (switchable in the page)", ("en", "zh"))
+    runs_dir: str = opt("runs", "the UI's workspace: runs are listed and written here, uploads go to its uploads "
+                                "folder, and every file the page reads or writes must lie inside it")
+    token: str | None = opt(None, "the token every API call must carry (default: $TUNESMITH_UI_TOKEN, else a new "
+                                  "one at each launch, printed in the page's address)")
+    insecure_no_auth: bool = opt(False, "serve without any token, even off this machine: whoever reaches the port "
+                                        "can start trainings and read and write the workspace")
+    max_upload_mb: float = opt(512.0, "largest data file the page may upload, in MB (counted while it arrives)",
+                               minimum=0)
+
+
+def ui_fields() -> list[FieldInfo]:
+    """`tunesmith ui`'s options, as ``fields_info`` lists the training ones (keys are the bare field names)."""
+    hints = typing.get_type_hints(UIConfig)
+    return [FieldInfo(f.name, hints[f.name], f.default, f.metadata["help"], f.metadata.get("choices"),
+                      f.metadata.get("minimum")) for f in dataclasses.fields(UIConfig)]

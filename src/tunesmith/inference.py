@@ -18,6 +18,8 @@ Measurements: bench/README.md, "Evaluation generation".
 
 from __future__ import annotations
 
+import math
+import numbers
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -80,10 +82,26 @@ def precision_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class GenerationOptions:
+    """How to generate, checked when made: every way in (generate, eval, chat, the web UI, serve) refuses a value
+    that transformers would only fail on later, inside a generation thread (``top_p=-1``), with a clear message."""
+
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     stop: Sequence[str] = ()
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, numbers.Integral) \
+                or self.max_new_tokens < 1:
+            raise UsageError(f"max_new_tokens must be an integer of at least 1, not {self.max_new_tokens!r}")
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise UsageError(f"temperature must be a number of at least 0 (0: greedy), not {self.temperature!r}")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise UsageError(f"top_p must be above 0 and at most 1, not {self.top_p!r}")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -280,8 +298,12 @@ def stream(model, tokenizer, prompt: str, options: GenerationOptions | None = No
            cancel: threading.Event | None = None) -> Iterator[str]:
     """Yield text pieces as they are generated (for chat and streaming responses).
 
-    Setting ``cancel`` stops generation at the next token (a client that went away)."""
+    Setting ``cancel`` stops generation at the next token (a client that went away); so does closing this
+    iterator, which returns only once the generation thread has ended. An error in that thread ends the
+    stream and is raised here (without this, the streamer would wait for text forever)."""
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    cancel = cancel or threading.Event()
 
     class Cancelled(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
@@ -292,15 +314,28 @@ def stream(model, tokenizer, prompt: str, options: GenerationOptions | None = No
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(**inputs, max_new_tokens=options.max_new_tokens, streamer=streamer,
                   eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                  **_sampling_kwargs(options))
-    if cancel is not None:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([Cancelled()])
-    thread = threading.Thread(target=lambda: torch.inference_mode()(model.generate)(**kwargs), daemon=True)
+                  stopping_criteria=StoppingCriteriaList([Cancelled()]), **_sampling_kwargs(options))
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(**kwargs)
+        except BaseException as exc:  # handed to the reader below, which raises it
+            failed.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    held = ""  # a trailing U+FFFD may be half a character; show it only once more text follows
-    for piece in streamer:
-        held += piece
-        if ready := held.rstrip("\ufffd"):
-            yield ready
-            held = held[len(ready):]
-    thread.join()
+    try:
+        held = ""  # a trailing U+FFFD may be half a character; show it only once more text follows
+        for piece in streamer:
+            held += piece
+            if ready := held.rstrip("\ufffd"):
+                yield ready
+                held = held[len(ready):]
+    finally:
+        cancel.set()  # a reader that left early: generation stops at its next token
+        thread.join()
+    if failed:
+        raise failed[0]

@@ -171,3 +171,20 @@ def test_default_model_check_of_alpaca_en_under_20_seconds(use_default_model, ca
     assert elapsed < 20, f"data check took {elapsed:.1f} s"
     # SmolLM2's template adds its own system prompt to examples without one: the doctor says so.
     assert any(w["field"] == "system" for w in report["warnings"])
+
+
+def test_a_template_the_sandbox_refuses_is_reported_not_a_crash(tmp_path, capsys, tiny_model_dir):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = "{{ ''.__class__.__mro__ }}" + tokenizer.chat_template  # the sandbox refuses it
+    tokenizer.save_pretrained(model)
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(2))
+    assert main(["data", "check", str(data), "--model", str(model)]) == 1
+    captured = capsys.readouterr()
+    assert "a bug in tunesmith" not in captured.err and "is unsafe" in captured.out
+    assert "the chat template refused to render a lone user turn" in captured.out

@@ -200,3 +200,35 @@ def test_a_model_asking_for_a_repetition_penalty_still_gets_it(tiny):
     penalized = generate(tiny.model, tiny.tokenizer, prompts, GenerationOptions(max_new_tokens=24), batch_size=8)
     assert [g.text for g in penalized] == _decoded(tiny.tokenizer, _old_path(tiny.model, tiny.tokenizer, prompts, 24))
     assert [g.text for g in penalized] != [g.text for g in plain]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"top_p": -1.0}, "top_p must be above 0 and at most 1, not -1.0"),
+    ({"top_p": 0.0}, "top_p must be above 0"),
+    ({"top_p": float("nan")}, "top_p must be above 0"),
+    ({"temperature": -0.1}, "temperature must be a number of at least 0"),
+    ({"temperature": float("inf")}, "temperature must be a number of at least 0"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer of at least 1, not 0"),
+    ({"max_new_tokens": 2.0}, "max_new_tokens must be an integer"),
+    ({"max_new_tokens": True}, "max_new_tokens must be an integer"),
+])
+def test_sampling_options_are_checked_when_made(options, message):
+    """Every way in (generate, eval, chat, the UI, serve) builds GenerationOptions, so each refuses these at once."""
+    from tunesmith.errors import UsageError
+
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        GenerationOptions(**options)
+    assert GenerationOptions(max_new_tokens=1, temperature=2.5, top_p=1.0).top_p == 1.0
+
+
+def test_eval_refuses_a_bad_top_p_before_loading_anything(tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "held.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    for command in (["eval", "nowhere", "--data", str(data), "--top-p", "-1"],
+                    ["generate", "nowhere", "hi", "--top-p", "-1"]):
+        done = subprocess.run([sys.executable, "-m", "tunesmith.cli", *command], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 2 and "--top-p: must be above 0 and at most 1, not -1" in done.stderr, done.stderr

@@ -124,3 +124,18 @@ def test_verify_reads_held_out_conversations(lora_run_dir, tmp_path, capsys):
     assert main(["verify", str(lora_run_dir), "--data", str(data), "--max-new-tokens", "4", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and "2 conversations encoded" in report["checks"][0]["detail"]
+
+
+SANDBOXED = "{{ ''.__class__.__mro__ }}"  # refused by transformers' sandboxed Jinja environment
+
+
+def test_a_template_the_sandbox_refuses_is_a_user_error_not_a_bug(lora_run_dir, tmp_path, capsys):
+    hostile = _run_with_template(lora_run_dir, tmp_path / "run", lambda t: SANDBOXED + t)
+    assert main(["verify", str(hostile), "--prompts", "1", "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "refused" in err and "is unsafe" in err and "a bug in tunesmith" not in err
+    gguf_file = export_gguf(hostile, tmp_path / "hostile.gguf", dtype="f16")
+    assert main(["verify", str(lora_run_dir), "--gguf", str(gguf_file), "--prompts", "1",
+                 "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "the GGUF's chat template refused" in err and "a bug in tunesmith" not in err

@@ -82,3 +82,29 @@ def test_chat_in_bf16_answers_as_generate_in_bf16(tiny_model_dir, tmp_path):
     bf16 = load_for_generation(tiny_model_dir, "bf16")
     assert bf16.model.dtype == torch.bfloat16
     assert _answers(result.stdout) == [_greedy(bf16, [{"role": "user", "content": "Who are you?"}])]
+
+
+def test_a_generation_that_fails_in_its_thread_ends_the_stream_with_its_error(tiny):
+    """top_p=-1 past every check: transformers raises in generate's thread; the stream must raise it, not wait."""
+    import threading
+
+    from tunesmith.inference import stream
+
+    options = GenerationOptions(max_new_tokens=4, temperature=0.7)
+    options.top_p = -1.0  # as if a caller skipped the check when the options were made
+    prompt = render_prompt(tiny.tokenizer, [{"role": "user", "content": "hi"}])
+    outcome: list = []
+
+    def read() -> None:
+        try:
+            outcome.append(list(stream(tiny.model, tiny.tokenizer, prompt, options)))
+        except ValueError as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(60)
+    assert not reader.is_alive(), "the stream never ended"
+    assert isinstance(outcome[0], ValueError) and "top_p" in str(outcome[0])
+    again = list(stream(tiny.model, tiny.tokenizer, prompt, GenerationOptions(max_new_tokens=4)))
+    assert "".join(again).strip() == generate(tiny.model, tiny.tokenizer, [prompt], GenerationOptions(4))[0].text

@@ -355,3 +355,87 @@ def test_past_the_queue_limit_requests_get_a_429_and_the_queue_drains(loaded, re
         assert queued == {"answer": reference(QUESTIONS[0], 8)}
         health = _get(url + "/health")[1]
         assert (health["busy"], health["waiting"]) == (0, 0)
+
+
+# ------------------------------------------------------------------------- one bad request of a batch
+
+
+def test_a_bad_seed_in_one_of_eight_concurrent_requests_fails_only_that_one(open_server, reference):
+    url, _ = open_server
+    results: dict[int, tuple[int, dict]] = {}
+
+    def ask(i: int) -> None:
+        body = {"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "max_tokens": 6,
+                "seed": 2**80 if i == 3 else i}
+        results[i] = _post(url + "/v1/chat/completions", body)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    status, body = results[3]
+    assert status == 400 and _openai_error(body)["param"] == "seed", body
+    for i in set(range(8)) - {3}:
+        status, body = results[i]
+        assert status == 200, body
+        assert body["choices"][0]["message"]["content"] == reference(QUESTIONS[i % len(QUESTIONS)], 6).strip()
+
+
+def test_requests_the_worker_cannot_start_fail_alone_in_their_packed_prefill(loaded, reference):
+    """Past the server's checks, straight to the worker: a seed beyond torch's range (its row cannot be made) and a
+    token id beyond the vocabulary (the packed prefill fails); the 6 requests packed beside them still answer."""
+    from tunesmith.serve.batching import Batcher, Done
+    from tunesmith.serve.batching import Request as WorkerRequest
+
+    batcher = Batcher(loaded.model, loaded.tokenizer, max_batch=8)
+    events: dict[int, list] = {i: [] for i in range(8)}
+    finished = threading.Semaphore(0)
+
+    def collector(i: int):
+        def emit(event):
+            events[i].append(event)
+            if isinstance(event, Done | Exception):
+                finished.release()
+        return emit
+
+    prompts = [render_prompt(loaded.tokenizer, [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
+               for i in range(8)]
+    with batcher.wake:  # all 8 wait in the queue before the worker looks: one admission, one packed prefill
+        for i, prompt in enumerate(prompts):
+            ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = ids + [10**6] if i == 6 else ids
+            batcher.submit(WorkerRequest(ids, GenerationOptions(max_new_tokens=6), collector(i),
+                                         seed=2**80 if i == 5 else None))
+    try:
+        for _ in range(8):
+            assert finished.acquire(timeout=120), events
+    finally:
+        batcher.close()
+    assert isinstance(events[5][-1], Exception) and "Overflow" in str(events[5][-1])
+    assert isinstance(events[6][-1], IndexError), events[6]
+    for i in set(range(8)) - {5, 6}:
+        assert isinstance(events[i][-1], Done), events[i]
+        assert events[i][-1].text.strip() == reference(QUESTIONS[i % len(QUESTIONS)], 6).strip()
+    assert batcher.stats()["busy"] == 0
+
+
+def test_a_stream_whose_generation_fails_ends_with_an_error_event(loaded):
+    import asyncio
+
+    from tunesmith.serve.server import Engine, Reply
+
+    engine = Engine(loaded)
+    ids = loaded.tokenizer("hi", add_special_tokens=False)["input_ids"]
+
+    async def collect() -> list[str]:
+        reply = Reply(chat=True, model=engine.model_id, prompt_tokens=len(ids))
+        return [e async for e in engine.stream_events(ids, GenerationOptions(max_new_tokens=4), 2**80, reply, False)]
+
+    try:
+        events = asyncio.run(collect())
+    finally:
+        engine.batcher.close()
+    assert events[-1] == "data: [DONE]\n\n"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["type"] == "server_error" and "generation failed" in error["message"]

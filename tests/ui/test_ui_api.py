@@ -1,5 +1,5 @@
-"""The web UI's API through FastAPI's TestClient: the generated form, the real plan of the tiny model,
-a real child training started and stopped, and the data doctor's report."""
+"""The web UI's API over real HTTP (uvicorn on 127.0.0.1, tests/ui/conftest.py): the generated form, the real
+plan of the tiny model, a real child training started, stopped and resumed, and the data doctor's report."""
 
 from __future__ import annotations
 
@@ -10,16 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.train.helpers import chat_rows, tiny_overrides, write_chat
-
-
-@pytest.fixture
-def client(tmp_path):
-    from fastapi.testclient import TestClient
-
-    from tunesmith.ui.app import create_app
-
-    with TestClient(create_app(tmp_path / "runs")) as client:
-        yield client
+from tests.ui.conftest import ui_server
 
 
 def tiny_form(model: Path, data: Path, out: Path, **extra) -> dict:
@@ -138,13 +129,20 @@ def test_start_and_stop_a_real_child_training(client, tiny_model_dir, tmp_path):
     assert json.loads((out / PROCESS_FILE).read_text())["returncode"] == 130  # the stopped run's record is kept
 
     assert run["resumable"] is True
+    # process.json is a record anyone can write: Resume must not run the command it names
+    hostile = str(tmp_path / "pwned")
+    (out / PROCESS_FILE).write_text(json.dumps({**json.loads((out / PROCESS_FILE).read_text()),
+                                                "command": f"tunesmith train --output.output_dir {hostile}"}))
     resumed = client.post("/api/train/resume", json={"path": str(out)}).json()
-    assert resumed["command"] == started["command"] + " --train.resume auto"
+    assert hostile not in resumed["command"] and " --train.resume auto" in resumed["command"]
+    for flag in started["command"].removeprefix("tunesmith train ").split(" --"):
+        assert f"--{flag.removeprefix('--')}" in resumed["command"]  # every option of Start, from the config
     record = _wait(lambda: (r := json.loads((out / PROCESS_FILE).read_text()))["returncode"] is not None and r,
                    300, "the resumed run to finish")
     run = client.get("/api/run", params={"path": str(out)}).json()
     assert record["returncode"] == 0 and (run["status"], run["steps"]) == ("finished", 500), run["log"][-2000:]
     assert f"resumed from {complete[-1]}" in (out / "ui-train.log").read_text()
+    assert not (tmp_path / "pwned").exists()
     again = client.post("/api/train/resume", json={"path": str(out)})
     assert again.status_code == 400 and "is finished" in again.json()["error"]
 
@@ -158,17 +156,6 @@ def test_a_child_that_fails_shows_as_failed_with_its_error(client, tiny_model_di
     run = client.get("/api/run", params={"path": str(out)}).json()
     assert run["status"] == "failed" and "missing.jsonl" in run["log"] and "Traceback" not in run["log"]
     assert [r["status"] for r in client.get("/api/runs").json()["runs"]] == ["failed"]
-
-
-def test_requests_naming_another_host_are_refused(tmp_path):
-    from fastapi.testclient import TestClient
-
-    from tunesmith.ui.app import LOOPBACK, create_app
-
-    with TestClient(create_app(tmp_path, trusted_hosts=list(LOOPBACK)), base_url="http://127.0.0.1:7860") as client:
-        assert client.get("/api/runs").status_code == 200
-        assert client.get("/api/runs", headers={"host": "localhost:7860"}).status_code == 200
-        assert client.get("/api/runs", headers={"host": "attacker.example:7860"}).status_code == 400
 
 
 def test_stop_and_reads_are_refused_outside_what_this_server_owns(client, tmp_path):
@@ -215,11 +202,7 @@ def finished_run(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def run_client(finished_run):
-    from fastapi.testclient import TestClient
-
-    from tunesmith.ui.app import create_app
-
-    with TestClient(create_app(finished_run.parent)) as client:
+    with ui_server(finished_run.parent) as ui, ui.client() as client:
         yield client
 
 
@@ -270,7 +253,11 @@ def test_evaluate_runs_the_eval_command_with_compare_base(run_client, finished_r
 
 
 def test_export_runs_the_export_command_and_names_the_output(run_client, finished_run, tmp_path):
-    out = tmp_path / "merged"
+    outside = run_client.post("/api/export/start", json={"model": str(finished_run), "format": "merge",
+                                                         "out": str(tmp_path / "merged")})
+    assert outside.status_code == 400 and "is not under the runs folder" in outside.json()["error"]
+    assert not (tmp_path / "merged").exists()
+    out = finished_run.parent / "exports" / "merged"
     started = run_client.post("/api/export/start", json={"model": str(finished_run), "format": "merge",
                                                          "out": str(out)}).json()
     assert started["command"] == f"tunesmith export {finished_run} --merge --out {out}"
@@ -293,7 +280,7 @@ def test_upload_check_with_overlap_and_convert(client, tiny_model_dir, tmp_path)
                                                   "tokens": False}).json()
     assert report["ok"] and report["overlap"] == [{"eval": f"{held_out}:1", "train": [f"{uploaded['path']}:1"]}]
 
-    out = tmp_path / "alpaca.jsonl"
+    out = tmp_path / "runs" / "alpaca.jsonl"
     converted = client.post("/api/data/convert", json={"file": uploaded["path"], "to": "alpaca", "out": str(out)})
     assert converted.json()["command"] == f"tunesmith data convert {uploaded['path']} --to alpaca --out {out}"
     assert "wrote 6 alpaca rows" in converted.json()["output"]
@@ -303,34 +290,73 @@ def test_upload_check_with_overlap_and_convert(client, tiny_model_dir, tmp_path)
     assert "alpaca" in client.get("/api/settings").json()["convert_targets"]
 
 
-def test_the_ui_command_serves_the_page_on_loopback(tmp_path):
-    import socket
+def test_the_ui_command_serves_the_page_on_loopback_behind_its_token(tmp_path):
+    import re
     import subprocess
     import sys
 
     import httpx
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    from tests.ui.conftest import free_port
+
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "ui", "--port", str(port), "--lang", "zh",
                                "--runs-dir", str(tmp_path / "runs")], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
+        line = server.stdout.readline()
+        printed = re.search(rf"tunesmith ui on (http://127\.0\.0\.1:{port}/\?token=(\S+)) ", line)
+        assert printed, line
+        url, token = printed.groups()
+
         def settings():
             try:
-                return httpx.get(f"http://127.0.0.1:{port}/api/settings", timeout=2).json()
+                return httpx.get(f"http://127.0.0.1:{port}/api/settings", params={"token": token}, timeout=2).json()
             except httpx.HTTPError:
                 return None
 
         document = _wait(settings, 60, "tunesmith ui to answer")
         assert document["lang"] == "zh" and document["runs_dir"] == str(tmp_path / "runs")
-        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+        page = httpx.get(url, timeout=5)
         assert page.status_code == 200 and 'src="/static/app.js"' in page.text
         assert httpx.get(f"http://127.0.0.1:{port}/static/app.js", timeout=5).status_code == 200
-        foreign = httpx.get(f"http://127.0.0.1:{port}/api/runs", headers={"host": "example.com"}, timeout=5)
+        assert httpx.get(f"http://127.0.0.1:{port}/api/runs", timeout=5).status_code == 401
+        foreign = httpx.get(f"http://127.0.0.1:{port}/api/runs", params={"token": token},
+                            headers={"host": "example.com"}, timeout=5)
         assert foreign.status_code == 400
     finally:
         server.terminate()
-        out, _ = server.communicate(timeout=30)
-    assert f"tunesmith ui on http://127.0.0.1:{port}" in out
+        server.communicate(timeout=30)
+    assert len(token) >= 32  # a new one at each launch: nothing to guess
+
+
+def test_off_this_machine_the_ui_will_not_start_without_a_token(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TUNESMITH_UI_TOKEN"}
+    done = subprocess.run([sys.executable, "-m", "tunesmith.cli", "ui", "--host", "0.0.0.0", "--runs-dir",
+                           str(tmp_path / "runs")], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "error: tunesmith ui --host 0.0.0.0 serves beyond this machine" in done.stderr
+    assert "--token or TUNESMITH_UI_TOKEN" in done.stderr and "--insecure-no-auth" in done.stderr
+
+
+def test_the_launch_token_rules():
+    from tunesmith.config import UIConfig
+    from tunesmith.errors import UsageError
+    from tunesmith.ui.app import launch_token, page_url
+
+    made, warning = launch_token(UIConfig(), environ={})
+    assert warning is None and len(made) >= 32 and made != launch_token(UIConfig(), environ={})[0]
+    assert launch_token(UIConfig(host="::1"), environ={})[0]  # IPv6 loopback is this machine too
+    assert launch_token(UIConfig(host="0.0.0.0"), environ={"TUNESMITH_UI_TOKEN": "t0k"}) == ("t0k", None)
+    assert launch_token(UIConfig(host="0.0.0.0", token="mine"), environ={}) == ("mine", None)
+    token, warning = launch_token(UIConfig(host="0.0.0.0", insecure_no_auth=True), environ={})
+    assert token is None and warning.startswith("serving on 0.0.0.0 with no token (--insecure-no-auth)")
+    with pytest.raises(UsageError, match="serves beyond this machine"):
+        launch_token(UIConfig(host="192.168.1.5"), environ={})
+    with pytest.raises(UsageError, match="contradict"):
+        launch_token(UIConfig(token="x", insecure_no_auth=True), environ={})
+    assert page_url(UIConfig(host="::1", port=9), "abc") == "http://[::1]:9/?token=abc"

@@ -8,14 +8,12 @@ page shows a Python traceback.
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.train.helpers import chat_rows, tiny_overrides, write_chat
+from tests.ui.conftest import TOKEN, ui_server
 
 pytestmark = pytest.mark.browser
 
@@ -25,25 +23,9 @@ IDENTITY = Path(__file__).resolve().parents[2] / "src" / "tunesmith" / "assets" 
 
 @pytest.fixture
 def server(tmp_path):
-    """A real uvicorn serving the UI on a free port of 127.0.0.1; yields (base url, runs dir)."""
-    import uvicorn
-
-    from tunesmith.ui.app import LOOPBACK, create_app
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    runs = tmp_path / "runs"
-    uv = uvicorn.Server(uvicorn.Config(create_app(runs, trusted_hosts=list(LOOPBACK)), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert uv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}", runs
-    uv.should_exit = True
-    thread.join(10)
+    """A real uvicorn serving the UI on a free port of 127.0.0.1; yields (the page's address with its token, runs dir)."""
+    with ui_server(tmp_path / "runs") as ui:
+        yield f"{ui.url}/?token={ui.token}", ui.runs
 
 
 @pytest.fixture
@@ -60,6 +42,8 @@ def browser(tmp_path):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     driver.implicitly_wait(0)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow",
+                                                            "downloadPath": str(tmp_path / "downloads")})
     yield driver
     driver.quit()
 
@@ -114,6 +98,7 @@ def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
     url, runs = server
     browser.get(url)
     _wait(browser, lambda d: d.find_elements(*_by("#train-form fieldset")), 30, "the generated form")
+    assert "token" not in browser.current_url  # kept in the page, out of the address bar (and of screenshots)
 
     _tab(browser, "data")
     browser.find_element(*_by("#data-upload")).send_keys(str(IDENTITY))  # choose the file, as a person would
@@ -174,7 +159,7 @@ def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
     _shot(browser, tmp_path, "eval")
 
     _tab(browser, "export")
-    merged = tmp_path / "merged"
+    merged = runs / "exports" / "merged"
     browser.find_element(*_by("#export-out")).clear()
     browser.find_element(*_by("#export-out")).send_keys(str(merged))
     browser.find_element(*_by("#export-start")).click()
@@ -234,3 +219,123 @@ def test_a_reload_reattaches_to_the_training_stop_leaves_a_checkpoint_and_resume
     _wait(browser, lambda d: "finished" in _text(d, "#run-name"), 120, "the resumed run to finish")
     assert _text(browser, "#run-steps") == "500/500"
     _shot(browser, tmp_path, "runs-resumed")
+
+
+# ------------------------------------------------------------------ a hostile page on another port of localhost
+
+ATTACK = """<!doctype html><script>
+const ui = %(ui)s, token = %(token)s, results = {};
+async function attempt(name, path, init) {
+  try { const r = await fetch(ui + path, init); results[name] = `${r.type} ${r.status}`; }
+  catch (error) { results[name] = `blocked ${error.name}`; }
+}
+// text/plain and no Content-Type are "simple" requests: the browser sends them without asking the server first
+const simple = (body, type) => ({ method: "POST", mode: "no-cors", body, headers: type ? { "Content-Type": type } : {} });
+(async () => {
+  for (const [name, path, body] of %(attempts)s) {
+    await attempt(name, path, simple(typeof body === "string" ? body : JSON.stringify(body), "text/plain"));
+    await attempt(name + " untyped", path, simple(typeof body === "string" ? body : JSON.stringify(body), null));
+    await attempt(name + " token", path, { method: "POST", body: JSON.stringify(body),  // needs a preflight
+      headers: { "Content-Type": "application/json", "X-Tunesmith-Token": token } });
+  }
+  window.attackDone = results;
+})();
+</script>"""
+
+
+@pytest.fixture
+def attacker_site(tmp_path):
+    """A plain web server on another port of 127.0.0.1 serving whatever page the test writes; yields (url, folder)."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "attacker"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{site.server_address[1]}", folder
+    site.shutdown()
+
+
+def _attack(browser, site, ui, attempts: list) -> dict:
+    """Open a page on the attacker's origin that posts ``attempts`` [(name, path, body)] to the UI; its results."""
+    import json
+
+    url, folder = site
+    # the attacker even knows the token here (a leak): Origin and the preflight still stop every request
+    (folder / "attack.html").write_text(ATTACK % {"ui": json.dumps(ui.url), "token": json.dumps(TOKEN),
+                                                  "attempts": json.dumps(attempts)})
+    browser.get(f"{url}/attack.html")
+    return _wait(browser, lambda d: d.execute_script("return window.attackDone"), 30, "the attack page")
+
+
+@pytest.mark.parametrize("token", [TOKEN, None], ids=["token", "insecure-no-auth"])
+def test_a_page_on_another_port_cannot_upload_convert_or_start(browser, attacker_site, tmp_path, token):
+    with ui_server(tmp_path / "runs", token=token) as ui:
+        upload = ui.runs / "uploads" / "in.jsonl"
+        upload.parent.mkdir(parents=True)
+        upload.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+        convert_out, start_out = ui.runs / "converted.jsonl", ui.runs / "started"
+        results = _attack(browser, attacker_site, ui, [
+            ["upload", f"/api/data/upload?name=evil.jsonl&token={TOKEN}", "pwned\n"],
+            ["convert", "/api/data/convert", {"file": str(upload), "to": "alpaca", "out": str(convert_out)}],
+            ["start", "/api/train/start", {"output.output_dir": str(start_out), "model.name": "x"}]])
+        assert len(results) == 9, results
+        assert all(r in ("opaque 0", "blocked TypeError") for r in results.values()), results
+        assert sorted(p.name for p in upload.parent.iterdir()) == ["in.jsonl"]
+        assert not convert_out.exists() and not start_out.exists()
+
+
+def test_a_page_on_another_port_cannot_stop_or_resume_a_training(browser, attacker_site, tiny_model_dir, tmp_path):
+    """Against the UI with no token at all (--insecure-no-auth), so that only the Origin check stands in the way."""
+    import json
+
+    from tunesmith.runs import PROCESS_FILE
+
+    with ui_server(tmp_path / "runs", token=None) as ui, ui.client() as client:
+        out = ui.runs / "live"
+        values = dict(i.split("=", 1) for i in tiny_overrides(tiny_model_dir, write_chat(tmp_path / "t.jsonl", chat_rows()),
+                                                                out, train__max_steps=500))
+        pid = client.post("/api/train/start", json=values).json()["pid"]
+        _wait(browser, lambda d: len(client.get("/api/run", params={"path": str(out)}).json()["metrics"]) >= 2, 120,
+              "the first steps")
+        _attack(browser, attacker_site, ui, [["stop", "/api/train/stop", {"path": str(out)}]])
+        run = client.get("/api/run", params={"path": str(out)}).json()
+        assert (run["status"], run["stoppable"], run["pid"]) == ("running", True, pid)
+
+        assert client.post("/api/train/stop", json={"path": str(out)}).status_code == 200  # the page's own stop
+        _wait(browser, lambda d: json.loads((out / PROCESS_FILE).read_text())["returncode"] is not None, 120,
+              "the run to stop")
+        _attack(browser, attacker_site, ui, [["resume", "/api/train/resume", {"path": str(out)}]])
+        run = client.get("/api/run", params={"path": str(out)}).json()
+        assert (run["status"], run["stoppable"], json.loads((out / PROCESS_FILE).read_text())["pid"]) == (
+            "stopped", False, pid)
+
+
+def test_an_html_file_in_a_run_downloads_instead_of_running_on_the_ui(server, browser, tmp_path):
+    url, runs = server
+    run = runs / "sent-to-me"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')  # a run, as someone sent it
+    (run / "README.html").write_text(
+        "<script>document.title = 'pwned'; fetch('/api/data/upload?name=evil.jsonl', {method: 'POST', body: 'x', "
+        "headers: {'X-Tunesmith-Token': sessionStorage.getItem('tunesmith.token')}})</script>")
+    browser.get(url)
+    _wait(browser, lambda d: d.find_elements(*_by("#train-form fieldset")), 30, "the page")
+    _tab(browser, "runs")
+    _wait(browser, lambda d: d.find_elements(*_by(".open-run")), 30, "the run in the table")
+    browser.find_element(*_by(".open-run")).click()
+    link = _wait(browser, lambda d: [a for a in d.find_elements(*_by("#run-files a")) if a.text == "README.html"],
+                 30, "the run's files")[0]
+    link.click()
+    _wait(browser, lambda d: (tmp_path / "downloads" / "README.html").is_file(), 30, "the download")
+    assert browser.title == "tunesmith" and not (runs / "uploads" / "evil.jsonl").exists()
+
+    named = runs / "<img src=x onerror=document.title='pwned'>"  # a run's name is shown as text, never as HTML
+    named.mkdir()
+    (named / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    _wait(browser, lambda d: named.name in _text(d, "#runs-table"), 30, "the run with a markup name")
+    assert not browser.find_elements(*_by("#runs-table img")) and browser.title == "tunesmith"

@@ -24,6 +24,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
+from jinja2 import TemplateError
 
 from tunesmith.config import minimum
 from tunesmith.data.conversation import Conversation
@@ -344,7 +345,11 @@ def system_prompt_warning(convs: list[Conversation], tokenizer) -> DataIssue | N
     missing = [c for c in convs if not c.is_text and not c.system]
     if not missing or not tokenizer.chat_template:
         return None
-    probe = tokenizer.apply_chat_template([{"role": "user", "content": "ping"}], tokenize=False)
+    try:
+        probe = tokenizer.apply_chat_template([{"role": "user", "content": "ping"}], tokenize=False)
+    except TemplateError as exc:  # the template's sandbox refusal or its raise_exception: a finding, not a bug
+        return DataIssue(missing[0].source, -1, "template", f"the chat template refused to render a lone user "
+                         f"turn: {exc}", "warning")
     if "system" not in probe.lower():
         return None
     return DataIssue(missing[0].source, -1, "system", f"{len(missing)} example(s) have no system prompt, so the "

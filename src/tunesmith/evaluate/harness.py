@@ -33,13 +33,14 @@ from pathlib import Path
 
 import yaml
 
-from tunesmith.data.prompt import ensure_template, run_system_prompt
+from tunesmith.data.prompt import ensure_template
 from tunesmith.data.templates import current_template
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.evaluate.pipeline import EvalResult, compare_target, metric_deltas, report_dir
 from tunesmith.evaluate.report import write_report
-from tunesmith.models.load import load, read_run_info
+from tunesmith.models.load import load
 from tunesmith.models.resolve import resolve
+from tunesmith.run import read_run_info, run_system_prompt
 
 INSTALL = "pip install 'tunesmith[harness]'"
 LIST_TASKS = "`lm-eval ls tasks` (older lm-eval: `lm-eval --tasks list`)"

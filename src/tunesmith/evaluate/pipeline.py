@@ -38,7 +38,7 @@ from tunesmith.atomic import refuse_existing
 from tunesmith.data import textfiles
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.pairs import is_preference_data, load_pairs
-from tunesmith.data.prompt import ensure_template, render_prompt, run_system_prompt, with_system_prompt
+from tunesmith.data.prompt import ensure_template, render_prompt, with_system_prompt
 from tunesmith.data.readers import load_conversations
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.evaluate.metrics import metric_names, score
@@ -46,9 +46,10 @@ from tunesmith.evaluate.perplexity import perplexity
 from tunesmith.evaluate.preference import preference_metrics
 from tunesmith.evaluate.report import write_report
 from tunesmith.inference import GenerationOptions, for_generation, generate, generation_dtype, precision_name
-from tunesmith.models.load import base_model, load
+from tunesmith.models.load import load
 from tunesmith.models.resolve import resolve
 from tunesmith.output import progress_bar
+from tunesmith.run import base_model, run_system_prompt
 
 PERPLEXITY = "perplexity"
 # Prompts generated together when batch_size is not given. With the default model on an AVX512-BF16 CPU (64 alpaca

@@ -26,16 +26,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 
 from tunesmith.data.conversation import Conversation, Message
-from tunesmith.data.prompt import render_prompt, run_system_prompt, with_system_prompt
+from tunesmith.data.prompt import render_prompt, with_system_prompt
 from tunesmith.data.readers import load_conversations
 from tunesmith.data.tokenize import IGNORE, EncodeOptions, encode, prompt_text
+from tunesmith.errors import TunesmithError
 from tunesmith.export.gguf import export_gguf
 from tunesmith.export.merge import merge_to_dir
 from tunesmith.inference import GenerationOptions, generate, stop_token_ids
 from tunesmith.models.load import load
 from tunesmith.output import print_table
+from tunesmith.run import run_system_prompt
 from tunesmith.serve import server
 
 # llama.cpp marks these as end-of-generation by name when the file does not (llama-vocab.cpp).
@@ -220,6 +223,14 @@ def _merged_path(merged_dir, convs, max_new_tokens: int) -> Route:
     return _loaded_route("merged", merged, convs, max_new_tokens)
 
 
+def _gguf_prompts(file: Path, tokenizer, convs) -> list[str]:
+    try:
+        return [tokenizer.apply_chat_template(_user_messages(c), tokenize=False, add_generation_prompt=True)
+                for c in convs]
+    except TemplateError as exc:  # the file's template (its sandbox refusal, its raise_exception), not a bug here
+        raise TunesmithError(f"{file}: the GGUF's chat template refused to render the conversations: {exc}") from exc
+
+
 def _gguf_path(file: Path, convs, max_new_tokens: int) -> Route:
     """The file as llama.cpp meets it: its own template on the client's messages, its own vocabulary and
     end-of-generation ids; answers from transformers' reading of its tensors."""
@@ -235,8 +246,7 @@ def _gguf_path(file: Path, convs, max_new_tokens: int) -> Route:
     if template is None:
         path.texts = ["<no chat template in the file>"] * len(convs)
     else:
-        path.texts = [tokenizer.apply_chat_template(_user_messages(c), tokenize=False, add_generation_prompt=True)
-                      for c in convs]
+        path.texts = _gguf_prompts(file, tokenizer, convs)
     path.prompts = [_with_bos(reader, tokenizer(t, add_special_tokens=False)["input_ids"]) for t in path.texts]
     model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = sorted(path.stop_ids)

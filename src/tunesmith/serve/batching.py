@@ -329,26 +329,43 @@ class Batcher:
         running = bool(self.rows)
         parts = [(kv(self.cache), self.mask)] if running else []
         for group in packs(self._take(self.max_batch - len(self.rows)), self.pack_tokens):
-            try:
-                rows = [self._row(request) for request in group]
-                self.prefills += 1
-                caches, logits = prefill(self.model, [request.ids for request in group])
-            except Exception as exc:  # these prompts failed (e.g. out of memory): the running rows go on
-                self.active -= len(group)
-                for request in group:
-                    request.emit(exc)
-                continue
-            for row, layers, row_logits in zip(rows, caches, logits, strict=True):
-                row.advance(pick(row_logits[None], [row])[0])
-                self.rows.append(row)
-                parts.append((layers, torch.ones(1, len(row.request.ids), dtype=torch.long, device=row_logits.device)))
+            parts += self._prefilled([row for request in group if (row := self._row(request))])
         if len(parts) > running:  # someone joined
             self.cache, self.mask = join(parts)
 
-    def _row(self, request: Request) -> Row:
+    def _prefilled(self, rows: list[Row]) -> list[tuple[Layers, torch.Tensor]]:
+        """Prefill ``rows`` together and add them to the batch; their caches and masks to join. If the packed
+        prefill fails, each is tried alone, so that one request's failure is that request's alone."""
+        if not rows:
+            return []
+        try:
+            self.prefills += 1
+            caches, logits = prefill(self.model, [row.request.ids for row in rows])
+        except Exception as exc:  # e.g. out of memory: the running rows go on
+            if len(rows) > 1:
+                return [part for row in rows for part in self._prefilled([row])]
+            self._refuse(rows[0].request, exc)
+            return []
+        parts = []
+        for row, layers, row_logits in zip(rows, caches, logits, strict=True):
+            row.advance(pick(row_logits[None], [row])[0])
+            self.rows.append(row)
+            parts.append((layers, torch.ones(1, len(row.request.ids), dtype=torch.long, device=row_logits.device)))
+        return parts
+
+    def _refuse(self, request: Request, exc: Exception) -> None:
+        self.active -= 1
+        request.emit(exc)
+
+    def _row(self, request: Request) -> Row | None:
+        """The request's row, or None where it cannot run (a seed torch refuses...): then it alone is failed."""
         stops = sorted(self.stop_ids)
-        return Row(request, self.tokenizer, self.stop_ids,
-                   logits_processors(self.model, request.options, stops, len(request.ids)))
+        try:
+            return Row(request, self.tokenizer, self.stop_ids,
+                       logits_processors(self.model, request.options, stops, len(request.ids)))
+        except Exception as exc:
+            self._refuse(request, exc)
+            return None
 
     def _take(self, room: int) -> list[Request]:
         """Up to ``room`` waiting requests, in order, skipping those cancelled while they waited."""

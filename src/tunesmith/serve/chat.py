@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import sys
 
-from tunesmith.data.prompt import read_tools, render_prompt, run_system_prompt
+from tunesmith.data.prompt import read_tools, render_prompt
 from tunesmith.inference import GenerationOptions, load_for_generation, stream
+from tunesmith.run import run_system_prompt
 
 HELP = "commands: /reset, /system TEXT, /history, /prompt, /exit"
 

@@ -114,7 +114,8 @@ class SamplingRequest(BaseModel):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     stop: str | list[str] | None = None
     n: int = 1
-    seed: int | None = None
+    # torch.Generator.manual_seed's range; beyond it the worker could not seed the request's generator
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -398,11 +399,16 @@ class Engine:
                             include_usage: bool) -> AsyncIterator[str]:
         if reply.chat:
             yield _sse(reply.chunk({"role": "assistant", "content": ""}))
-        async with contextlib.aclosing(self.events(ids, options, seed)) as events:
-            async for event in events:
-                if isinstance(event, Piece):
-                    yield _sse(reply.delta(event.text))
-                done = event
+        try:
+            async with contextlib.aclosing(self.events(ids, options, seed)) as events:
+                async for event in events:
+                    if isinstance(event, Piece):
+                        yield _sse(reply.delta(event.text))
+                    done = event
+        except Exception as exc:  # the status line is sent: the error goes in the stream, as OpenAI's does
+            yield _sse(_error_body(f"generation failed: {exc}", type_="server_error"))
+            yield "data: [DONE]\n\n"
+            return
         yield _sse(reply.chunk({}, finish_reason=done.finish_reason))
         if include_usage:
             yield _sse(reply.chunk(None, usage=reply.usage(done.completion_tokens)))

@@ -18,7 +18,7 @@ import torch
 
 from tunesmith.config import MethodConfig
 from tunesmith.errors import UsageError
-from tunesmith.models.load import refusing_remote_code, require_safetensors
+from tunesmith.models.safety import refusing_remote_code, require_safetensors
 from tunesmith.run import is_adapter
 
 

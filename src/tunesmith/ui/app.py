@@ -11,6 +11,7 @@ The server holds no logic of its own:
 - Train: the form is ``config.fields_info()`` grouped by section (help, default, choices), so a
   new option appears without UI code. Plan runs ``tunesmith train ... --plan --json``; Start runs
   ``tunesmith train ...`` as a child process (ui/jobs.py); the page shows that exact command.
+  Resume builds its command the same way, from the values in the run's recorded config.
 - Runs: ``runs.list_runs`` and the run's metrics.jsonl (``run.read_metrics``).
 - Data: ``check_data`` (the data doctor), its report as ``DataReport.to_dict``.
 - Chat: ``models.load`` once per model, prompts rendered by serve/chat.py's ``Session`` (the run's
@@ -20,35 +21,45 @@ The server holds no logic of its own:
   as child processes, like training; the page shows report.md, its charts and the output path.
 
 It binds 127.0.0.1 unless told otherwise: it starts processes and reads files on this machine.
+So every API call carries a token made at launch and printed in the page's address, nothing
+changes on a request from another origin (ui/guard.py), and the page reads and writes only
+inside its workspace, the runs folder (ui/workspace.py). Off this machine it will not start
+without a token of the user's own, or an explicit --insecure-no-auth.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 from fastapi import Request  # in a route's signature, so FastAPI must find it at module level
 
-from tunesmith.config import fields_info, parse_value, unknown_key_error
+from tunesmith.config import UIConfig, fields_info, load_config, parse_value, unknown_key_error
 from tunesmith.data.convert import TARGETS
 from tunesmith.data.doctor import check_data
-from tunesmith.data.prompt import run_system_prompt
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.inference import GenerationOptions, stream
-from tunesmith.models.load import base_model, load, read_run_info
+from tunesmith.models.load import load
 from tunesmith.models.resolve import resolve
-from tunesmith.run import METRICS, read_metrics
-from tunesmith.runs import PROCESS_FILE, is_run_dir, list_runs, read_run
+from tunesmith.run import CONFIG, METRICS, base_model, read_metrics, read_run_info, run_system_prompt
+from tunesmith.runs import is_run_dir, list_runs, read_run
 from tunesmith.serve.chat import Session
 from tunesmith.train.plan import Choice, RunPlan
-from tunesmith.ui.jobs import Jobs, cli_argv, log_tail, shown_command
+from tunesmith.ui.guard import Guard, is_loopback
+from tunesmith.ui.jobs import Jobs, cli_argv, log_file, shown_command
 from tunesmith.ui.strings import FIELD_HELP_ZH, STRINGS
+from tunesmith.ui.workspace import Exists, TooLarge, Workspace
 
 STATIC = Path(__file__).parent / "static"
 PLAN_TIMEOUT_S = 600
+LOG_CHARS = 4000  # the end of a child's log that the page shows
+ERROR_STATUS = {TooLarge: 413, Exists: 409}  # other user errors are a 400
 
 
 # ---------------------------------------------------------------- the Train form
@@ -107,29 +118,38 @@ def refuse_existing_run(out: Path, args: list[str]) -> None:
                          "output.overwrite to true to replace it, or choose another output.output_dir")
 
 
-def resume_args(run_dir: Path) -> list[str]:
-    """The command the UI started the run with (its record), continued with ``--train.resume auto``."""
-    import shlex
-
-    record = _read_json(run_dir / PROCESS_FILE)
-    if not record.get("command"):
-        raise UsageError(f"{run_dir} was not started from this UI; continue it with its own "
-                         "`tunesmith train ... --resume auto`")
-    status = read_run(run_dir).status
-    if status not in ("stopped", "failed"):
-        raise UsageError(f"{run_dir} is {status}; only a stopped or failed run is resumed")
-    argv = shlex.split(record["command"])[1:]
-    if "--train.resume" in argv:
-        i = argv.index("--train.resume")
-        del argv[i:i + 2]
-    return [*argv, "--train.resume", "auto"]
+def start_training(values: dict[str, str], workspace: Workspace, jobs: Jobs) -> dict:
+    """A child ``tunesmith train`` for the form's ``values``: Start's values, or Resume's (``resume_values``)."""
+    args = train_args(values)
+    out = workspace.inside(output_dir(values), "output.output_dir")  # the page lists and reads runs there only
+    if jobs.owns(out):
+        raise UsageError(f"{out}: a training started here is still running")
+    refuse_existing_run(out, args)
+    child = jobs.start(["train", *args], out)
+    return {"run_dir": str(out), "pid": child.pid, "command": shown_command(["train", *args])}
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+def resume_values(run_dir: Path, workspace: Workspace) -> dict[str, str]:
+    """The form's values for continuing a stopped or failed run: its recorded config (the final one, else its
+    newest checkpoint's), read and checked as a config file is, with ``train.resume`` auto. Never the command
+    line in process.json, which is only a record and may have been written by anyone."""
+    summary = read_run(run_dir)
+    if summary.status not in ("stopped", "failed"):
+        raise UsageError(f"{run_dir} is {summary.status}; only a stopped or failed run is resumed")
+    config_file = recorded_config(run_dir, summary.checkpoint)
+    if config_file is None:
+        raise UsageError(f"{run_dir} has no recorded config (no checkpoint was written): start it again instead")
+    workspace.inside(config_file, CONFIG)  # a symlink to a config elsewhere is not this run's
+    config = load_config(config_file).to_dict()
+    values = {info.key: _shown(config[info.key.split(".")[0]][info.key.split(".")[1]]) for info in fields_info()}
+    return {**values, "output.output_dir": str(run_dir), "train.resume": "auto", "output.overwrite": "false"}
+
+
+def recorded_config(run_dir: Path, checkpoint: str | None) -> Path | None:
+    for file in (run_dir / CONFIG, *([Path(checkpoint) / CONFIG] if checkpoint else [])):
+        if file.is_file():
+            return file
+    return None
 
 
 def _fields() -> dict:
@@ -157,21 +177,24 @@ def _error_lines(stderr: str) -> str:
 # ---------------------------------------------------------------- runs
 
 
-def run_detail(path: Path, jobs: Jobs) -> dict:
+def run_detail(path: Path, workspace: Workspace, jobs: Jobs) -> dict:
+    refuse_links_out(path, workspace)
     summary = read_run(path).to_dict()
     rows = read_metrics(path / METRICS) if (path / METRICS).is_file() else []
+    resumable = summary["status"] in ("stopped", "failed") and recorded_config(path, summary["checkpoint"]) is not None
+    return {**summary, "metrics": rows, "log": log_tail(path, "train", workspace), "stoppable": jobs.owns(path),
+            "resumable": resumable, "files": sorted(p.name for p in path.iterdir()) if path.is_dir() else []}
 
-    resumable = summary["status"] in ("stopped", "failed") and bool(_read_json(path / PROCESS_FILE).get("command"))
-    return {**summary, "metrics": rows, "log": log_tail(path), "stoppable": jobs.owns(path), "resumable": resumable,
-            "files": sorted(p.name for p in path.iterdir()) if path.is_dir() else []}
+
+def refuse_links_out(folder: Path, workspace: Workspace) -> None:
+    """Refuse a run whose files include a symlink that leads out of the workspace (its metrics, its record...)."""
+    for entry in folder.iterdir() if folder.is_dir() else []:
+        if entry.is_symlink():
+            workspace.inside(entry, f"{entry.name} in {folder}")
 
 
-def _inside(root: Path, path: str) -> Path:
-    """``path`` resolved, refused unless it lies under ``root``: the page reads only the runs folder."""
-    resolved = Path(path).resolve()
-    if resolved != root.resolve() and root.resolve() not in resolved.parents:
-        raise UsageError(f"{path} is not under the runs folder {root}")
-    return resolved
+def log_tail(folder: Path, command: str, workspace: Workspace) -> str:
+    return (workspace.read_text(folder / log_file(command)) or "")[-LOG_CHARS:]
 
 
 # ---------------------------------------------------------------- chat
@@ -207,23 +230,57 @@ def chat_model(name: str, base: bool) -> tuple[str, str | None]:
 
 
 def chat_stream(models: Models, request: dict):
-    """The answer's text pieces as they are generated (the prompt rendered as chat/serve render it)."""
-    messages = request.get("messages") or []
-    if not messages or messages[-1].get("role") != "user":
-        raise UsageError("the conversation must end with a user message")
+    """The answer's text pieces as they are generated (the prompt rendered as chat/serve render it).
+
+    Everything the request says is checked before the model's lock is taken; the lock is released however the
+    generation ends (an error, or a client that left: ``stream`` stops its thread first)."""
+    messages = chat_messages(request.get("messages"))
+    options = chat_options(request)
     name, run_system = chat_model(str(request.get("model") or ""), bool(request.get("base")))
     loaded, lock = models.get(name)
     session = Session(request.get("system") or run_system)
-    session.turns = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+    session.turns = messages[:-1]
     prompt = session.prompt(loaded.tokenizer, messages[-1]["content"])
-    options = GenerationOptions(max_new_tokens=int(request.get("max_new_tokens") or 256),
-                                temperature=float(request.get("temperature") or 0.0),
-                                top_p=float(request.get("top_p") or 1.0))
 
     def pieces():
         with lock:
             yield from stream(loaded.model, loaded.tokenizer, prompt, options)
     return pieces()
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise UsageError("chat: messages: the conversation must end with a user message")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES or not isinstance(
+                message.get("content"), str):
+            raise UsageError(f"chat: messages.{i}: a message is {{role: {', '.join(CHAT_ROLES)}, content: text}}")
+    if messages[-1]["role"] != "user":
+        raise UsageError("chat: messages: the conversation must end with a user message")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def chat_options(request: dict) -> GenerationOptions:
+    """The page's sampling fields as GenerationOptions (which checks their ranges); empty fields: the defaults."""
+    return GenerationOptions(max_new_tokens=_number(request, "max_new_tokens", int, 256),
+                             temperature=_number(request, "temperature", float, 0.0),
+                             top_p=_number(request, "top_p", float, 1.0))
+
+
+def _number(request: dict, key: str, kind, default):
+    raw = request.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw) if not isinstance(raw, bool) else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None or (kind is int and not value.is_integer()):
+        raise UsageError(f"chat: {key}: expected {'an integer' if kind is int else 'a number'}, got {raw!r}")
+    return kind(value)
 
 
 # ---------------------------------------------------------------- evaluate and export
@@ -238,47 +295,55 @@ def eval_args(request: dict, out: Path) -> list[str]:
     return args
 
 
-def export_args(request: dict) -> list[str]:
+def export_args(request: dict, workspace: Workspace) -> list[str]:
     kind = request.get("format") or "merge"
     if kind not in ("merge", "gguf"):
         raise UsageError(f"export format {kind!r}: merge or gguf")
-    args = ["export", str(request.get("model") or ""), f"--{kind}", "--out", str(request.get("out") or "")]
+    out = workspace.inside(str(request.get("out") or ""), "export: out")
+    args = ["export", str(request.get("model") or ""), f"--{kind}", "--out", str(out)]
     return args + (["--dtype", str(request["dtype"])] if kind == "gguf" and request.get("dtype") else [])
 
 
-def job_detail(folder: Path, command: str, jobs: Jobs) -> dict:
+def convert_args(request: dict, workspace: Workspace) -> list[str]:
+    out = workspace.inside(str(request.get("out") or ""), "convert: out")
+    return ["data", "convert", str(request.get("file") or ""), "--to", str(request.get("to") or ""),
+            "--out", str(out)] + (["--overwrite"] if request.get("overwrite") is True else [])
+
+
+def job_detail(folder: Path, command: str, workspace: Workspace, jobs: Jobs) -> dict:
     """A child's state for the page: running or its exit code, its log, and what it wrote (eval: report.md)."""
-    report = folder / "report.md"
     return {"folder": str(folder), "running": jobs.owns(folder), "returncode": jobs.returncode(folder),
-            "log": log_tail(folder, command=command),
-            "report": report.read_text(encoding="utf-8") if report.is_file() else None,
+            "log": log_tail(folder, command, workspace), "report": workspace.read_text(folder / "report.md"),
             "images": sorted(p.name for p in folder.glob("*.png"))}
+
+
+# Run files the page shows as images; any other file is offered as a download of bytes, never rendered.
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+FILE_POLICY = "sandbox; default-src 'none'"
 
 
 # ---------------------------------------------------------------- the app
 
 
-LOOPBACK = ("127.0.0.1", "localhost")
-
-
-def create_app(runs_dir: str | Path = "runs", lang: str = "en", trusted_hosts: list[str] | None = None):
-    """The app. ``trusted_hosts``: the Host names a request may carry (``tunesmith ui`` bound to this machine
-    allows only its loopback names, so a web page on another name that resolves here cannot drive it)."""
+def create_app(runs_dir: str | Path = "runs", lang: str = "en", *, token: str | None, host: str = "127.0.0.1",
+               max_upload_mb: float = UIConfig.max_upload_mb):
+    """The app. ``token``: what every API call must carry (None: none, for --insecure-no-auth); ``host``: the
+    address it is bound to, the one Host name besides the loopback names that a request may carry (ui/guard.py)."""
     from fastapi import FastAPI
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    root = Path(runs_dir)
+    workspace = Workspace(runs_dir, int(max_upload_mb * 1024 * 1024))
     jobs = Jobs()
-    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None)
+    app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.jobs = jobs
-    if trusted_hosts:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(trusted_hosts))
+    app.add_middleware(Guard, bound_host=host, token=token)
 
     @app.exception_handler(TunesmithError)
     async def user_error(request, exc: TunesmithError):
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        # After a 413 the connection closes: the rest of an oversized body is not even read and dropped.
+        close = {"connection": "close"} if isinstance(exc, TooLarge) else None
+        return JSONResponse({"error": str(exc)}, status_code=ERROR_STATUS.get(type(exc), 400), headers=close)
 
     @app.get("/")
     def index():
@@ -286,21 +351,21 @@ def create_app(runs_dir: str | Path = "runs", lang: str = "en", trusted_hosts: l
 
     @app.get("/api/settings")
     def settings():
-        suggested = root / time.strftime("run-%Y%m%d-%H%M%S")
-
-        return {"lang": lang, "strings": STRINGS, "runs_dir": str(root), "sections": form_schema(),
-                "convert_targets": list(TARGETS),
+        suggested = workspace.root / time.strftime("run-%Y%m%d-%H%M%S")
+        return {"lang": lang, "strings": STRINGS, "runs_dir": str(workspace.root),
+                "workspace": str(workspace.root.resolve()), "sections": form_schema(),
+                "convert_targets": list(TARGETS), "max_upload_bytes": workspace.max_upload_bytes,
                 "suggested": {"output.output_dir": str(suggested)}}
 
-    _train_routes(app, root, jobs)
-    _run_routes(app, root, jobs)
-    _job_routes(app, root, jobs)
-    _data_routes(app, root)
+    _train_routes(app, workspace, jobs)
+    _run_routes(app, workspace, jobs)
+    _job_routes(app, workspace, jobs)
+    _data_routes(app, workspace)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
 
-def _train_routes(app, root: Path, jobs) -> None:
+def _train_routes(app, workspace: Workspace, jobs) -> None:
     """Train: the command, the plan, start, resume and stop of a child `tunesmith train`."""
     from fastapi import Body
 
@@ -314,104 +379,98 @@ def _train_routes(app, root: Path, jobs) -> None:
 
     @app.post("/api/train/start")
     def train_start(values: dict = Body(...)):
-        args = train_args(values)
-        out = _inside(root, str(output_dir(values)))  # the page lists and reads runs under its folder only
-        if jobs.owns(out):
-            raise UsageError(f"{out}: a training started here is still running")
-        refuse_existing_run(out, args)
-        child = jobs.start(["train", *args], out)
-        return {"run_dir": str(out.resolve()), "pid": child.pid, "command": shown_command(["train", *args])}
+        return start_training(values, workspace, jobs)
 
     @app.post("/api/train/resume")
     def train_resume(path: str = Body(..., embed=True)):
-        run_dir = _inside(root, path)
+        run_dir = workspace.inside(path, "path")
         if jobs.owns(run_dir):
             raise UsageError(f"{run_dir}: a training started here is still running")
-        argv = resume_args(run_dir)
-        child = jobs.start(argv, run_dir)
-        return {"run_dir": str(run_dir), "pid": child.pid, "command": shown_command(argv)}
+        return start_training(resume_values(run_dir, workspace), workspace, jobs)
 
     @app.post("/api/train/stop")
     def train_stop(path: str = Body(..., embed=True)):
-        return {"pid": jobs.stop(_inside(root, path)), "signal": "SIGINT"}
+        return {"pid": jobs.stop(workspace.inside(path, "path")), "signal": "SIGINT"}
 
 
-def _run_routes(app, root: Path, jobs) -> None:
+def _run_routes(app, workspace: Workspace, jobs) -> None:
     """Runs: the table, one run with its metrics, and its files."""
     from fastapi import Query
     from fastapi.responses import FileResponse
 
     @app.get("/api/runs")
     def runs():
-        return {"root": str(root), "runs": [{**r.to_dict(), "stoppable": jobs.owns(Path(r.path))}
-                                            for r in list_runs(root)]}
+        return {"root": str(workspace.root), "runs": [{**r.to_dict(), "stoppable": jobs.owns(Path(r.path))}
+                                                      for r in list_runs(workspace.root)]}
 
     @app.get("/api/run")
     def run(path: str = Query(...)):
-        return run_detail(_inside(root, path), jobs)
+        return run_detail(workspace.inside(path, "path"), workspace, jobs)
 
     @app.get("/api/run/file")
     def run_file(path: str = Query(...), name: str = Query(...)):
-        run_dir = _inside(root, path)
-        file = _inside(run_dir, str(run_dir / name))
-        if not file.is_file():
+        """A run's file as a download (an image also shows in an <img>): never rendered on the UI's origin,
+        where an HTML or SVG file from someone else's run could drive the page."""
+        run_dir = workspace.inside(path, "path")
+        file = workspace.inside(run_dir / name, name)
+        if run_dir not in file.parents or not file.is_file():
             raise UsageError(f"{name}: no such file in {run_dir}")
-        return FileResponse(file)
+        return FileResponse(file, media_type=IMAGE_TYPES.get(file.suffix.lower(), "application/octet-stream"),
+                            filename=file.name, content_disposition_type="attachment",
+                            headers={"Content-Security-Policy": FILE_POLICY})
 
 
-def _job_routes(app, root: Path, jobs) -> None:
+def _job_routes(app, workspace: Workspace, jobs) -> None:
     """Chat in this process; evaluation and export as child commands."""
     from fastapi import Body, Query
+    from fastapi.responses import StreamingResponse
 
     models = Models()
 
     @app.post("/api/chat")
     def chat(request: dict = Body(...)):
-        from fastapi.responses import StreamingResponse
-
         return StreamingResponse(chat_stream(models, request), media_type="text/plain; charset=utf-8")
 
     @app.post("/api/eval/start")
     def eval_start(request: dict = Body(...)):
         name = Path(str(request.get("model") or "model")).name or "model"
-        folder = root / time.strftime(f"eval-{name}-%Y%m%d-%H%M%S")
+        folder = workspace.inside(workspace.root / time.strftime(f"eval-{name}-%Y%m%d-%H%M%S"), "eval: out")
         args = eval_args(request, folder)
         jobs.start(args, folder)
-        return {"folder": str(folder.resolve()), "command": shown_command(args)}
+        return {"folder": str(folder), "command": shown_command(args)}
 
     @app.post("/api/export/start")
     def export_start(request: dict = Body(...)):
-        args = export_args(request)
-        folder = root / time.strftime("export-%Y%m%d-%H%M%S")
+        args = export_args(request, workspace)
+        folder = workspace.inside(workspace.root / time.strftime("export-%Y%m%d-%H%M%S"), "export: log folder")
         jobs.start(args, folder)
-        return {"folder": str(folder.resolve()), "command": shown_command(args), "out": str(request.get("out"))}
+        return {"folder": str(folder), "command": shown_command(args), "out": args[args.index("--out") + 1]}
 
     @app.get("/api/job")
     def job(folder: str = Query(...), command: str = Query(...)):
         if command not in ("eval", "export"):
             raise UsageError(f"no such job kind: {command}")
-        return job_detail(_inside(root, folder), command, jobs)
+        return job_detail(workspace.inside(folder, "folder"), command, workspace, jobs)
 
 
-def _data_routes(app, root: Path) -> None:
+def _data_routes(app, workspace: Workspace) -> None:
     """Data: upload, convert (a child command) and the doctor's report."""
     from fastapi import Body, Query
 
     @app.post("/api/data/upload")
-    async def data_upload(request: Request, name: str = Query(...)):
-        """The file's bytes as the body (no form encoding): saved as RUNS/uploads/NAME, its path returned."""
-        target = root / "uploads" / Path(name).name
-        if not Path(name).name or Path(name).name.startswith("."):
-            raise UsageError(f"upload name {name!r}: give the file's own name")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        data = await request.body()
-        target.write_bytes(data)
-        return {"path": str(target.resolve()), "bytes": len(data)}
+    async def data_upload(request: Request, name: str = Query(...), overwrite: bool = Query(False)):
+        """The file's bytes as the body (no form encoding): saved as RUNS/uploads/NAME, its path returned.
+        An existing file is kept unless ``overwrite``; past the size cap the upload stops where it is."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > workspace.max_upload_bytes:
+            raise TooLarge(f"the upload ({length} bytes) is larger than this UI's limit of "
+                           f"{workspace.max_upload_bytes} bytes (tunesmith ui --max-upload-mb)")
+        target, size = await workspace.save_upload(name, request.stream(), overwrite)
+        return {"path": str(target), "bytes": size}
 
     @app.post("/api/data/convert")
     def data_convert(request: dict = Body(...)):
-        args = ["data", "convert", str(request.get("file") or ""), "--to", str(request.get("to") or ""),
-                "--out", str(request.get("out") or "")] + (["--overwrite"] if request.get("overwrite") else [])
+        args = convert_args(request, workspace)
         done = subprocess.run(cli_argv(args), capture_output=True, text=True, timeout=PLAN_TIMEOUT_S,
                               stdin=subprocess.DEVNULL)
         if done.returncode != 0:
@@ -431,9 +490,36 @@ def _data_routes(app, root: Path) -> None:
         return report.to_dict()
 
 
-def run_ui(host: str = "127.0.0.1", port: int = 7860, lang: str = "en", runs_dir: str | Path = "runs") -> None:
+def launch_token(config: UIConfig, environ=os.environ) -> tuple[str | None, str | None]:
+    """(the token the API will require, a warning to print): off this machine a token must be given (or
+    --insecure-no-auth said out loud); on it, a new one is made for this launch unless one is given."""
+    given = config.token or environ.get("TUNESMITH_UI_TOKEN") or None
+    if config.insecure_no_auth:
+        if given:
+            raise UsageError("tunesmith ui: --insecure-no-auth and a token (--token or TUNESMITH_UI_TOKEN) "
+                             "contradict each other; choose one")
+        return None, (f"serving on {config.host} with no token (--insecure-no-auth): anyone who can reach this "
+                      f"port can start trainings and read and write files under {config.runs_dir}")
+    if given is None and not is_loopback(config.host):
+        raise UsageError(f"tunesmith ui --host {config.host} serves beyond this machine, where anyone who can "
+                         "reach the port could start trainings and write files: give a token with --token or "
+                         "TUNESMITH_UI_TOKEN (or --insecure-no-auth to go without one)")
+    return given or secrets.token_urlsafe(24), None
+
+
+def page_url(config: UIConfig, token: str | None) -> str:
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    return f"http://{host}:{config.port}/" + (f"?token={token}" if token else "")
+
+
+def run_ui(config: UIConfig) -> None:
     import uvicorn
 
-    print(f"tunesmith ui on http://{host}:{port} (runs under {runs_dir}; Ctrl-C to quit, trainings keep running)")
-    trusted = list(LOOPBACK) if host in LOOPBACK else None
-    uvicorn.run(create_app(runs_dir, lang, trusted), host=host, port=port, log_level="warning")
+    token, warning = launch_token(config)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    app = create_app(config.runs_dir, config.lang, token=token, host=config.host,
+                     max_upload_mb=config.max_upload_mb)
+    print(f"tunesmith ui on {page_url(config, token)} (runs under {config.runs_dir}; Ctrl-C to quit, trainings "
+          "keep running)", flush=True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")

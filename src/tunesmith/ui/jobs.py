@@ -14,6 +14,7 @@ where a second SIGINT would stop it at once without one.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -56,7 +57,7 @@ class Jobs:
             if child is not None and child.poll() is None:
                 raise UsageError(f"{folder}: a {argv[0]} started here is still running")
             folder.mkdir(parents=True, exist_ok=True)
-            with (folder / log_file(argv[0])).open("w", encoding="utf-8") as log:
+            with _open_own(folder / log_file(argv[0])) as log:
                 child = subprocess.Popen(cli_argv(argv), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
             self.children[folder] = child
@@ -103,13 +104,16 @@ def _read_record(run_dir: Path) -> dict:
 
 def _write_record(run_dir: Path, record: dict) -> None:
     tmp = run_dir / f".{PROCESS_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    with _open_own(tmp) as out:
+        out.write(json.dumps(record, indent=2) + "\n")
     tmp.replace(run_dir / PROCESS_FILE)
 
 
-def log_tail(folder: Path, chars: int = 4000, command: str = "train") -> str:
-    path = Path(folder) / log_file(command)
-    if not path.is_file():
-        return ""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    return text[-chars:]
+def _open_own(path: Path):
+    """``path`` for writing, refused if it is a symlink: one planted in a run folder would have the UI truncate
+    and write the file it points to, wherever that is."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write it ({exc.strerror}; a symlink is refused)") from None
+    return os.fdopen(fd, "w", encoding="utf-8")

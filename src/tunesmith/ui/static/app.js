@@ -4,6 +4,12 @@ let settings = null;
 let lang = localStorage.getItem("tunesmith.lang") || "en";
 let selectedRun = localStorage.getItem("tunesmith.run") || null;
 let timer = null;
+// The per-launch token `tunesmith ui` prints in the page's address: kept for this tab, taken out of the address bar.
+const token = new URLSearchParams(location.search).get("token") || sessionStorage.getItem("tunesmith.token") || "";
+sessionStorage.setItem("tunesmith.token", token);
+if (location.search) history.replaceState(null, "", location.pathname);
+const authHeaders = { "X-Tunesmith-Token": token };
+const withToken = (url) => `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}`;
 
 const $ = (sel) => document.querySelector(sel);
 const t = (key) => (settings && settings.strings[lang][key]) || key;
@@ -18,7 +24,7 @@ function el(tag, attrs = {}, ...children) {
 }
 
 async function api(method, url, body) {
-  const options = { method, headers: { "Content-Type": "application/json" } };
+  const options = { method, headers: { "Content-Type": "application/json", ...authHeaders } };
   if (body !== undefined) options.body = JSON.stringify(body);
   const response = await fetch(url, options);
   const data = await response.json();
@@ -160,7 +166,7 @@ async function refreshDetail() {
   $("#run-resume").hidden = !run.resumable;
   drawChart(run.metrics);
   $("#run-files").replaceChildren(...run.files.map((name) => el("li", {}, el("a", {
-    href: `/api/run/file?path=${encodeURIComponent(run.path)}&name=${encodeURIComponent(name)}`, text: name }))));
+    href: withToken(`/api/run/file?path=${encodeURIComponent(run.path)}&name=${encodeURIComponent(name)}`), text: name }))));
   $("#run-log").textContent = run.log;
 }
 
@@ -218,8 +224,11 @@ const splitList = (text) => text.split(",").map((s) => s.trim()).filter(Boolean)
 async function uploadData() {
   const file = $("#data-upload").files[0];
   if (!file) return;
+  const send = (overwrite) => fetch(`/api/data/upload?name=${encodeURIComponent(file.name)}${overwrite ? "&overwrite=true" : ""}`,
+    { method: "POST", headers: authHeaders, body: file });
   try {
-    const response = await fetch(`/api/data/upload?name=${encodeURIComponent(file.name)}`, { method: "POST", body: file });
+    let response = await send(false);
+    if (response.status === 409 && confirm(`${t("data.replace")} ${file.name}?`)) response = await send(true);
     const result = await response.json();
     if (!response.ok) throw new Error(result.error || response.statusText);
     $("#data-files").value = result.path;
@@ -271,7 +280,7 @@ async function prefillModel() {  // the newest finished run, where the page has 
   for (const id of ["#chat-model", "#eval-model", "#export-model"]) {
     if (finished && !$(id).value) $(id).value = finished.path;
   }
-  if (finished && !$("#export-out").value) $("#export-out").value = `exports/${finished.name}-merged`;
+  if (finished && !$("#export-out").value) $("#export-out").value = `${settings.runs_dir}/exports/${finished.name}-merged`;
 }
 
 function bubble(column, role, text) {
@@ -284,7 +293,7 @@ async function streamAnswer(column, text) {
   chatTurns[column].push({ role: "user", content: text });
   bubble(column, "user", text);
   const answer = bubble(column, "assistant", "");
-  const response = await fetch("/api/chat", { method: "POST", headers: { "Content-Type": "application/json" },
+  const response = await fetch("/api/chat", { method: "POST", headers: { "Content-Type": "application/json", ...authHeaders },
     body: JSON.stringify({ model: $("#chat-model").value, base: column === "base", messages: chatTurns[column],
       system: $("#chat-system").value, temperature: $("#chat-temperature").value,
       max_new_tokens: $("#chat-max-new-tokens").value }) });
@@ -338,7 +347,7 @@ async function watchJob(kind, folder) {
     text: state ? t(state) : "" }), job.returncode ? ` ${job.returncode}` : "");
   if (kind === "eval" && job.report) {
     const images = job.images.map((name) => el("img", {
-      src: `/api/run/file?path=${encodeURIComponent(folder)}&name=${encodeURIComponent(name)}`, alt: name }));
+      src: withToken(`/api/run/file?path=${encodeURIComponent(folder)}&name=${encodeURIComponent(name)}`), alt: name }));
     $("#eval-report").replaceChildren(el("pre", { id: "eval-report-md", text: job.report }), ...images);
   }
   if (job.running) setTimeout(() => watchJob(kind, folder), 1500);
@@ -357,7 +366,10 @@ function startExport() {
 // ------------------------------------------------------------------ start
 
 async function main() {
-  settings = await api("GET", "/api/settings");
+  try { settings = await api("GET", "/api/settings"); } catch (error) {  // no token, or an old one: say what to open
+    document.querySelector("main").replaceChildren(el("div", { class: "error", id: "no-access", text: error.message }));
+    return;
+  }
   if (!localStorage.getItem("tunesmith.lang")) lang = settings.lang;
   buildForm();
   applyLang();
