@@ -1,4 +1,5 @@
-"""The command table: each subcommand parses its arguments and calls one library function.
+"""The command table: each subcommand parses its arguments and calls one library function (its --help is
+built from DESCRIPTION and EXAMPLES below).
 
 argparse rather than typer: `tunesmith train` builds its flags from the typed config at run
 time (every `--section.key` with the help text of its field), which argparse does directly and
@@ -156,8 +157,24 @@ def _add_precision_flag(p: argparse.ArgumentParser, default: str | None = "auto"
                         f"({shown}{why})")
 
 
+DESCRIPTION = """From your own instruction or chat data to a fine-tuned, evaluated, servable model:
+check the data, fine-tune, evaluate before against after, chat, serve and export."""
+EXAMPLES = """examples:
+  tunesmith quickstart --name Aurora --author Lumen     the whole path on the default model, minutes on a CPU
+  tunesmith data check train.jsonl                      errors with file:line, statistics, the loss mask
+  tunesmith train --data train.jsonl --plan             what training would do, without training
+  tunesmith train --data train.jsonl --output-dir runs/mine
+  tunesmith eval runs/mine --data held_out.jsonl --compare base
+  tunesmith chat runs/mine
+  tunesmith serve runs/mine --port 8000                 OpenAI-compatible API
+  tunesmith export runs/mine --gguf --dtype q8_0 --out mine.gguf
+
+`tunesmith COMMAND --help` lists a command's options."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tunesmith", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tunesmith", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"tunesmith {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -269,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision_flag(p)
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("chat", help="interactive chat (/reset, /system TEXT, /exit)")
+    p = sub.add_parser("chat", help="interactive chat (/reset, /system TEXT, /history, /prompt, /exit)")
     p.add_argument("model", help="alias, model directory or run directory")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--tools", default=None, help="JSON file of function schemas shown to the model as training showed them")

@@ -72,6 +72,7 @@ def test_help_lists_every_option_and_the_short_flags():
                  "--batch-size", "--grad-accum", "--max-length", "--seed", "--save-every", "--resume",
                  "--resume-force", "--print-config"):
         assert f"{flag} " in text or f"{flag}\n" in text
+    assert "(default: None)" not in text and "(default: unset)" in text
 
 
 def test_print_config_round_trips(tmp_path, capsys):

@@ -57,8 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
             choices = f" {{{','.join(info.choices)}}}" if info.choices else ""
             group.add_argument(f"--{info.key}", dest=info.key, metavar=_metavar(info),
                                default=argparse.SUPPRESS,
-                               help=f"{info.help}{choices} (default: {info.default!r})".replace("%", "%%"))
+                               help=f"{info.help}{choices}{_default_note(info)}".replace("%", "%%"))
     return parser
+
+
+def _default_note(info) -> str:
+    """" (default: X)"; an unset field's help says what unset means, so it gets no "(default: None)"."""
+    if info.default is None:
+        return "" if "default" in info.help else " (default: unset)"
+    return f" (default: {info.default!r})"
 
 
 def _by_section() -> dict[str, list]:
