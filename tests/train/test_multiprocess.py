@@ -31,9 +31,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, chat
     double = tmp_path / "double"
     overrides = tiny_overrides(tiny_model_dir, chat_file, double, train__grad_accum=1, **extra)
     flags = [arg for item in overrides for arg in ("--" + item.split("=", 1)[0], item.split("=", 1)[1])]
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "tunesmith.cli", "train", *flags],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    done = _train(flags, processes=2)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run saved to") == 1  # only the first process reports and writes
 
@@ -45,3 +43,22 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, chat
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it did train
+
+    # Resuming with another process count is refused, naming both counts and the global batch: 2 -> 1 would
+    # silently halve the batch, 1 -> 2 would find no data position for the second process.
+    halved = _train([*flags, "--resume", "auto"], processes=1)
+    assert halved.returncode == 2, halved.stderr[-3000:]
+    assert "written by 2 process(es), a global batch of 2 x 2 = 4 micro-batch rows" in halved.stderr
+    assert "this run has 1, which would make it 2" in halved.stderr and "Traceback" not in halved.stderr
+    single_flags = [arg for item in tiny_overrides(tiny_model_dir, chat_file, single, train__grad_accum=2, **extra)
+                    for arg in ("--" + item.split("=", 1)[0], item.split("=", 1)[1])]
+    doubled = _train([*single_flags, "--resume", "auto"], processes=2)
+    assert doubled.returncode != 0
+    assert "written by 1 process(es)" in doubled.stderr and "bug in tunesmith" not in doubled.stderr
+
+
+def _train(flags: list[str], processes: int) -> subprocess.CompletedProcess:
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    launch = [torchrun, "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
+    return subprocess.run([*launch, "-m", "tunesmith.cli", "train", *flags], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)

@@ -189,6 +189,24 @@ REQUIRED = {WEIGHTS: "the trained weights", "optimizer.pt": "the optimizer state
             "scheduler.pt": "the learning-rate scheduler state", "state.json": "the data position"}
 
 
+def saved_processes(path: Path) -> int:
+    """How many processes wrote the checkpoint: one RNG state file each (ours, or accelerate's when sharded)."""
+    return len(list(path.glob("rng-*.json"))) or len(list(path.glob("random_states_*.pkl")))
+
+
+def check_processes(path: Path, processes: int, batch_size: int, grad_accum: int) -> None:
+    """Refuse to resume with another process count: each process's data position and RNG are in the checkpoint,
+    and another count would silently change the global batch (fewer) or find no state to read (more)."""
+    saved = saved_processes(path)
+    if saved in (0, processes):
+        return
+    rows = batch_size * grad_accum
+    raise ResumeRefused(
+        f"{path} was written by {saved} process(es), a global batch of {saved} x {rows} = {saved * rows} micro-batch "
+        f"rows per optimizer step; this run has {processes}, which would make it {processes * rows}. Resume with "
+        f"{saved} process(es) (accelerate launch --num_processes {saved} ...), or start a new run")
+
+
 def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG; return the saved training state."""
     if _is_sharded(accelerator):

@@ -556,7 +556,9 @@ def _start(run: PreparedRun) -> Session:
     set_seed(t.seed)
     fingerprint = {**_config_fingerprint(config), "data": run.data.fingerprint}
     resume_from = ckpt.find_resume(out, t.resume) if t.resume else None
-    if resume_from:  # refuse a changed config or data before the model is loaded
+    if resume_from:  # refuse a changed config, data or process count before the model is loaded
+        # the process count first: a plan made for another count differs in what it chose, which is not the cause
+        ckpt.check_processes(resume_from, accelerator.num_processes, t.batch_size, t.grad_accum)
         ckpt.check_fingerprint(resume_from, fingerprint, t.resume_force)
 
     model, n_total, n_trainable = _load_model(config, run.base_path)
