@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None, help="report what this sequence length truncates or drops")
     p.add_argument("--truncation", default="truncate_prompt", choices=config_choices("data.truncation"),
                    help="policy for examples over --max-length")
-    p.add_argument("--template", default=None, help="built-in template (chatml, llama3, alpaca, seed) instead of the tokenizer's")
+    p.add_argument("--template", default=None, help="built-in template (chatml, llama3, gemma, mistral, alpaca, seed) or a .jinja file "
+                        "instead of the tokenizer's (default: its own, else the model family's)")
     p.add_argument("--eval", dest="eval_files", action="append", default=[], help="eval file: check train/eval overlap")
     p.add_argument("--format", default=None, help="force the input format (alpaca, sharegpt, openai, prompt-completion, "
                    "text; preference pairs: alpaca, sharegpt, trl, openai-preference)")
