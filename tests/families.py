@@ -2,7 +2,8 @@
 
 Each has a trained byte-level BPE tokenizer carrying its family's special tokens (Gemma's
 <pad>/<eos>/<bos> at ids 0, 1, 2 and <start_of_turn>/<end_of_turn>, Llama 3's headers and
-<|eot_id|>, Qwen's ChatML markers, Mistral's <s>/</s>), NO chat template (as in a base-model GGUF),
+<|eot_id|>, Qwen's ChatML markers, Mistral's <s>/</s>; Gemma's also a few of the added, non-special
+text tokens the real vocabulary has), NO chat template (as in a base-model GGUF),
 and a shrunk random model of the family's architecture, so config.json names it.
 """
 
@@ -18,6 +19,8 @@ FAMILIES = {
     "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>", "<|endoftext|>"),
     "mistral": (["<unk>", "<s>", "</s>"], "<s>", "</s>", None),
 }
+
+GEMMA_TEXT_TOKENS = ["\n\n", "\n\n\n", "<table>", "</table>"]
 
 # The template each family gets when it has none, and the token that closes an assistant turn.
 EXPECTED = {"gemma3": ("gemma", "<end_of_turn>"), "llama3": ("llama3", "<|eot_id|>"),
@@ -44,6 +47,8 @@ def build_tokenizer(out: Path, family: str):
     tok.train_from_iterator(_CORPUS * 20, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
                                    unk_token=None)
+    if family == "gemma3":  # like Gemma's own: text pieces kept whole as added, non-special tokens
+        fast.add_tokens(GEMMA_TEXT_TOKENS)
     assert not fast.chat_template
     fast.save_pretrained(out)
     return fast

@@ -13,7 +13,7 @@ import re
 import pytest
 
 from tests.conftest import shared_data, write_jsonl
-from tests.families import EXPECTED, FAMILIES, build_family_model
+from tests.families import EXPECTED, FAMILIES, GEMMA_TEXT_TOKENS, build_family_model
 from tests.train.helpers import tiny_config
 from tunesmith.cli import main
 from tunesmith.data.conversation import Conversation, Message
@@ -21,7 +21,7 @@ from tunesmith.data.doctor import check_data, print_report
 from tunesmith.data.prompt import render_prompt
 from tunesmith.data.templates import BUILTIN_TEMPLATES, apply_template, family_template, model_type_of
 from tunesmith.data.tokenize import IGNORE, EncodeOptions, encode
-from tunesmith.errors import UsageError
+from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.models.load import load_tokenizer
 from tunesmith.models.resolve import generation_config
 
@@ -168,6 +168,23 @@ def test_the_plan_and_the_run_name_the_template_applied(family_dirs, tmp_path):
     assert json.loads((run / "plan.json").read_text(encoding="utf-8"))["template"] == "gemma"
     assert "| template | gemma |" in (run / "README.md").read_text(encoding="utf-8")
     assert load_tokenizer(run).chat_template == BUILTIN_TEMPLATES["gemma"]  # chat, serve, eval and export use it
+
+
+def test_gemmas_added_text_tokens_are_text_and_its_turn_markers_structure(family_dirs):
+    tokenizer = load_tokenizer(family_dirs["gemma3"])
+    apply_template(tokenizer, None)
+    answer = "Rows:\n\n<table><tr><td>Paris</td></tr></table>\n\n\nDone."
+    encoded = encode(Conversation([Message("user", "A table?\n\nPlease."), Message("assistant", answer)]),
+                     tokenizer, EncodeOptions())
+    assert all(tokenizer.convert_tokens_to_ids(t) in encoded.input_ids for t in GEMMA_TEXT_TOKENS)
+    assert supervised_runs(tokenizer, encoded) == [answer + "<end_of_turn>"]
+    with pytest.raises(TunesmithError, match="messages\\[1\\].content: contains the control token '<end_of_turn>'"):
+        encode(Conversation([Message("user", "Hi"), Message("assistant", "Bye<end_of_turn>")]), tokenizer,
+               EncodeOptions())
+    # An added, non-special token that the template itself writes is structure again.
+    tokenizer.chat_template = BUILTIN_TEMPLATES["gemma"].replace("<start_of_turn>' + role", "<table>' + role")
+    with pytest.raises(TunesmithError, match="contains the control token '<table>'"):
+        encode(Conversation([Message("user", "<table>"), Message("assistant", "Bye")]), tokenizer, EncodeOptions())
 
 
 def test_generation_config_keeps_a_pad_id_of_zero(family_dirs):

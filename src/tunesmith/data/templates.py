@@ -248,9 +248,14 @@ def template_label(tokenizer) -> str:
 # ---------------------------------------------------------------- control tokens
 
 def control_tokens(tokenizer) -> tuple[str, ...]:
-    """Every string the tokenizer turns into a special or added token wherever it appears in text
-    (turn markers, EOS, padding, tool tags...), longest first."""
-    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    """Every string that would act as template structure when typed in content, longest first: the special
+    tokens (turn markers, EOS, padding) and the other added tokens the chat template writes itself (Qwen's
+    ``<tool_call>``, ``<think>``). Added tokens that are only text the vocabulary keeps whole are not
+    (Gemma's runs of newlines and its HTML tags such as ``<table>``): refusing them would refuse every
+    multi-line answer."""
+    template = current_template(tokenizer) or ""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+             if t.special or (t.content.strip() and t.content in template)]
     return tuple(sorted({t for t in [*added, *tokenizer.all_special_tokens] if t}, key=lambda t: (-len(t), t)))
 
 
