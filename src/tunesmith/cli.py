@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         "errors and warnings [{file, line, field, message, severity}], duplicates [{kind, rows}], "
         "overlap [{eval, train}], char_lengths and token_lengths {p50, p90, p99, max, mean, prompt, response} "
         "(token_lengths null with --no-tokens), truncated, dropped, supervised_token_share, zero_supervised, "
-        "long_examples, preview {source, segments, marked}, model, template, max_length, truncation, elapsed_s, "
+        "long_examples, preview {source, segments, marked}, model, template, template_reason, max_length, "
+        "truncation, elapsed_s, "
         "kind (sft or pairs); for preference pairs the lengths have prompt, chosen and rejected, and pairs "
         "{prompt_duplicates, truncation {over_max_length, prompt_tokens_cut, response_tokens_cut, responses_cut}}"))
     p.add_argument("--no-tokens", action="store_true", help="skip token statistics (no tokenizer needed)")
