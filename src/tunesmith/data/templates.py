@@ -6,8 +6,8 @@ closes each assistant turn with a single end token (``<|im_end|>``, ``<|eot_id|>
 
 A model without a template (most base-model GGUF files, many base checkpoints) gets its family's
 layout, chosen by architecture (config.json's model_type) and vocabulary (the family's turn markers
-as single tokens): Gemma's ``<start_of_turn>``, Llama 3's headers, Qwen's ChatML, Mistral's
-``[INST]``; alpaca when none fits. ``choose_template`` says which and why; the doctor, the run plan
+as single tokens): Gemma's ``<start_of_turn>``, Llama 3's headers, Qwen's ChatML; Mistral's
+``[INST]`` layout for a Mistral architecture; alpaca when none fits. ``choose_template`` says which and why; the doctor, the run plan
 and the run's files report it.
 
 Built-ins only use ``message['content']``: tool calls and tool schemas reach them as text
@@ -157,7 +157,8 @@ def apply_template(tokenizer, template: str | None, model_type: str | None = Non
         tokenizer.chat_template = choice.text
     if template is None and choice.name != "own":
         print(f"note: {tokenizer.name_or_path or 'the tokenizer'} has no chat template; using the "
-              f"{choice.describe()}; another with --data.template NAME (data check: --template NAME)", file=sys.stderr)
+              f"{choice.describe()}; another with --data.template NAME (data check: --template NAME)",
+              file=sys.stderr)
     return choice
 
 
@@ -174,7 +175,8 @@ def choose_template(tokenizer, template: str | None, model_type: str | None = No
         if missing:
             raise UsageError(f"the '{template}' template needs the tokens {', '.join(missing)}, which "
                              f"{tokenizer.name_or_path or 'this tokenizer'} does not have as single tokens; "
-                             "choose 'alpaca', 'mistral' or 'seed' (they only need EOS) or the tokenizer's own template")
+                             "choose 'alpaca', 'mistral' or 'seed' (they only need EOS) or the tokenizer's own "
+                             "template")
         return TemplateChoice(template, "named by the user", BUILTIN_TEMPLATES[template])
     if template.endswith(".jinja") and Path(template).is_file():
         return TemplateChoice(template, "named by the user", Path(template).read_text(encoding="utf-8"))
@@ -195,8 +197,8 @@ def family_template(tokenizer, model_type: str | None) -> tuple[str, str]:
             return name, f"{_markers(name)} in the vocabulary ({arch if model_type else 'architecture unknown'})"
     if family == "mistral" and not missing_tokens(tokenizer, family):
         return family, f"{arch}; its turns end with EOS"
-    return "alpaca", (f"no family's turn markers in the vocabulary ({arch if model_type else 'architecture unknown'}); "
-                      "alpaca's layout closed by EOS")
+    known = arch if model_type else "architecture unknown"
+    return "alpaca", f"no family's turn markers in the vocabulary ({known}); alpaca's layout closed by EOS"
 
 
 def _markers(name: str) -> str:
