@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None, help="report what this sequence length truncates or drops")
     p.add_argument("--truncation", default="truncate_prompt", choices=config_choices("data.truncation"),
                    help="policy for examples over --max-length")
-    p.add_argument("--template", default=None, help="built-in template (chatml, llama3, alpaca, seed) instead of the tokenizer's")
+    p.add_argument("--template", default=None, help="built-in template (chatml, llama3, gemma, mistral, alpaca, seed) or a .jinja file "
+                        "instead of the tokenizer's (default: its own, else the model family's)")
     p.add_argument("--eval", dest="eval_files", action="append", default=[], help="eval file: check train/eval overlap")
     p.add_argument("--format", default=None, help="force the input format (alpaca, sharegpt, openai, prompt-completion, "
                    "text; preference pairs: alpaca, sharegpt, trl, openai-preference)")
@@ -215,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         "errors and warnings [{file, line, field, message, severity}], duplicates [{kind, rows}], "
         "overlap [{eval, train}], char_lengths and token_lengths {p50, p90, p99, max, mean, prompt, response} "
         "(token_lengths null with --no-tokens), truncated, dropped, supervised_token_share, zero_supervised, "
-        "long_examples, preview {source, segments, marked}, model, template, max_length, truncation, elapsed_s, "
+        "long_examples, preview {source, segments, marked}, model, template, template_reason, max_length, "
+        "truncation, elapsed_s, "
         "kind (sft or pairs); for preference pairs the lengths have prompt, chosen and rejected, and pairs "
         "{prompt_duplicates, truncation {over_max_length, prompt_tokens_cut, response_tokens_cut, responses_cut}}"))
     p.add_argument("--no-tokens", action="store_true", help="skip token statistics (no tokenizer needed)")

@@ -64,7 +64,8 @@ class DataConfig:
     columns: str | None = opt(None, "column mapping for alpaca-like files, e.g. instruction=question,output=answer")
     encoding: str | None = opt(None, "text encoding of the data files, e.g. latin-1 or cp1252; default: UTF-8 (with or "
                                      "without a byte-order mark)")
-    template: str | None = opt(None, "chat template: chatml, llama3, alpaca, seed; default: the tokenizer's own")
+    template: str | None = opt(None, "chat template: chatml (Qwen, SmolLM), llama3, gemma, mistral, alpaca, seed, "
+                                     "or a .jinja file; default: the tokenizer's own, else the model family's")
     system_prompt: str | None = opt(None, "system prompt for conversations that have none (saved with the run and used "
                                           "by chat/generate); default: whatever the template inserts")
     max_length: int = opt(1024, "longest training sequence in tokens", minimum=8)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.attention import PACKED_SDPA
-from tunesmith.data.packing import collate_padded, collate_pairs
+from tunesmith.data.packing import collate_padded, collate_pairs, layer_masks
 from tunesmith.data.tokenize import IGNORE
 from tunesmith.output import progress_bar
 
@@ -165,9 +165,10 @@ def _adjust_logits(config, logits: torch.Tensor) -> torch.Tensor:
 def model_inputs(model, batch: dict) -> dict:
     """The forward arguments for ``batch``, with a packed 4D mask shaped for the model's attention kernel.
 
-    sdpa takes the boolean mask; eager adds the mask to the scores, so it gets 0 / -inf floats;
-    flash-attention and attention.PACKED_SDPA (what training uses in place of sdpa) take no mask and
-    find the packed examples from the restarting position_ids.
+    sdpa takes the boolean mask; eager adds the mask to the scores, so it gets 0 / -inf floats; a model
+    with sliding-window layers gets their window in the mask (packing.layer_masks). flash-attention and
+    attention.PACKED_SDPA (what training uses in place of sdpa) take no mask: they find the packed
+    examples from the restarting position_ids and apply each layer's window themselves.
     """
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:
@@ -178,11 +179,19 @@ def model_inputs(model, batch: dict) -> dict:
         kernel = getattr(config, "_attn_implementation", None) or "sdpa"
         if "flash" in kernel or kernel == PACKED_SDPA:
             mask = None
-        elif kernel != "sdpa":
-            dtype = next(model.parameters()).dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        else:
+            mask = layer_masks(mask, config)
+            if kernel != "sdpa":
+                dtype = next(model.parameters()).dtype
+                mask = {k: _additive(m, dtype) for k, m in mask.items()} if isinstance(mask, dict) \
+                    else _additive(mask, dtype)
     inputs["attention_mask"] = mask
     return inputs
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as the 0 / -inf floats eager attention adds to its scores."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def sequence_logps(model, batch: dict, sequences: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -273,7 +273,8 @@ def write_run_info(run_dir: Path, config, *, base_model_path: Path, steps: int, 
         "base_model_path": str(base_model_path),
         "method": config.method.name,
         "objective": config.method.objective,
-        "template": config.data.template,
+        "template": config.data.template,  # the built-in or .jinja file applied (the resolved config names a
+        # family fallback); null: the tokenizer's own
         "system_prompt": config.data.system_prompt,
         "max_length": config.data.max_length,  # eval's perplexity cuts examples as training did
         "steps": steps,

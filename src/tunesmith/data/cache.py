@@ -42,7 +42,7 @@ def encode_cached(data: Sequence[Conversation] | str | os.PathLike | Sequence[st
 
     ``template`` is applied to ``tokenizer`` first (see templates.apply_template).
     """
-    template_text = apply_template(tokenizer, template)
+    template_text = apply_template(tokenizer, template).text
     paths = _as_paths(data)
     data_digest = _files_digest(paths, format, columns) if paths is not None else conversations_digest(data)
     key = _digest(data_digest, template_text, tokenizer_digest(tokenizer), dataclasses.asdict(options), CACHE_FORMAT)

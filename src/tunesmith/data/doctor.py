@@ -30,7 +30,7 @@ from tunesmith.config import minimum
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.pairs import SIDES, Pair, is_preference_data, read_pairs
 from tunesmith.data.readers import DataIssue, read_dataset
-from tunesmith.data.templates import apply_template
+from tunesmith.data.templates import TemplateChoice, apply_template
 from tunesmith.data.tokenize import IGNORE, EncodeOptions, encode, encode_all
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.models import DEFAULT_MODEL, resolve
@@ -66,7 +66,8 @@ class DataReport:
     preview: dict | None = None  # {"source", "segments": [{"text", "supervised"}], "marked": "..[[..]].."}
     formats: dict = field(default_factory=dict)
     model: str | None = None
-    template: str | None = None
+    template: str | None = None  # the template applied: a built-in's name, "own" (the tokenizer's) or a .jinja path
+    template_reason: str | None = None  # why that one (the model has its own, --data.template, the model's family)
     max_length: int | None = None
     truncation: str = "truncate_prompt"
     elapsed_s: float = 0.0
@@ -104,6 +105,32 @@ def char_lengths(convs: list[Conversation]) -> tuple[dict, int]:
     total = [p + r for p, r in zip(prompt, response, strict=True)]
     stats = {**length_stats(total), "prompt": length_stats(prompt), "response": length_stats(response)}
     return stats, sum(t > LONG_CHARS for t in total)
+
+
+# ---------------------------------------------------------------- placeholders
+
+PLACEHOLDER = re.compile(r"\{\{\s*[\w.]+\s*\}\}")
+
+
+def placeholder_warnings(convs: list[Conversation]) -> list[DataIssue]:
+    """Answers with a literal ``{{name}}``: a template file used before its blanks were filled in, which would
+    teach the model to answer with the placeholder itself. One warning per answer, at its file and line."""
+    return [issue for conv in convs for i, m in enumerate(conv.messages) if m.role == "assistant"
+            for issue in _placeholder(conv.source, conv.line, f"messages[{i}].content", m.content)]
+
+
+def pair_placeholder_warnings(pairs: list[Pair]) -> list[DataIssue]:
+    """placeholder_warnings for both answers of each preference pair."""
+    return [issue for pair in pairs for side in SIDES for i, m in enumerate(getattr(pair, side))
+            if m.role == "assistant"
+            for issue in _placeholder(pair.source, pair.line, side if len(getattr(pair, side)) == 1
+                                      else f"{side}[{i}]", m.content)]
+
+
+def _placeholder(source: str, line: int, where: str, text: str) -> list[DataIssue]:
+    found = PLACEHOLDER.search(text or "")
+    return [DataIssue(source, line, where, f"the answer contains the placeholder {found.group(0)}, which would be "
+                      "learned literally; fill it in (or keep it on purpose)", "warning")] if found else []
 
 
 # ---------------------------------------------------------------- duplicates and overlap
@@ -246,10 +273,16 @@ class TokenTally:
     first: tuple | None = None  # (conv, encoded) for the mask preview
 
 
-def load_check_tokenizer(model: str | None, template: str | None):
-    """The tokenizer (never the weights) with the chat template training would use."""
+def load_check_tokenizer(model: str | None, template: str | None) -> tuple[object, TemplateChoice]:
+    """The tokenizer (never the weights) with the chat template training would use, and that template."""
     tokenizer = load_tokenizer(resolve(model or DEFAULT_MODEL))
-    apply_template(tokenizer, template)
+    return tokenizer, apply_template(tokenizer, template)
+
+
+def _use_template(report: DataReport, model: str | None):
+    """The check's tokenizer; the report names the template applied, which ``report.template`` asked for."""
+    tokenizer, choice = load_check_tokenizer(model, report.template)
+    report.template, report.template_reason = choice.name, choice.reason
     return tokenizer
 
 
@@ -393,7 +426,7 @@ def _read_conversations(files: list[str], format, columns, encoding) -> tuple[Da
                         duplicates=find_duplicates(convs), overlap=[], char_lengths={}, token_lengths=None,
                         formats=read.formats)
     report.char_lengths, report.long_examples = char_lengths(convs)
-    report.warnings += duplicate_warnings(report.duplicates, convs)
+    report.warnings += duplicate_warnings(report.duplicates, convs) + placeholder_warnings(convs)
     return report, convs
 
 
@@ -414,7 +447,7 @@ def _check_overlap(report: DataReport, convs, eval_files: list[str], format, col
 
 
 def _add_token_stats(report: DataReport, convs: list[Conversation], model: str | None, progress: bool) -> None:
-    tokenizer = load_check_tokenizer(model, report.template)
+    tokenizer = _use_template(report, model)
     report.model = str(model or _default_model())
     with progress_bar("tokenizing", len(convs), enabled=progress) as bar:
         tally = tally_tokens(convs, tokenizer, report.max_length, report.truncation, bar.update)
@@ -453,6 +486,7 @@ def _read_pairs(files: list[str], format, columns, encoding) -> tuple[DataReport
     report.char_lengths, report.long_examples = pair_char_lengths(pairs)
     report.pairs = {"prompt_duplicates": group_duplicates([conversation_text(p.prompt) for p in pairs], pairs)}
     report.warnings += duplicate_warnings(report.duplicates, pairs) + contradiction_warnings(pairs)
+    report.warnings += pair_placeholder_warnings(pairs)
     return report, pairs
 
 
@@ -562,7 +596,7 @@ def _count_pair_supervision(pair: Pair, side: str, encoded, tally: PairTally) ->
 
 
 def _add_pair_token_stats(report: DataReport, pairs: list[Pair], model: str | None, progress: bool) -> None:
-    tokenizer = load_check_tokenizer(model, report.template)
+    tokenizer = _use_template(report, model)
     report.model = str(model or _default_model())
     with progress_bar("tokenizing", 2 * len(pairs), enabled=progress) as bar:
         tally = tally_pair_tokens(pairs, tokenizer, report.max_length, report.truncation, bar.update)
@@ -653,7 +687,8 @@ def _print_tokens(console, report: DataReport) -> None:
         console.print("token statistics skipped (--no-tokens)")
         return
     share = report.supervised_token_share
-    console.print(f"tokenizer {report.model}, template {report.template or 'its own'}; supervised tokens "
+    template = TemplateChoice(report.template, report.template_reason, "").describe() if report.template else "?"
+    console.print(f"tokenizer {report.model}, template {template}; supervised tokens "
                   f"{share:.1%} of all" if share is not None else "no tokens", soft_wrap=True, markup=False)
     if report.max_length and report.kind == "pairs":
         _print_pair_truncation(console, report)

@@ -10,6 +10,10 @@ keep the examples independent, and the packed-vs-unpacked loss test proves it:
 - the first label of every example is ignored, so no token is predicted from the end of the
   previous example.
 
+Sliding-window layers (Gemma 2 and 3, Mistral, Qwen2 with use_sliding_window) see only the last
+``sliding_window`` tokens of their own example, as transformers' masks and kernels define them (a
+query at i sees keys j with i - window < j <= i). ``layer_masks`` gives each layer type its mask.
+
 ``segment_ids`` (1, 2, ... per example in a row, 0 on padding) come along for per-example sums.
 """
 
@@ -70,13 +74,34 @@ def collate_packed(rows: Sequence[Sequence[Encoded]], pad_id: int) -> dict[str, 
             "attention_mask": block_causal_mask(segment_ids), "segment_ids": segment_ids}
 
 
-def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """[B, 1, L, L] boolean: a token sees earlier tokens of its own segment (padding is segment 0,
-    causal among itself, so no row of the mask is empty and softmax never sees only -inf)."""
-    width = segment_ids.shape[1]
+def block_causal_mask(segment_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """[B, 1, L, L] boolean: a token sees earlier tokens of its own segment, the last ``window`` of them
+    when given (padding is segment 0, causal among itself, so no row of the mask is empty and softmax
+    never sees only -inf)."""
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    return (same & causal)[:, None]
+    return (same & causal_window(segment_ids.shape[1], window, segment_ids.device))[:, None]
+
+
+def causal_window(length: int, window: int | None, device=None) -> torch.Tensor:
+    """[L, L] boolean: query i sees key j when j <= i, and i - j < ``window`` when there is one."""
+    offset = torch.arange(length, device=device)[:, None] - torch.arange(length, device=device)[None, :]
+    return (offset >= 0) & (offset < window) if window else offset >= 0
+
+
+def layer_masks(mask: torch.Tensor, config) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The packed block-causal ``mask`` [B, 1, L, L] as the model's layers see it.
+
+    transformers passes a ready 4D mask to every layer unchanged, so the window of sliding layers has to be
+    in it: a model with ``layer_types`` takes one mask per layer type (a dict, as its forward accepts), one
+    with only ``sliding_window`` (Mistral) slides on every layer; a model without a window gets ``mask``."""
+    window = getattr(config, "sliding_window", None)
+    types = set(getattr(config, "layer_types", None) or ())
+    if not window or (types and "sliding_attention" not in types):
+        return mask
+    windowed = mask & causal_window(mask.shape[-1], window, mask.device)
+    if not types:
+        return windowed
+    return {kind: windowed if kind == "sliding_attention" else mask for kind in types}
 
 
 def forward_pieces(widths: Sequence[int], max_tokens: int) -> list[list[int]]:

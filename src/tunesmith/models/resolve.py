@@ -308,7 +308,7 @@ def _dequantized_gguf(path: Path) -> Path:
 def _dequantize(gguf_path: Path, out: Path) -> None:
     """Dequantize a GGUF file into safetensors, with tokenizer, chat template and generation config."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, file = str(gguf_path.parent), gguf_path.name
     with refusing_remote_code(gguf_path):  # a truncated or foreign GGUF file: one line naming it
@@ -320,12 +320,20 @@ def _dequantize(gguf_path: Path, out: Path) -> None:
         del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict(), strict=True)
-    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
-    fresh.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or eos
-    )
+    fresh.generation_config = generation_config(tokenizer)
     fresh.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def generation_config(tokenizer):
+    """BOS, EOS and padding ids of a dequantized model from its tokenizer; EOS pads when there is no pad token
+    (a pad id of 0, Gemma's, is a real one)."""
+    from transformers import GenerationConfig
+
+    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
+    pad = tokenizer.pad_token_id
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+                            pad_token_id=eos if pad is None else pad)
 
 
 class _staging:

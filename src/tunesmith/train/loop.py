@@ -474,7 +474,7 @@ def prepare_run(config: Config) -> PreparedRun:
     check_trackers(config.output)  # a tracker asked for but not installed fails before any work
     base_path = resolve(config.model.name)
     tokenizer = load_tokenizer(base_path)
-    apply_template(tokenizer, config.data.template)
+    template = apply_template(tokenizer, config.data.template)
     # cpu=True without CUDA: accelerate then treats torchrun/accelerate-launch ranks as gloo data-parallel
     # (the process-wide state made here is the one the Accelerator in finetune uses).
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -483,24 +483,26 @@ def prepare_run(config: Config) -> PreparedRun:
 
     with refusing_remote_code(base_path):  # a damaged config.json or weights header is one message
         facts = ModelFacts.read(base_path)
-    resolved, plan = plan_run(config, data, facts, state.num_processes)
+    resolved, plan = plan_run(config, data, facts, state.num_processes, template)
     return PreparedRun(resolved, plan, base_path, tokenizer, data)
 
 
-def plan_run(config: Config, data: Data, facts, processes: int):
-    """(the config with the plan's choices filled in, the RunPlan), using the loop's own epoch layout."""
+def plan_run(config: Config, data: Data, facts, processes: int, template=None):
+    """(the config with the plan's choices filled in, the RunPlan), using the loop's own epoch layout;
+    ``template``: the templates.TemplateChoice applied to the tokenizer."""
     def steps_per_epoch(c: Config) -> int:
         layout = epoch_layout(data.train, c, epoch_seed(c.train.seed, 0))
         return len(windows(layout, c.train.grad_accum * processes, processes))
 
     stats = DataStats.of(data.train, data.val)
-    resolved, choices = resolve_config(config, stats, facts, processes, steps_per_epoch)
+    resolved, choices = resolve_config(config, stats, facts, processes, steps_per_epoch, template)
     layout = epoch_layout(data.train, resolved, epoch_seed(resolved.train.seed, 0))
     per_epoch = len(windows(layout, resolved.train.grad_accum * processes, processes))
     if per_epoch == 0:
         raise UsageError(f"not enough training data for one step on {processes} processes")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    plan = make_plan(resolved, stats, facts, processes, per_epoch, sum(len(b) for b in layout), choices, device)
+    plan = make_plan(resolved, stats, facts, processes, per_epoch, sum(len(b) for b in layout), choices, device,
+                     template)
     return resolved, plan
 
 

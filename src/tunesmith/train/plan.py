@@ -21,6 +21,8 @@ method and the model, and says why:
   and freeze use the base rate.
 - Warmup: 5% of the steps (at most 100), none for runs under 10 steps, so it never eats most of a
   short run.
+- Template: the tokenizer's own; without one, the model family's built-in (data.templates), named
+  in the plan with its reason and written into the resolved config, so the run's files say which.
 
 Anchors for comparison: LLaMA-Factory and TRL default to 3 epochs with a fixed batch (TRL lr
 2e-5, LLaMA-Factory's examples lr 1e-4) whatever the data size; Axolotl's and Unsloth's examples
@@ -39,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunesmith.config import Config
+from tunesmith.data.templates import BUILTIN_TEMPLATES, TemplateChoice
 from tunesmith.run import is_adapter
 
 MIN_STEPS = 80  # optimizer steps a small dataset should get in all (the epoch rule aims for it)
@@ -133,6 +136,8 @@ class RunPlan:
     choices: list[Choice] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     objective: str = "sft"
+    template: str | None = None  # the chat template applied: a built-in's name, "own" or a .jinja path
+    template_reason: str | None = None
     measured_tokens_per_s: float | None = None  # filled in after the first steps
     elapsed_s: float | None = None  # filled in at the end
 
@@ -155,6 +160,8 @@ class RunPlan:
             + (f", {self.objective})" if self.objective != "sft" else ")"),
             f"time: about {_duration(self.estimate_s)} ({self.estimate_basis})",
         ]
+        if self.template:
+            out.insert(1, f"template: {TemplateChoice(self.template, self.template_reason, '').describe()}")
         out += [f"  {c.key} = {c.value}: {c.reason}" for c in self.choices if c.auto]
         out += [f"WARNING: {w}" for w in self.warnings]
         return out
@@ -263,14 +270,18 @@ def _batch_shape(stats: DataStats, config: Config, processes: int) -> tuple[int,
 
 
 def resolve_config(config: Config, stats: DataStats, facts: ModelFacts, processes: int,
-                   steps_per_epoch_of) -> tuple[Config, list[Choice]]:
+                   steps_per_epoch_of, template: TemplateChoice | None = None) -> tuple[Config, list[Choice]]:
     """A copy of ``config`` with every unset (None) training option chosen, and the reasons.
 
     ``steps_per_epoch_of(config)`` counts the optimizer steps of one epoch for a resolved batch
-    shape (the loop's own layout, so the plan and the run cannot disagree).
+    shape (the loop's own layout, so the plan and the run cannot disagree). ``template``: the one
+    templates.apply_template put on the tokenizer; a built-in chosen for a model without a template
+    becomes data.template.
     """
     resolved = copy.deepcopy(config)
     d, t = resolved.data, resolved.train
+    if template is not None and d.template is None and template.name in BUILTIN_TEMPLATES:
+        d.template = template.name
     row_length, micro, accum, choices = _batch_shape(stats, config, processes)
     if d.packing and d.pack_length is None:
         d.pack_length = row_length
@@ -336,8 +347,9 @@ def estimate_seconds(tokens: float, facts: ModelFacts, method: str, device: str)
 
 
 def make_plan(config: Config, stats: DataStats, facts: ModelFacts, processes: int, steps_per_epoch: int,
-              rows_per_epoch: int, choices: list[Choice], device: str) -> RunPlan:
-    """The plan of an already resolved config (see ``resolve_config``)."""
+              rows_per_epoch: int, choices: list[Choice], device: str,
+              template: TemplateChoice | None = None) -> RunPlan:
+    """The plan of an already resolved config (see ``resolve_config``); ``template``: the one applied."""
     t = config.train
     total = total_steps(config, steps_per_epoch)
     trained_tokens = stats.tokens * total / max(steps_per_epoch, 1)
@@ -352,6 +364,7 @@ def make_plan(config: Config, stats: DataStats, facts: ModelFacts, processes: in
         tokens_per_step=stats.tokens / max(steps_per_epoch, 1),
         estimate_s=estimate_seconds((trained_tokens + evals) / processes, facts, config.method.name, device),
         estimate_basis=f"rough, from {facts.params / 1e6:.0f}M parameters on {device}; refined after the first steps",
-        choices=choices, objective=config.method.objective)
+        choices=choices, objective=config.method.objective,
+        template=template.name if template else None, template_reason=template.reason if template else None)
     plan.warnings = plan_warnings(plan)
     return plan

@@ -191,7 +191,7 @@ FIELD_HELP_ZH = {
     "data.format": "强制指定输入格式（alpaca、sharegpt、openai、prompt-completion、text）；默认自动识别",
     "data.columns": "类 alpaca 文件的列映射，如 instruction=question,output=answer",
     "data.encoding": "数据文件的文本编码，如 latin-1 或 cp1252；默认 UTF-8（带或不带 BOM）",
-    "data.template": "对话模板：chatml、llama3、alpaca、seed；默认使用分词器自带模板",
+    "data.template": "对话模板：chatml（Qwen、SmolLM）、llama3、gemma、mistral、alpaca、seed 或 .jinja 文件；默认使用分词器自带模板，没有则按模型家族选择",
     "data.system_prompt": "没有系统提示词的对话所用的系统提示词（随运行保存，chat/generate 也使用）；默认由模板决定",
     "data.max_length": "训练序列的最大词元数",
     "data.pack_length": "每个打包行的词元数；默认 max_length，数据少时更短，以保证每轮有足够的优化步数（见运行计划）",
