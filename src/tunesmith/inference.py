@@ -120,8 +120,10 @@ def stop_token_ids(model, tokenizer) -> list[int]:
         ids.update([configured] if isinstance(configured, int) else configured)
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    # An end-of-turn name counts only as a special token: in Gemma's vocabulary "</s>" is an HTML tag, plain text.
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab and vocab[t] in special)
     return sorted(ids)
 
 

@@ -232,3 +232,18 @@ def test_eval_refuses_a_bad_top_p_before_loading_anything(tmp_path):
         done = subprocess.run([sys.executable, "-m", "tunesmith.cli", *command], capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 2 and "--top-p: must be above 0 and at most 1, not -1" in done.stderr, done.stderr
+
+
+def test_an_end_of_turn_name_that_is_plain_text_does_not_stop_generation(tmp_path, tiny_tokenizer):
+    """Gemma's vocabulary holds "</s>" as an HTML tag (a non-special token): generating it is text, not a stop."""
+    from types import SimpleNamespace
+
+    from tests.families import build_tokenizer
+
+    gemma = build_tokenizer(tmp_path, "gemma3")
+    gemma.add_tokens(["</s>"])  # added, not special, as in the real vocabulary
+    no_config = SimpleNamespace(generation_config=None)
+    stops = stop_token_ids(no_config, gemma)
+    assert gemma.convert_tokens_to_ids("<end_of_turn>") in stops and gemma.eos_token_id in stops
+    assert gemma.convert_tokens_to_ids("</s>") not in stops
+    assert tiny_tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(no_config, tiny_tokenizer)
