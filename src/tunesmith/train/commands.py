@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "plan: examples, val_examples, tokens, supervised_tokens, method, objective, processes, "
                              "packing, row_length, rows_per_epoch, micro_batch, grad_accum, steps_per_epoch, epochs, "
                              "total_steps, warmup_steps, lr, scheduler, tokens_per_step, estimate_s, estimate_basis, "
+                             "template and template_reason (the chat template applied, and why), "
                              "choices [{key, value, reason, auto}], warnings, measured_tokens_per_s and elapsed_s "
                              "(null until trained). Otherwise, after training, the run summary: run_dir, steps, "
                              "final_train_loss, initial_eval_loss and final_eval_loss (null without held-out data), "
