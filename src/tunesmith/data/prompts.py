@@ -94,7 +94,7 @@ def _from_messages(row: Row, turns, key: str, dialect: Dialect) -> Conversation 
         row.error(f"{key}[{problem[0] + offset}].{dialect.role_key}", problem[1])
     elif messages[-1].role != "user":
         row.error(f"{key}[{len(messages) - 1 + offset}].{dialect.role_key}",
-                  f"the prompt ends with a {messages[-1].role} turn; a prompt to sample answers for must end with "
+                  f"the prompt's last turn is the {messages[-1].role}'s; a prompt to sample answers for must end with "
                   "the user's turn (drop the answer, or keep it in another column such as `answer` for the reward)")
     for i, message in enumerate(messages):
         if message.role == "user" and not message.content.strip():

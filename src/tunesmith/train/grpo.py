@@ -18,8 +18,11 @@ optimizer step, for each of its prompts q:
 4. Loss, per completion token t of o_i, with rho = pi(o_it) / pi_old(o_it) and the log-probabilities
    taken at the sampling temperature (logits / T), as TRL takes them:
 
-       l_it = -min(rho * A_i, clip(rho, 1 - epsilon, 1 + epsilon) * A_i) + beta * KL_it
+       l_it = -min(rho * A_i, clip(rho, 1 - epsilon, 1 + epsilon) * A_i) + beta * rho * KL_it
        KL_it = exp(ref_it - logp_it) - (ref_it - logp_it) - 1      (Schulman's k3 estimator)
+
+   (the KL term times rho corrects it for completions sampled from pi_old; TRL's default,
+   ``use_bias_correction_kl``; its value is rho = 1 with one iteration, but not its gradient)
 
    pi_old is the policy that sampled the batch: with ``num_iterations`` 1 it is pi itself (detached,
    rho = 1, and the loss's gradient is the policy gradient A * grad log pi); with mu > 1 the same
@@ -138,7 +141,7 @@ def token_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch
     if beta:
         diff = ref_logps - logps
         kl = torch.exp(diff) - diff - 1
-        loss = loss + beta * kl
+        loss = loss + beta * kl * ratio  # importance-corrected for samples of pi_old, as TRL does by default
         out["kl"] = kl
     return loss, out
 
