@@ -282,3 +282,49 @@ def test_a_failing_reward_ends_the_run_naming_it(function, said, tiny_model_dir,
     assert f"reward {rewards}:{function} {said}" in result.stderr, result.stderr[-2000:]
     assert "prompts.jsonl:" in result.stderr  # the row
     assert not (run / "adapter_model.safetensors").exists()
+
+
+def _flags(overrides: list) -> list[str]:
+    out = []
+    for item in overrides:
+        if isinstance(item, tuple):
+            out += [arg for value in item[1] for arg in ("--reward", value)]
+        else:
+            key, value = item.split("=", 1)
+            out += [f"--{key}", value]
+    return out
+
+
+@pytest.mark.parametrize("iterations", [pytest.param(1, marks=pytest.mark.slow), 2])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(iterations, tiny_model_dir, prompt_files, tmp_path):
+    """With num_iterations 2 the checkpoint of step 3 holds a sampled batch with one iteration left (state.json)."""
+    from safetensors.torch import load_file
+
+    from tunesmith.config import load_config
+    from tunesmith.train.loop import finetune
+    from tunesmith.train.rundir import read_metrics
+
+    data, rewards = prompt_files
+    extra = {"train__max_steps": 6, "output__save_every": 3, "method__num_iterations": iterations,
+             "method__beta": 0.05}
+    finetune(load_config(None, grpo_overrides(tiny_model_dir, data, rewards, tmp_path / "straight", **extra)))
+
+    run = tmp_path / "killed"
+    flags = _flags(grpo_overrides(tiny_model_dir, data, rewards, run, **extra))
+    killed = _train_cli(flags, TUNESMITH_TEST_KILL="after-checkpoint:3")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    state = json.loads((run / "checkpoints" / "step-3" / "state.json").read_text())
+    assert (state["rollout"] is not None) == (iterations == 2)
+    resumed = _train_cli([*flags, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+
+    def metrics(path):
+        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in read_metrics(path / "metrics.jsonl")]
+
+    assert metrics(run) == metrics(tmp_path / "straight") and len(metrics(run)) == 6
+    assert (run / "samples.jsonl").read_text() == (tmp_path / "straight" / "samples.jsonl").read_text()
+    ours, theirs = load_file(run / "adapter_model.safetensors"), load_file(tmp_path / "straight" /
+                                                                          "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert any("kl" in r for r in metrics(run))
