@@ -229,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", default=None, help="score a predictions.jsonl (prediction, reference[, label])")
     p.add_argument("--metrics", default=None, help="comma list: rouge,bleu,chrf,exact_match,length,bertscore,classification,perplexity")
     p.add_argument("--labels", default=None, help="classification labels, comma separated")
+    p.add_argument("--reward", action="append", default=None, metavar="FILE.py:FUNCTION",
+                   help="score answers to the prompts of --data with a reward function (repeatable): "
+                        "fn(prompts, completions, **fields) -> list of floats, or a built-in (exact, contains, "
+                        "regex:PATTERN, max_words:N, json_schema:FILE); reports the mean reward and the pass rate "
+                        "(reward > 0) of each")
+    p.add_argument("--samples", type=_number(int, 1), default=1, metavar="K",
+                   help="with --reward: K sampled answers per prompt (temperature 1.0 unless --temperature), for "
+                        "pass@K (default 1: one greedy answer)")
     p.add_argument("--compare", default=None, help="'base' (the run's base model) or another model/run")
     p.add_argument("--out", default=None, help="report directory (metrics.json, predictions.jsonl, report.md, charts)")
     p.add_argument("--json", action="store_true", help=(
