@@ -21,6 +21,7 @@ from tunesmith.train.grpo import (
     sequence_weights,
     token_losses,
 )
+from tunesmith.train.plan import ModelFacts
 
 # ---------------------------------------------------------------- the formulas by hand
 
@@ -328,3 +329,36 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(iterations, tiny_model
                                                                           "adapter_model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert any("kl" in r for r in metrics(run))
+
+
+# ---------------------------------------------------------------- the run plan
+
+
+SMOLLM = ModelFacts(params=135_000_000, hidden_size=576, model_type="llama")
+
+
+def _grpo_plan(n: int, **values):
+    from tunesmith.config import load_config
+    from tunesmith.train.loop import Data, plan_run
+
+    examples = [PromptExample([5] * 40, "q", {}) for _ in range(n)]
+    overrides = ["data.path=x.jsonl", "method.objective=grpo", *(f"{k.replace('__', '.')}={v}" for k, v in values.items())]
+    return plan_run(load_config(None, overrides + [("method.rewards", ["exact"])]), Data(examples, [], "x", n), SMOLLM, 1)
+
+
+def test_the_plan_knows_grpo():
+    from tunesmith.train.plan import GRPO_MIN_STEPS, default_lr
+
+    config, plan = _grpo_plan(64)
+    assert (plan.prompts_per_step, plan.num_generations, plan.max_completion_length) == (4, 8, 128)
+    assert config.train.grad_accum == 1 and plan.steps_per_epoch == 16 and plan.total_steps >= GRPO_MIN_STEPS
+    sft_lr = default_lr("lora", SMOLLM, "sft")[0]
+    assert config.train.lr == pytest.approx(sft_lr * 0.1, rel=0.05)  # lower than SFT's, and the plan says why
+    lines = "\n".join(plan.lines())
+    assert "4 prompts per optimizer step x 8 completions of up to 128 tokens" in lines
+    assert "0.1x for grpo" in lines and "noisy samples" in lines
+    # generation is in the estimate: longer completions take longer at the same number of steps
+    _, longer = _grpo_plan(64, method__max_completion_length=512, train__max_steps=plan.total_steps)
+    assert longer.estimate_s > 2 * plan.estimate_s
+    config, plan = _grpo_plan(400, method__num_generations=4, train__batch_size=3, train__lr=1e-5)
+    assert (plan.prompts_per_step, plan.num_generations, config.train.lr) == (3, 4, 1e-5)  # the user's values win
