@@ -28,7 +28,9 @@ from tunesmith.evaluate.pipeline import (
     report_dir,
     write_predictions,
 )
+from tunesmith.evaluate.report import write_report
 from tunesmith.inference import GenerationOptions, for_generation, generate, generation_dtype, precision_name
+from tunesmith.models.load import load
 from tunesmith.rewards import Reward, load_rewards, score
 
 SAMPLING_TEMPERATURE = 1.0  # --samples without --temperature: the model's own distribution
@@ -67,8 +69,6 @@ def evaluate_rewards(model: str, data, rewards: Sequence[str], *, compare: str |
         result.compare_metrics, result.compare_predictions = other
         result.deltas = metric_deltas(result.metrics, result.compare_metrics)
     if out_dir:
-        from tunesmith.evaluate.report import write_report
-
         written = {"predictions": (out_dir / "predictions.jsonl", result.predictions),
                    "compare_predictions": (out_dir / "predictions.base.jsonl" if compare == "base" else
                                            out_dir / "predictions.compare.jsonl", result.compare_predictions)}
@@ -84,9 +84,7 @@ def evaluate_rewards(model: str, data, rewards: Sequence[str], *, compare: str |
 def _evaluate_one(name: str, rows: list[PromptRow], functions: list[Reward], options: GenerationOptions,
                   settings: dict, *, like_run: dict | None = None, fallback_template=None):
     """((metrics, records), the model's run info, its path): generation and rewards for one model."""
-    import torch
-
-    from tunesmith.models.load import load
+    import torch  # heavy: only when a model is evaluated
 
     loaded = load(name, dtype=torch.float32 if settings["precision"] == "fp32" else None)
     ensure_template(loaded.tokenizer, fallback_template)

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.data.conversation import location
 from tunesmith.data.packing import collate_packed
 from tunesmith.data.prompt import with_system_prompt
 from tunesmith.data.tokenize import IGNORE, Encoded, generation_prompt
@@ -85,8 +86,6 @@ class PromptExample:
 
     @property
     def where(self) -> str:
-        from tunesmith.data.conversation import location
-
         return location(self.source, self.line)
 
 
