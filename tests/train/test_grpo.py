@@ -244,7 +244,7 @@ def test_a_grpo_run_logs_rewards_lengths_and_samples(tiny_model_dir, prompt_file
     assert {s["step"] for s in samples} == {1, 2, 4}
     assert set(samples[0]["rewards"]) == {"short", "mentions"} and samples[0]["source"].endswith("prompts.jsonl:" +
                                                                                                  samples[0]["source"].rsplit(":", 1)[1])
-    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file() and (tmp_path / "run" / "loss.png").is_file()
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert (plan["objective"], plan["num_generations"], plan["max_completion_length"]) == ("grpo", 4, 12)
 
