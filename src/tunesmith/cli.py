@@ -9,6 +9,7 @@ Imports of heavy libraries happen inside the handlers so `tunesmith --help` stay
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from tunesmith import __version__
@@ -38,7 +39,14 @@ def _models_pull(args) -> int:
 
 def _data_check(args) -> int:
     from tunesmith.data.doctor import run_check_command
+    from tunesmith.data.prompts import check_prompts, is_prompt_data, prompt_report_lines
 
+    if not args.eval_files and is_prompt_data(args.files, columns=args.columns, encoding=args.encoding):
+        # prompts without answers (GRPO's data): lengths, duplicates and cuts of the prompts themselves
+        report = check_prompts(args.files, model=args.model, template=args.template, max_length=args.max_length,
+                               columns=args.columns, encoding=args.encoding, tokens=not args.no_tokens)
+        print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else "\n".join(prompt_report_lines(report)))
+        return 0 if report["ok"] else 1
     return run_check_command(args)
 
 

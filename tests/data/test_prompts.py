@@ -73,3 +73,21 @@ def test_columns_rename_a_prompt_column(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"question": "Why?", "solution": "Because."}])
     rows = load_prompts(path, columns="prompt=question,answer=solution")
     assert rows[0].text == "Why?" and rows[0].fields == {"answer": "Because."}
+
+
+def test_data_check_reports_prompts_their_lengths_duplicates_and_cuts(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 2?", "answer": "4"},
+                                              {"prompt": "What is 2 + 2?", "answer": "4"},
+                                              {"prompt": "Explain machine learning in one sentence please.", "answer": "x"}])
+    done = subprocess.run([sys.executable, "-m", "tunesmith.cli", "data", "check", str(path), "--model",
+                           str(tiny_model_dir), "--max-length", "20", "--json"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["kind"], report["num_valid"], report["fields"]) == ("prompts", 3, ["answer"])
+    assert report["duplicates"] == [{"kind": "exact", "rows": [f"{path}:1", f"{path}:2"]}]
+    assert report["token_lengths"]["max"] > 20 and report["over_max_length"] == [f"{path}:3"]
+    assert report["token_lengths"]["p50"] <= 20

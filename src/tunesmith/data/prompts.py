@@ -14,7 +14,10 @@ prompt cannot be read is a ``DataIssue`` naming the file, line and field; none i
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from tunesmith.data import textfiles
 from tunesmith.data.conversation import Conversation, Message
@@ -36,6 +39,10 @@ from tunesmith.data.readers import (
     input_files,
     parse_columns,
 )
+from tunesmith.data.templates import apply_template
+from tunesmith.data.tokenize import generation_prompt
+from tunesmith.models.load import load_tokenizer
+from tunesmith.models.resolve import DEFAULT_MODEL, resolve
 
 # The keys that make up the prompt in each layout; everything else in a row is a field for the rewards.
 PROMPT_KEYS = {"prompt": {"prompt", "system", "tools"}, "messages": {"messages", "system", "tools"},
@@ -185,3 +192,80 @@ def load_prompts(paths, *, columns: str | dict | None = None, encoding: str | No
         raise DataError([DataIssue(str(paths), -1, "(rows)", "no prompts found")])
     return result.prompts
 
+
+
+# ---------------------------------------------------------------- `tunesmith data check` on prompts
+
+ANSWER_KEYS = {"completion", "output", "chosen", "rejected", "preferred_output", "non_preferred_output"}
+
+
+def is_prompt_data(paths, *, columns: str | dict | None = None, encoding: str | None = None) -> bool:
+    """Whether every row is a prompt without an answer to imitate (GRPO's data), so the check reports prompts."""
+    result = PromptResult([], [], {})
+    rows = [row for path in input_files(paths) for row in file_rows(path, parse_columns(columns), result, encoding)]
+    return bool(rows) and all(_unanswered(row.data) for row in rows)
+
+
+def _unanswered(data: dict) -> bool:
+    layout = prompt_layout(data)
+    if layout is None or ANSWER_KEYS & set(data):
+        return False
+    turns = data.get(layout) if layout in ("messages", "conversations") else None
+    if isinstance(turns, list) and turns and isinstance(turns[-1], dict):
+        role = turns[-1].get("role", turns[-1].get("from"))
+        return role in ("user", "human")
+    return True
+
+
+def check_prompts(paths, *, model: str | None = None, template: str | None = None, max_length: int | None = None,
+                  columns: str | dict | None = None, encoding: str | None = None, tokens: bool = True) -> dict:
+    """The prompt data's report: rows and errors, fields, exact duplicates, prompt token lengths (rendered with the
+    template's generation prompt, as GRPO trains) and the prompts over ``max_length``."""
+    result = read_prompts(paths, columns=columns, encoding=encoding)
+    seen: dict[str, list[str]] = {}
+    for row in result.prompts:
+        seen.setdefault(json.dumps(row.conversation.to_messages(), ensure_ascii=False), []).append(row.where)
+    report = {"kind": "prompts", "ok": not result.errors, "files": [str(p) for p in input_files(paths)],
+              "formats": result.formats, "num_examples": result.num_rows, "num_valid": len(result.prompts),
+              "errors": [i.to_dict() for i in result.errors], "fields": sorted({k for r in result.prompts
+                                                                                for k in r.fields}),
+              "duplicates": [{"kind": "exact", "rows": rows} for rows in seen.values() if len(rows) > 1],
+              "token_lengths": None, "over_max_length": None, "max_length": max_length}
+    if tokens and result.prompts:
+        tokenizer = _tokenizer(model, template)
+        lengths = np.array([len(tokenizer(generation_prompt(r.conversation, tokenizer),
+                                          add_special_tokens=False)["input_ids"]) for r in result.prompts])
+        report["token_lengths"] = {"p50": int(np.percentile(lengths, 50)), "p90": int(np.percentile(lengths, 90)),
+                                   "max": int(lengths.max()), "mean": round(float(lengths.mean()), 1)}
+        if max_length:
+            report["over_max_length"] = [r.where for r, n in zip(result.prompts, lengths, strict=True)
+                                         if n > max_length]
+    return report
+
+
+def _tokenizer(model: str | None, template: str | None):
+    tokenizer = load_tokenizer(resolve(model or DEFAULT_MODEL))
+    apply_template(tokenizer, template)
+    return tokenizer
+
+
+def prompt_report_lines(report: dict) -> list[str]:
+    lines = [f"data check (prompts) {', '.join(f'{p} ({f})' for p, f in report['formats'].items())}",
+             f"prompts {report['num_examples']}, valid {report['num_valid']}; fields for the rewards: "
+             f"{', '.join(report['fields']) or 'none'}"]
+    if report["errors"]:
+        lines.append(f"errors ({len(report['errors'])})")
+        lines += [f"  {DataIssue(**e)}" for e in report["errors"][:50]]
+    lengths = report["token_lengths"]
+    if lengths:
+        lines.append(f"prompt tokens: p50 {lengths['p50']}, p90 {lengths['p90']}, max {lengths['max']}, "
+                     f"mean {lengths['mean']}")
+    if report["over_max_length"] is not None:
+        over = report["over_max_length"]
+        lines.append(f"over --max-length {report['max_length']}: {len(over)} prompt(s)"
+                     + (f" ({', '.join(over[:5])}{', ...' if len(over) > 5 else ''}); data.truncation decides "
+                        "whether they are cut or dropped" if over else ""))
+    for group in report["duplicates"][:10]:
+        lines.append(f"duplicate prompts: {', '.join(group['rows'])}")
+    lines.append("clean" if report["ok"] else f"{len(report['errors'])} error(s)")
+    return lines
