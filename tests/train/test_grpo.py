@@ -296,7 +296,8 @@ def _flags(overrides: list) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("iterations", [pytest.param(1, marks=pytest.mark.slow), 2])
+@pytest.mark.slow
+@pytest.mark.parametrize("iterations", [1, 2])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(iterations, tiny_model_dir, prompt_files, tmp_path):
     """With num_iterations 2 the checkpoint of step 3 holds a sampled batch with one iteration left (state.json)."""
     from safetensors.torch import load_file
