@@ -10,6 +10,7 @@ Imports of heavy libraries happen inside the handlers so `tunesmith --help` stay
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from tunesmith import __version__
@@ -40,7 +41,14 @@ def _models_pull(args) -> int:
 
 def _data_check(args) -> int:
     from tunesmith.data.doctor import run_check_command
+    from tunesmith.data.prompts import check_prompts, is_prompt_data, prompt_report_lines
 
+    if not args.eval_files and is_prompt_data(args.files, columns=args.columns, encoding=args.encoding):
+        # prompts without answers (GRPO's data): lengths, duplicates and cuts of the prompts themselves
+        report = check_prompts(args.files, model=args.model, template=args.template, max_length=args.max_length,
+                               columns=args.columns, encoding=args.encoding, tokens=not args.no_tokens)
+        print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else "\n".join(prompt_report_lines(report)))
+        return 0 if report["ok"] else 1
     return run_check_command(args)
 
 
@@ -261,6 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", default=None, help="score a predictions.jsonl (prediction, reference[, label])")
     p.add_argument("--metrics", default=None, help="comma list: rouge,bleu,chrf,exact_match,length,bertscore,classification,perplexity")
     p.add_argument("--labels", default=None, help="classification labels, comma separated")
+    p.add_argument("--reward", action="append", default=None, metavar="FILE.py:FUNCTION",
+                   help="score answers to the prompts of --data with a reward function (repeatable): "
+                        "fn(prompts, completions, **fields) -> list of floats, or a built-in (exact, contains, "
+                        "regex:PATTERN, max_words:N, json_schema:FILE); reports the mean reward and the pass rate "
+                        "(reward > 0) of each")
+    p.add_argument("--samples", type=_number(int, 1), default=1, metavar="K",
+                   help="with --reward: K sampled answers per prompt (temperature 1.0 unless --temperature), for "
+                        "pass@K (default 1: one greedy answer)")
     p.add_argument("--compare", default=None, help="'base' (the run's base model) or another model/run")
     p.add_argument("--out", default=None, help="report directory (metrics.json, predictions.jsonl, report.md, charts)")
     p.add_argument("--json", action="store_true", help=(

@@ -93,12 +93,36 @@ class MethodConfig:
     train_norm: bool = opt(True, "freeze: also train the final norm")
     train_lm_head: bool = opt(False, "freeze: also train the output head (tied to the input embeddings in many "
                                      "small models, which then train too)")
-    objective: str = opt("sft", "what is learned: sft (imitate the assistant turns) or, on preference pairs (a prompt "
-                         "with a chosen and a rejected answer), dpo, orpo or simpo. The preference objectives turn "
-                         "dropout off so the model is compared with itself", ("sft", "dpo", "orpo", "simpo"))
+    objective: str = opt("sft", "what is learned: sft (imitate the assistant turns); on preference pairs (a prompt "
+                         "with a chosen and a rejected answer), dpo, orpo or simpo; on prompts with reward functions "
+                         "(--reward), grpo. The objectives other than sft turn dropout off so the model is compared "
+                         "with itself", ("sft", "dpo", "orpo", "simpo", "grpo"))
     beta: float | None = opt(None, "preference strength: DPO's beta (how far from the reference model the policy may "
                                    "move; default 0.1), SimPO's reward scale (default 2.0), ORPO's weight of the "
-                                   "odds-ratio term beside the SFT loss (default 0.1)", minimum=0)
+                                   "odds-ratio term beside the SFT loss (default 0.1); GRPO's KL penalty against the "
+                                   "model before training (default 0: no reference is computed)", minimum=0)
+    rewards: list[str] = opt([], "grpo (and eval): reward functions, each FILE.py:FUNCTION (a Python function "
+                             "fn(prompts, completions, **fields) -> list of floats, TRL's convention) or a built-in: "
+                             "exact, contains (against the row's `answer`), regex:PATTERN, max_words:N, "
+                             "json_schema:FILE. On the command line, --reward is repeatable")
+    reward_weights: list[float] = opt([], "grpo: one weight per reward function for their weighted sum; default: 1 each")
+    num_generations: int | None = opt(None, "grpo: completions sampled per prompt (the group); default: chosen by "
+                                            "the plan", minimum=2)
+    max_completion_length: int | None = opt(None, "grpo: most tokens sampled per completion; default: chosen by the "
+                                                  "plan", minimum=1)
+    temperature: float = opt(0.7, "grpo: sampling temperature of the completions, also applied to the log-"
+                                  "probabilities of the loss, as TRL does. Below TRL's 1.0 because small models "
+                                  "sample off-topic text at 1.0 (SmolLM2-135M: half of its answers to a question "
+                                  "it knows at 1.0, a fifth at 0.7)", minimum=0.01)
+    top_p: float = opt(1.0, "grpo: nucleus sampling of the completions (1: off)", minimum=0.01)
+    epsilon: float = opt(0.2, "grpo: clipping range of the policy ratio, [1 - epsilon, 1 + epsilon]", minimum=0)
+    num_iterations: int = opt(1, "grpo: optimizer steps taken on each batch of sampled completions (mu of the "
+                                 "paper); above 1 the policy ratio moves away from 1 and clipping acts", minimum=1)
+    loss_type: str = opt("dapo", "grpo: how token losses are averaged: grpo (per completion, then over completions), "
+                                 "dr_grpo (sum over max_completion_length x completions), dapo (over every token "
+                                 "of the step)", ("grpo", "dr_grpo", "dapo"))
+    scale_rewards: str = opt("group", "grpo: divide each advantage by the std of its group's rewards, of the whole "
+                                      "step's (batch), or not at all (none, Dr. GRPO)", ("group", "batch", "none"))
     gamma: float = opt(0.5, "simpo: the target margin between the chosen and the rejected reward", minimum=0)
     label_smoothing: float = opt(0.0, "dpo/simpo: assumed fraction of pairs whose labels are flipped (conservative "
                                       "DPO); 0 trusts every pair", minimum=0)
@@ -126,7 +150,8 @@ class TrainConfig:
                          ("auto", "fp32", "bf16", "fp16"))
     neftune_alpha: float = opt(0.0, "NEFTune: noise scale on input embeddings during training (5 is typical); 0 disables")
     seed: int = opt(42, "seed for data order, splits, dropout and adapter init; CPU fp32 runs are bit-for-bit repeatable")
-    log_every: int = opt(10, "write a metrics.jsonl line every N steps", fingerprint=False)
+    log_every: int | None = opt(None, "write a metrics.jsonl line every N steps; default: 10, every step for grpo "
+                                      "(whose steps are long)", fingerprint=False)
     resume: str | None = opt(None, "auto: continue from the newest complete checkpoint in output_dir; or a checkpoint path",
                              fingerprint=False)
     resume_force: bool = opt(False, "resume even if the config or the data changed since the checkpoint",
@@ -154,6 +179,8 @@ class OutputConfig:
     report_to: list[str] = opt([], "experiment trackers that also get the config, every metrics row and the final "
                                    "losses (comma separated): tensorboard, mlflow, wandb, trackio; none by default. "
                                    "Each needs its library (`pip install tunesmith[NAME]`)", fingerprint=False)
+    sample_every: int = opt(10, "grpo: write a few sampled completions with their rewards to samples.jsonl every N "
+                                "steps; 0: never", minimum=0, fingerprint=False)
     tensorboard: bool = opt(False, "older spelling of report_to=tensorboard (TensorBoard under output_dir/tensorboard)",
                             fingerprint=False)
 
@@ -174,7 +201,7 @@ class Config:
     def longest_row(self) -> int:
         """The most tokens one packed row may hold: max_length, twice for preference pairs (both answers of a
         pair share a row, each side at most max_length)."""
-        return self.data.max_length * (1 if self.method.objective == "sft" else 2)
+        return self.data.max_length * (1 if self.method.objective in ("sft", "grpo") else 2)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
@@ -186,8 +213,11 @@ FLAG_ALIASES = {
     "method": "method.name", "epochs": "train.epochs", "max-steps": "train.max_steps", "lr": "train.lr",
     "batch-size": "train.batch_size", "grad-accum": "train.grad_accum", "max-length": "data.max_length",
     "seed": "train.seed", "save-every": "output.save_every", "resume": "train.resume",
-    "resume-force": "train.resume_force", "objective": "method.objective",
+    "resume-force": "train.resume_force", "objective": "method.objective", "reward": "method.rewards",
+    "reward-weights": "method.reward_weights",
 }
+# Short flags that may be given more than once, each adding one item (a reward's regex may hold a comma).
+REPEATABLE_FLAGS = ("reward",)
 
 
 @dataclass(frozen=True)
@@ -280,7 +310,8 @@ def _coerce(tp: Any, nullable: bool, raw: Any) -> Any:
         raise ValueError("a value is required (null is not allowed here)")
     if typing.get_origin(tp) is list:
         items = raw if isinstance(raw, list) else [s.strip() for s in str(raw).split(",") if s.strip()]
-        return [str(item) for item in items]
+        inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
+        return [_coerce(inner, False, item) if inner is not str else str(item) for item in items]
     if tp is bool:
         if isinstance(raw, bool):
             return raw
@@ -343,8 +374,11 @@ def _sections() -> list[str]:
 
 
 def apply_overrides(config: Config, overrides: typing.Iterable[str]) -> None:
-    """Apply ``section.key=value`` strings (a short flag name works as the key too)."""
+    """Apply ``section.key=value`` strings, or (key, value) pairs (a short flag name works as the key too)."""
     for item in overrides:
+        if isinstance(item, tuple):  # (key, value): a value that is already a list (a repeated flag)
+            set_value(config, item[0], item[1])
+            continue
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"override {item!r} must look like section.key=value")
@@ -367,7 +401,14 @@ def check_config(config: Config) -> Config:
                                                "coin flip)"),
         (config.method.objective == "sft" or not d.train_on_prompt,
          f"data.train_on_prompt does not apply to {config.method.objective}: a preference objective compares the "
-         "answers only"),
+         "answers only" if config.method.objective != "grpo" else "data.train_on_prompt does not apply to grpo: "
+         "only the sampled completions are in the loss"),
+        (config.method.objective != "grpo" or bool(config.method.rewards),
+         "method.rewards: grpo needs at least one reward function (--reward FILE.py:FUNCTION, or a built-in: exact, "
+         "contains, regex:PATTERN, max_words:N, json_schema:FILE)"),
+        (not config.method.reward_weights or len(config.method.reward_weights) == len(config.method.rewards),
+         f"method.reward_weights: {len(config.method.reward_weights)} weight(s) for {len(config.method.rewards)} "
+         "reward function(s); give one weight per --reward"),
     ]
     for ok, message in checks:
         if not ok:

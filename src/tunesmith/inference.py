@@ -220,11 +220,12 @@ PREFILL_ROWS = 16
 
 
 def _greedy_tokens(model, input_ids: torch.Tensor, attention: torch.Tensor, stops: list[int],
-                   max_new_tokens: int) -> list[list[int]]:
+                   max_new_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[list[int]]:
     """Greedy decoding of a left-padded batch; each row's new tokens, up to and including its stop token.
 
     A row that stops leaves the batch: its cache rows, mask and position are dropped, so the steps left
-    run on the rows still generating. Position ids count real tokens only, as model.generate's do."""
+    run on the rows still generating. Position ids count real tokens only, as model.generate's do.
+    ``pick(logits) -> tokens`` replaces the argmax (``sample_tokens`` samples through it)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
@@ -241,7 +242,8 @@ def _greedy_tokens(model, input_ids: torch.Tensor, attention: torch.Tensor, stop
     finished = torch.zeros(len(alive), dtype=torch.bool, device=input_ids.device)
     positions = positions[:, -1:]
     for step in range(max_new_tokens):
-        tokens = logits.float().argmax(-1)  # as model.generate does; bf16 argmax is also 4x slower on CPU
+        # fp32 as model.generate does; bf16 argmax is also 4x slower on CPU
+        tokens = logits.float().argmax(-1) if pick is None else pick(logits.float())
         for row, token, ended in zip(alive, tokens.tolist(), finished.tolist(), strict=True):
             if not ended:
                 rows[row].append(token)
@@ -258,6 +260,36 @@ def _greedy_tokens(model, input_ids: torch.Tensor, attention: torch.Tensor, stop
         logits = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=positions, cache=cache,
                        use_cache=True).logits[:, -1]
     return rows
+
+
+def sampler(temperature: float, top_p: float, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``pick`` for ``_greedy_tokens``: one token per row from softmax(logits / temperature), cut to the smallest
+    set of tokens whose probability reaches ``top_p`` (nucleus sampling), drawn from ``generator`` alone, so the
+    same generator state always gives the same tokens."""
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the most likely token always stays
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    return pick
+
+
+@torch.no_grad()
+def sample_tokens(model, prompt_ids: Sequence[list[int]], stops: list[int], pad_id: int, max_new_tokens: int, *,
+                  temperature: float = 1.0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> list[list[int]]:
+    """Sampled completions of token-id prompts (GRPO's rollouts): each row's new token ids, up to and including
+    its stop token, through the same KV-cache loop as greedy decoding (finished rows leave the batch)."""
+    width = max(len(ids) for ids in prompt_ids)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in prompt_ids], device=device)
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device)
+    pick = sampler(temperature, top_p, generator or torch.Generator(device=device))
+    return _greedy_tokens(model, input_ids, attention, stops, max_new_tokens, pick=pick)
 
 
 def _prefill_in_groups(model, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor):

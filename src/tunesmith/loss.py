@@ -77,8 +77,18 @@ def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return per_position, mask
 
 
-def _supervised_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """NLL of every supervised next token (row-major order) and where they are predicted from [B, L]."""
+def token_logps(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of every supervised token (row-major order: a packed row's sequences in turn, each one's
+    tokens in order) under softmax(logits / temperature); GRPO's per-token policy terms."""
+    nll, _ = _supervised_nll(model, batch, temperature)
+    return -nll
+
+
+def _supervised_nll(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL of every supervised next token (row-major order) and where they are predicted from [B, L].
+
+    ``temperature`` divides the logits; the output head has no bias, so dividing the hidden states before it is
+    the same and keeps the frozen-head path."""
     labels = batch["labels"]
     select = torch.zeros_like(labels, dtype=torch.bool)
     select[:, :-1] = labels[:, 1:] != IGNORE
@@ -86,8 +96,10 @@ def _supervised_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not hasattr(hf_model, "get_output_embeddings"):  # a distributed wrapper: its forward must run
         logits = model(**model_inputs(model, batch), logits_to_keep=select).logits
-        return F.cross_entropy(logits.float(), targets, reduction="none"), select
+        return F.cross_entropy(logits.float() / temperature, targets, reduction="none"), select
     hidden = hf_model.get_decoder()(**model_inputs(hf_model, batch)).last_hidden_state[select]
+    if temperature != 1.0:
+        hidden = hidden / temperature
     return _chunked_nll(hf_model.get_output_embeddings(), hf_model.config, hidden, targets), select
 
 

@@ -228,16 +228,21 @@ def plot_losses(run_dir: Path) -> Path | None:
     if not train and not evals:
         return None
     preference = any("reward_margin" in r for r in rows)
-    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), squeeze=False)
+    rewards = any("reward_std" in r for r in rows)  # GRPO
+    panels = 2 if preference or rewards else 1
+    fig, axes = plt.subplots(1, panels, figsize=(12 if panels == 2 else 7, 4), squeeze=False)
     ax = axes[0][0]
     if preference:
         _plot_preference(axes[0][1], rows)
+    if rewards:
+        _plot_rewards(axes[0][1], rows)
     if train:
         ax.plot([s for s, _ in train], [v for _, v in train], label="train loss")
     if evals:
         ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean per pair)" if preference else "loss (mean NLL per supervised token)")
+    ax.set_ylabel("loss (mean per pair)" if preference else "loss (GRPO policy loss)" if rewards else
+                  "loss (mean NLL per supervised token)")
     ax.grid(alpha=0.3)
     ax.legend()
     out = Path(run_dir) / LOSS_PLOT
@@ -245,6 +250,18 @@ def plot_losses(run_dir: Path) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _plot_rewards(ax, rows: list[dict]) -> None:
+    """GRPO: the mean reward of each step's completions, and of each reward function when there are several."""
+    keys = ["reward"] + sorted({k for r in rows for k in r if k.startswith("reward/") and not k.endswith("/std")})
+    for key in keys if len(keys) > 2 else keys[:1]:
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        ax.plot([s for s, _ in points], [v for _, v in points], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward of the sampled completions")
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 def _plot_preference(ax, rows: list[dict]) -> None:

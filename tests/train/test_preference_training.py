@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from tests.train.helpers import read_losses, tiny_config, tiny_overrides
 from tests.train.test_resume import _flags, _train_cli
+from tunesmith.data.pairs import EncodedPair
 from tunesmith.errors import UsageError
 from tunesmith.run import read_metrics
 from tunesmith.train.loop import finetune, prepare_run
-from tunesmith.train.objectives import EncodedPair
 
 PROMPTS = ["What is the capital of France?", "Name a colour.", "Say hello.", "Count to three.", "你好吗？"]
 

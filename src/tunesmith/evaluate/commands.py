@@ -7,6 +7,7 @@ from tunesmith.errors import UsageError
 from tunesmith.evaluate.harness import evaluate_harness, resolve_tasks
 from tunesmith.evaluate.pipeline import evaluate, score_file
 from tunesmith.evaluate.report import SETTINGS, lower_is_better, metrics_document
+from tunesmith.evaluate.rewards import evaluate_rewards
 from tunesmith.output import fmt_delta, fmt_number, json_stdout, print_json, print_table, stdout_console
 
 
@@ -27,6 +28,10 @@ def run_eval_command(args) -> int:
 
 
 def _run(args):
+    if getattr(args, "reward", None):
+        return _run_rewards(args)
+    if getattr(args, "samples", 1) != 1:
+        raise UsageError("--samples is for --reward (pass@K of a reward function)")
     if args.predictions:
         return score_file(args.predictions, metrics=args.metrics, labels=args.labels, out=args.out,
                           jieba=args.jieba, bertscore_model=args.bertscore_model, encoding=args.encoding)
@@ -44,6 +49,16 @@ def _run(args):
                                   fewshot=args.harness_fewshot, batch_size=args.batch_size or 8,
                                   chat_template=args.harness_chat_template, into=result)
     return result
+
+
+def _run_rewards(args):
+    if not args.data or args.predictions or args.harness or args.metrics:
+        raise UsageError("--reward scores a model's answers to the prompts of --data: give MODEL_OR_RUN and --data "
+                         "PROMPTS, without --predictions, --harness or --metrics")
+    return evaluate_rewards(args.model, args.data, args.reward, compare=args.compare, out=args.out,
+                            samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, batch_size=args.batch_size, limit=args.limit, encoding=args.encoding,
+                            precision=args.precision)
 
 
 def _refuse(args, *names: str) -> None:

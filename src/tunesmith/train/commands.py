@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from tunesmith.config import FLAG_ALIASES, fields_info, load_config, unknown_key_error
+from tunesmith.config import FLAG_ALIASES, REPEATABLE_FLAGS, fields_info, load_config, unknown_key_error
 
 _USAGE = "tunesmith train [CONFIG.yaml] [--plan] [--json] [--print-config] [--section.key VALUE ...]"
 _EPILOG = """precedence: --flags > CONFIG.yaml > defaults. Lists are comma separated, bools true/false.
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "plan: examples, val_examples, tokens, supervised_tokens, method, objective, processes, "
                              "packing, row_length, rows_per_epoch, micro_batch, grad_accum, steps_per_epoch, epochs, "
                              "total_steps, warmup_steps, lr, scheduler, tokens_per_step, estimate_s, estimate_basis, "
-                             "template and template_reason (the chat template applied, and why), "
+                             "template and template_reason (the chat template applied, and why), prompts_per_step, "
+                             "num_generations and max_completion_length (GRPO; null otherwise), "
                              "choices [{key, value, reason, auto}], warnings, measured_tokens_per_s and elapsed_s "
                              "(null until trained). Otherwise, after training, the run summary: run_dir, steps, "
                              "final_train_loss, initial_eval_loss and final_eval_loss (null without held-out data), "
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         if flag == "resume-force":
             short.add_argument(f"--{flag}", dest=key, action="store_const", const="true", default=argparse.SUPPRESS,
                                help=f"same as --{key} true")
+        elif flag in REPEATABLE_FLAGS:
+            short.add_argument(f"--{flag}", dest=key, metavar="VALUE", action="append", default=argparse.SUPPRESS,
+                               help=f"adds one item to --{key} (repeatable)")
         else:
             short.add_argument(f"--{flag}", dest=key, metavar="VALUE", default=argparse.SUPPRESS, help=f"= --{key}")
     for section, infos in _by_section().items():
@@ -85,7 +89,8 @@ def parse_train_args(argv: list[str]):
             raise unknown_key_error(item[2:].split("=")[0], "command line: ")
         parser.error(f"unexpected argument {item!r}")
     # A short flag and its long form share one dest, so the later one on the line wins.
-    overrides = [f"{k}={v}" for k, v in vars(args).items() if "." in k]
+    # A repeated flag's items stay a list, so a comma inside one (a regex) does not split it.
+    overrides = [(k, v) if isinstance(v, list) else f"{k}={v}" for k, v in vars(args).items() if "." in k]
     return args.config, overrides, args
 
 

@@ -52,6 +52,7 @@ from tunesmith.data.cache import encode_cached
 from tunesmith.data.packing import forward_pieces, length_grouped_batches, pack_rows
 from tunesmith.data.pairs import encode_pairs, load_pairs
 from tunesmith.data.prompt import with_system_prompt
+from tunesmith.data.prompts import load_prompts
 from tunesmith.data.readers import load_conversations
 from tunesmith.data.templates import apply_template
 from tunesmith.data.tokenize import EncodeOptions
@@ -60,6 +61,7 @@ from tunesmith.loss import sum_nll
 from tunesmith.models.load import load_tokenizer
 from tunesmith.models.resolve import resolve
 from tunesmith.models.safety import refusing_remote_code
+from tunesmith.rewards import load_rewards, reward_sources
 from tunesmith.run import (
     METRICS,
     RUN_INFO,
@@ -74,6 +76,7 @@ from tunesmith.run import (
     write_run_info,
 )
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train import grpo
 from tunesmith.train.checkpoint import WEIGHTS, assert_finite, clear_run
 from tunesmith.train.methods import (
     apply_method,
@@ -88,6 +91,7 @@ from tunesmith.train.objectives import (
     disable_dropout,
     evaluate_pairs,
     is_preference,
+    reference_model,
     step_stats,
 )
 from tunesmith.train.plan import DataStats, ModelFacts, make_plan, resolve_config
@@ -128,6 +132,7 @@ class TrainState:
     initial_eval_loss: float | None = None
     first_loss: float | None = None
     collapse_steps: int = 0  # consecutive steps that look collapsed
+    rollout: dict | None = None  # GRPO: the sampled batch that num_iterations steps still use (grpo.Rollout)
 
 
 class TrainingDiverged(TunesmithError):
@@ -187,7 +192,9 @@ def _encode(convs: list, tokenizer, config: Config, what: str) -> list:
 
 
 def prepare_data(config: Config, tokenizer) -> Data:
-    """Examples for the objective: encoded conversations (SFT) or encoded preference pairs."""
+    """Examples for the objective: encoded conversations (SFT), encoded preference pairs, or prompts (GRPO)."""
+    if config.method.objective == "grpo":
+        return _prepare_prompts(config, tokenizer)
     read, encode = (_read_pairs, _encode_pairs) if is_preference(config.method.objective) else (_read, _encode)
     convs = read(config.data.path, config)
     if config.data.eval_path:
@@ -216,6 +223,28 @@ def _encode_pairs(pairs: list, tokenizer, config: Config, what: str) -> list:
     return kept
 
 
+def _prepare_prompts(config: Config, tokenizer) -> Data:
+    """GRPO's prompts, rendered and tokenized; its data fingerprint also covers the rows' fields and the reward
+    files, which decide the rewards as much as the prompts do."""
+    d = config.data
+    if d.eval_path or d.val_size:
+        raise UsageError("grpo has no held-out loss: drop --eval-data / data.val_size and evaluate the run with "
+                         "`tunesmith eval RUN --data PROMPTS --reward ...`")
+    rows = load_prompts(d.path, columns=d.columns, encoding=d.encoding)
+    train, dropped, cut = grpo.encode_prompts(rows, tokenizer, d.max_length, d.truncation, d.system_prompt)
+    if dropped or cut:
+        where = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")
+        _print(f"training data: {cut} prompts cut to their last {d.max_length} tokens, {len(dropped)} dropped "
+               f"(over max_length, truncation={d.truncation}){': ' + where if dropped else ''}")
+    if not train:
+        raise UsageError("training data: no prompt is left after tokenization")
+    digest = hashlib.sha256(_data_fingerprint(train, []).encode())
+    digest.update(grpo.fields_fingerprint(train))
+    for path in reward_sources(config.method.rewards):
+        digest.update(path.read_bytes() if path.is_file() else str(path).encode())
+    return Data(train, [], digest.hexdigest(), len(train))
+
+
 def _data_fingerprint(train: list, val: list) -> str:
     """A hash of the token ids and labels: covers the data, the template, the tokenizer and max_length."""
     digest = hashlib.sha256()
@@ -231,6 +260,9 @@ def epoch_layout(examples: list, config: Config, epoch_seed: int) -> list[list[l
     rng = random.Random(epoch_seed)
     order = list(range(len(examples)))
     rng.shuffle(order)
+    if config.method.objective == "grpo":  # micro-batches of prompts; their completions are packed (grpo.py)
+        size = config.train.batch_size
+        return [[[i] for i in order[start:start + size]] for start in range(0, len(order), size)]
     lengths = [len(examples[i].input_ids) for i in order]
     if config.data.packing:
         rows = [[order[j] for j in row] for row in pack_rows(lengths, config.data.pack_length or config.longest_row)]
@@ -465,6 +497,7 @@ class PreparedRun:
     base_path: Path
     tokenizer: object
     data: Data
+    rewards: list = field(default_factory=list)  # GRPO's reward functions (rewards.Reward)
 
 
 def prepare_run(config: Config) -> PreparedRun:
@@ -472,6 +505,9 @@ def prepare_run(config: Config) -> PreparedRun:
     check_config(config)
     check_available(config.method)  # before any model is loaded
     check_trackers(config.output)  # a tracker asked for but not installed fails before any work
+    # A reward that does not load (a typo, a syntax error) fails before the model or the data.
+    rewards = load_rewards(config.method.rewards, config.method.reward_weights) \
+        if config.method.objective == "grpo" else []
     base_path = resolve(config.model.name)
     tokenizer = load_tokenizer(base_path)
     template = apply_template(tokenizer, config.data.template)
@@ -484,7 +520,7 @@ def prepare_run(config: Config) -> PreparedRun:
     with refusing_remote_code(base_path):  # a damaged config.json or weights header is one message
         facts = ModelFacts.read(base_path)
     resolved, plan = plan_run(config, data, facts, state.num_processes, template)
-    return PreparedRun(resolved, plan, base_path, tokenizer, data)
+    return PreparedRun(resolved, plan, base_path, tokenizer, data, rewards)
 
 
 def plan_run(config: Config, data: Data, facts, processes: int, template=None):
@@ -495,12 +531,12 @@ def plan_run(config: Config, data: Data, facts, processes: int, template=None):
         return len(windows(layout, c.train.grad_accum * processes, processes))
 
     stats = DataStats.of(data.train, data.val)
-    resolved, choices = resolve_config(config, stats, facts, processes, steps_per_epoch, template)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved, choices = resolve_config(config, stats, facts, processes, steps_per_epoch, template, device)
     layout = epoch_layout(data.train, resolved, epoch_seed(resolved.train.seed, 0))
     per_epoch = len(windows(layout, resolved.train.grad_accum * processes, processes))
     if per_epoch == 0:
         raise UsageError(f"not enough training data for one step on {processes} processes")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     plan = make_plan(resolved, stats, facts, processes, per_epoch, sum(len(b) for b in layout), choices, device,
                      template)
     return resolved, plan
@@ -571,6 +607,8 @@ def _start(run: PreparedRun) -> Session:
     if resume_from:
         state = TrainState(**ckpt.load_checkpoint(resume_from, accelerator, model, optimizer, scheduler))
         _print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, micro-batch {state.batch_index})")
+        if accelerator.is_main_process:
+            grpo.trim_samples(out, state.step)
     log = MetricsLog(out, resume_step=state.step if t.resume else None,
                      config=config) if accelerator.is_main_process else None
     model.train()
@@ -588,9 +626,9 @@ def _prepare_objective(model, run: PreparedRun, accelerator):
     """The run's Objective. Preference objectives: dropout off; DPO: its frozen reference (see objectives.py)."""
     config = run.config
     objective = Objective.of(config.method)
-    if objective.preference:
+    if objective.preference or objective.name == "grpo":  # GRPO: the sampling policy is the one that is trained
         disable_dropout(model)
-    if objective.needs_reference:
+    if objective.needs_reference or (objective.name == "grpo" and objective.beta > 0):
         def load_base():
             base = load_base_model(run.base_path, config.method, config.model.attn_implementation,
                                    allow_pickle=config.model.allow_pickle)
@@ -612,15 +650,17 @@ def _train(s: Session) -> bool:
     started = time.perf_counter()
     with progress, interrupt:  # closes the bar on any exit, a diverged step included
         while state.step < total:
-            if not step_windows:  # the epoch is over: lay out the next one
+            reuse = state.rollout is not None  # GRPO: the last sampled batch has iterations left
+            if not step_windows and not reuse:  # the epoch is over: lay out the next one
                 state.epoch += 1
                 state.epoch_seed, state.batch_index = epoch_seed(config.train.seed, state.epoch), 0
                 step_windows = windows(epoch_layout(data.train, config, state.epoch_seed), per_step, processes)
-            loss, grad_norm, lr, interrupted = _optimizer_step(s, step_windows.pop(0), interrupt)
+            loss, grad_norm, lr, interrupted = _optimizer_step(s, [] if reuse else step_windows.pop(0), interrupt)
             elapsed = time.perf_counter() - started
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{state.tokens / max(elapsed, 1e-9):.0f}",
-                                 refresh=False)
+            shown = {"reward": f"{state.recent_stats[-1]['reward']:.3f}"} if s.objective.name == "grpo" else {}
+            progress.set_postfix(loss=f"{loss:.4f}", **shown, lr=f"{lr:.2e}",
+                                 tok_s=f"{state.tokens / max(elapsed, 1e-9):.0f}", refresh=False)
             s.tokens_per_s = speed.after_step(state.step, state.tokens, total) or s.tokens_per_s
             evaluated, improved = _maybe_evaluate(s, total)
             _log_step(s, loss, grad_norm, lr, elapsed, evaluated, force=interrupted)
@@ -640,7 +680,11 @@ def _optimizer_step(s: Session, window: list, interrupt: _Interrupt) -> tuple[fl
     """Forward/backward over the window, checks, then the update: (loss, grad norm, lr, stop asked anywhere)."""
     state, t = s.state, s.run.config.train
     objective = s.objective
-    sums = train_step(s.accelerator, s.model, s.run.data, window, s.run.config.data.packing, s.pad_id, objective)
+    record = None
+    if objective.name == "grpo":
+        sums, record = _grpo_step(s, window)
+    else:
+        sums = train_step(s.accelerator, s.model, s.run.data, window, s.run.config.data.packing, s.pad_id, objective)
     state.batch_index += len(window)
     state.step += 1
     ckpt.kill_point("during-step", state.step)
@@ -654,7 +698,8 @@ def _optimizer_step(s: Session, window: list, interrupt: _Interrupt) -> tuple[fl
     grad_norm = float(grad_norm) if grad_norm is not None else 0.0
     lr = s.scheduler.get_last_lr()[0]
     _check_finite(loss, grad_norm, state.step, lr)
-    _check_collapse(state, loss, grad_norm, math.log(len(s.run.tokenizer)), lr)
+    if record is None:  # a GRPO loss is no NLL, and a step of equal rewards has a zero gradient by design
+        _check_collapse(state, loss, grad_norm, math.log(len(s.run.tokenizer)), lr)
     s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
@@ -663,16 +708,51 @@ def _optimizer_step(s: Session, window: list, interrupt: _Interrupt) -> tuple[fl
     state.recent_losses.append(loss)
     if objective.preference:
         state.recent_stats.append(step_stats(reduced[2:], sums.weight))
+    if record is not None:
+        samples = record.pop("samples", None)
+        state.recent_stats.append(record)
+        every = s.run.config.output.sample_every
+        if samples and s.log and every > 0 and (state.step % every == 0 or state.step == 1):
+            grpo.write_samples(s.out, state.step, samples)
     # Alone, a Ctrl-C during the update counts for this step too; with several processes it waits for the next
     # step's reduction, so that all of them stop after the same step.
     return loss, grad_norm, lr, interrupted or (s.accelerator.num_processes == 1 and interrupt.requested)
+
+
+def _grpo_step(s: Session, window: list) -> tuple[StepSums, dict]:
+    """Sample (or reuse) the step's completions, then the clipped policy loss's forward/backward (grpo.py)."""
+    state, method, accelerator = s.state, s.run.config.method, s.accelerator
+    fresh = state.rollout is None
+    if fresh:
+        mine = window[accelerator.process_index::accelerator.num_processes]
+        prompts = [i for batch in mine for row in batch for i in row]
+        generator = grpo.sampling_generator(s.run.config.train.seed, state.step, accelerator.device)
+        reference = s.objective.reference
+        rollout = grpo.sample_rollout(
+            s.model, s.run.tokenizer, s.run.data.train, prompts, method, s.run.rewards, generator=generator,
+            autocast=accelerator.autocast,
+            reference=(lambda: reference_model(s.model, method, reference.load_base)) if reference else None)
+        counts = torch.tensor([len(rollout.completions), sum(map(len, rollout.completions))], dtype=torch.float64)
+        totals = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
+        rollout.step_completions, rollout.step_tokens = int(totals[0]), int(totals[1])
+    else:
+        rollout = grpo.Rollout(**state.rollout)
+    started = time.perf_counter()
+    sums = grpo.policy_backward(accelerator, s.model, s.run.data.train, rollout, method, s.pad_id,
+                                rollout.step_completions, rollout.step_tokens)
+    rollout.iterations_done += 1
+    state.rollout = rollout.to_dict() if rollout.iterations_done < method.num_iterations else None
+    record = grpo.step_record(rollout, sums, time.perf_counter() - started, beta=s.objective.beta, fresh=fresh)
+    prompt_tokens = sum(len(s.run.data.train[p].input_ids) for p in rollout.prompts)
+    return StepSums(sums.loss, torch.zeros(0, dtype=torch.float64), 1, sums.tokens, sums.tokens + prompt_tokens), record
 
 
 def _log_step(s: Session, loss: float, grad_norm: float, lr: float, elapsed: float, evaluated: bool,
               force: bool) -> None:
     """A metrics.jsonl line every log_every steps, at evaluations and at the end, with the mean loss since the last."""
     state = s.state
-    due = state.step % max(s.run.config.train.log_every, 1) == 0 or state.step == s.run.plan.total_steps
+    every = s.run.config.train.log_every or (1 if s.objective.name == "grpo" else 10)
+    due = state.step % max(every, 1) == 0 or state.step == s.run.plan.total_steps
     if not (due or evaluated or force):
         return
     record = {"step": state.step, "epoch": state.epoch, "loss": sum(state.recent_losses) / len(state.recent_losses),
@@ -795,7 +875,8 @@ class _SpeedCheck:
             self.mark = (now, tokens)
         elif self.mark is not None and step == self.start_step + self.REPORT_AT:
             self.tokens_per_s = (tokens - self.mark[1]) / max(now - self.mark[0], 1e-9)
-            left = (total_steps - step) * self.plan.tokens_per_step / self.plan.processes / self.tokens_per_s
+            # seconds per step, measured: a GRPO step's time is mostly generation, which tokens/s does not see
+            left = (total_steps - step) * (now - self.mark[0]) / (self.REPORT_AT - 1)
             _print(f"\nmeasured {self.tokens_per_s:,.0f} tokens/s: about {left / 60:.1f} min left "
                    f"(planned {self.plan.estimate_s / 60:.1f} min in all)")
         return self.tokens_per_s

@@ -29,6 +29,24 @@ Anchors for comparison: LLaMA-Factory and TRL default to 3 epochs with a fixed b
 fix lr 2e-4 and a batch of 8 to 16 examples. On 60 examples all of them take 4 to 24 optimizer
 steps at a rate that barely moves a small model; measured in bench/efficacy.py.
 
+GRPO (learning from rewards) plans differently, because a step samples completions before its
+backward pass and sampling dominates its time:
+
+- Prompts per optimizer step: sqrt(n)/2, from 2 to 16 (all in one micro-batch: their completions are
+  sampled together and packed for the backward pass); ``num_generations`` 8 completions each (TRL's
+  default group; fewer make the group's mean and std, the baseline, too noisy).
+- Completions of at most 256 tokens on a GPU, 128 on a CPU, where every sampled token costs a forward
+  pass of the whole batch: enough for a short answer with its reasoning; set
+  ``method.max_completion_length`` for longer ones.
+- Steps: one pass over the prompts, and at least ``GRPO_MIN_STEPS``: the reward moves within tens of
+  steps on a small model, and each step costs as much as dozens of SFT steps.
+- Learning rate: 0.1x the SFT rate of the same model and method. A policy-gradient step follows the
+  model's own noisy samples, and a large step sharpens the policy onto whatever scored well in one
+  batch (collapsed, repetitive completions); DeepSeekMath's GRPO ran at 1/20 of its SFT rate. The
+  clipping (epsilon) bounds how far a ratio moves only within a batch, not how far the rate moves.
+- The time estimate counts the sampled tokens (a forward pass each, at a lower rate than training's
+  matmuls) and the backward pass over prompts and completions.
+
 Every user-set value wins. ``warnings`` lists what makes a plan unlikely to teach anything.
 """
 
@@ -47,6 +65,9 @@ from tunesmith.run import is_adapter
 MIN_STEPS = 80  # optimizer steps a small dataset should get in all (the epoch rule aims for it)
 MIN_EPOCHS, MAX_EPOCHS = 3, 10
 MAX_EXAMPLES_PER_STEP = 64
+GRPO_MIN_STEPS = 40
+GRPO_GENERATIONS = 8
+GRPO_COMPLETION_TOKENS = {"cpu": 128, "cuda": 256}
 MICRO_BATCH_TOKENS = 4096  # tokens per micro-batch per process: what today's default (4 x 1024) holds in memory
 PLAN_FILE = "plan.json"
 
@@ -138,6 +159,9 @@ class RunPlan:
     objective: str = "sft"
     template: str | None = None  # the chat template applied: a built-in's name, "own" or a .jinja path
     template_reason: str | None = None
+    prompts_per_step: int | None = None  # GRPO
+    num_generations: int | None = None
+    max_completion_length: int | None = None
     measured_tokens_per_s: float | None = None  # filled in after the first steps
     elapsed_s: float | None = None  # filled in at the end
 
@@ -146,6 +170,8 @@ class RunPlan:
 
     def lines(self) -> list[str]:
         """The plan as the lines printed at the start of training and by ``train --plan``."""
+        if self.objective == "grpo":
+            return self._grpo_lines()
         unit = "packed rows" if self.packing else "examples"
         items = "examples" if self.objective == "sft" else "preference pairs (both sides counted in tokens)"
         out = [
@@ -165,6 +191,20 @@ class RunPlan:
         out += [f"  {c.key} = {c.value}: {c.reason}" for c in self.choices if c.auto]
         out += [f"WARNING: {w}" for w in self.warnings]
         return out
+
+    def _grpo_lines(self) -> list[str]:
+        out = [
+            f"data: {self.examples} prompts, {self.tokens:,} prompt tokens (longest {self.row_length})",
+            f"rollouts: {self.prompts_per_step} prompts per optimizer step x {self.num_generations} completions of up "
+            f"to {self.max_completion_length} tokens = {self.prompts_per_step * self.num_generations} completions "
+            f"per step, x {self.processes} process(es)",
+            f"steps: {self.steps_per_epoch} per pass over the prompts x {self.epochs:g} = {self.total_steps} "
+            f"optimizer steps, {self.warmup_steps} of warmup",
+            f"learning rate: {self.lr:.3g} peak, {self.scheduler} schedule ({self.method}, grpo)",
+            f"time: about {_duration(self.estimate_s)} ({self.estimate_basis})",
+        ]
+        out += [f"  {c.key} = {c.value}: {c.reason}" for c in self.choices if c.auto]
+        return out + [f"WARNING: {w}" for w in self.warnings]
 
     def finish(self, run_dir: Path, *, elapsed_s: float, tokens_per_s: float | None) -> Path:
         """Record what the run measured beside what was planned."""
@@ -210,7 +250,7 @@ _LR_POWER = {"qwen": 0.0775}
 # Preference objectives move a model that already follows instructions, and a pair's loss saturates fast:
 # they train at a fraction of the SFT rate, as their papers do (DPO and SimPO about 1/10 to 1/20 of the SFT
 # rate of the same model; ORPO, which also carries the SFT loss, about 1/2).
-OBJECTIVE_LR_FACTOR = {"sft": 1.0, "dpo": 0.1, "simpo": 0.1, "orpo": 0.5}
+OBJECTIVE_LR_FACTOR = {"sft": 1.0, "dpo": 0.1, "simpo": 0.1, "orpo": 0.5, "grpo": 0.1}
 
 
 def default_lr(method: str, facts: ModelFacts, objective: str = "sft") -> tuple[float, str]:
@@ -270,7 +310,8 @@ def _batch_shape(stats: DataStats, config: Config, processes: int) -> tuple[int,
 
 
 def resolve_config(config: Config, stats: DataStats, facts: ModelFacts, processes: int,
-                   steps_per_epoch_of, template: TemplateChoice | None = None) -> tuple[Config, list[Choice]]:
+                   steps_per_epoch_of, template: TemplateChoice | None = None,
+                   device: str = "cpu") -> tuple[Config, list[Choice]]:
     """A copy of ``config`` with every unset (None) training option chosen, and the reasons.
 
     ``steps_per_epoch_of(config)`` counts the optimizer steps of one epoch for a resolved batch
@@ -278,10 +319,13 @@ def resolve_config(config: Config, stats: DataStats, facts: ModelFacts, processe
     templates.apply_template put on the tokenizer; a built-in chosen for a model without a template
     becomes data.template.
     """
+    if template is not None and config.data.template is None and template.name in BUILTIN_TEMPLATES:
+        config = copy.deepcopy(config)
+        config.data.template = template.name
+    if config.method.objective == "grpo":
+        return _resolve_grpo(config, stats, facts, processes, steps_per_epoch_of, device)
     resolved = copy.deepcopy(config)
     d, t = resolved.data, resolved.train
-    if template is not None and d.template is None and template.name in BUILTIN_TEMPLATES:
-        d.template = template.name
     row_length, micro, accum, choices = _batch_shape(stats, config, processes)
     if d.packing and d.pack_length is None:
         d.pack_length = row_length
@@ -300,6 +344,51 @@ def resolve_config(config: Config, stats: DataStats, facts: ModelFacts, processe
         else:
             t.warmup_steps, why = default_warmup(total)
             choices.append(Choice("train.warmup_steps", t.warmup_steps, why, True))
+    return resolved, choices
+
+
+def prompts_per_step(n_prompts: int) -> int:
+    """sqrt(n)/2, from 2 to 16: 16 prompts -> 2, 64 -> 4, 1,000+ -> 16."""
+    return max(2, min(16, round(math.sqrt(n_prompts) / 2)))
+
+
+def _resolve_grpo(config: Config, stats: DataStats, facts: ModelFacts, processes: int, steps_per_epoch_of,
+                  device: str) -> tuple[Config, list[Choice]]:
+    """GRPO's choices (see the module docstring): rollout shape, steps, learning rate, warmup."""
+    resolved = copy.deepcopy(config)
+    m, t, choices = resolved.method, resolved.train, []
+
+    def choose(key: str, value, why: str):
+        choices.append(Choice(key, value, why, True))
+        return value
+
+    if m.num_generations is None:
+        m.num_generations = choose("method.num_generations", GRPO_GENERATIONS, "completions per prompt (TRL's "
+                                   "default group): the group's mean and std are each completion's baseline")
+    if m.max_completion_length is None:
+        m.max_completion_length = choose("method.max_completion_length", GRPO_COMPLETION_TOKENS[device],
+                                         f"a short answer with its reasoning; every sampled token costs a forward "
+                                         f"pass of the whole batch on {device}")
+    if t.batch_size is None:
+        per_step = prompts_per_step(stats.examples)
+        t.batch_size = choose("train.batch_size", math.ceil(per_step / processes),
+                              f"~{per_step} prompts per optimizer step for {stats.examples} prompts (sqrt(n)/2, 2 to 16)")
+    if t.grad_accum is None:
+        t.grad_accum = 1  # the step's prompts are sampled together; the backward pass is packed in pieces anyway
+    steps_per_epoch = steps_per_epoch_of(resolved)
+    if t.epochs is None:
+        t.epochs = float(max(1, math.ceil(GRPO_MIN_STEPS / max(steps_per_epoch, 1))))
+        choices.append(Choice("train.epochs", t.epochs, f"{steps_per_epoch} steps per pass over the prompts; at least "
+                              f"{GRPO_MIN_STEPS} steps in all", t.max_steps == 0))
+    if t.lr is None:
+        t.lr, why = default_lr(m.name, facts, "grpo")
+        choose("train.lr", t.lr, why + ": a policy-gradient step follows the model's own noisy samples (see the plan)")
+    if t.warmup_steps is None:
+        if t.warmup_ratio is not None:
+            t.warmup_steps = math.ceil(t.warmup_ratio * total_steps(resolved, steps_per_epoch))
+        else:
+            t.warmup_steps, why = default_warmup(total_steps(resolved, steps_per_epoch))
+            choose("train.warmup_steps", t.warmup_steps, why)
     return resolved, choices
 
 
@@ -329,10 +418,11 @@ def plan_warnings(plan: RunPlan) -> list[str]:
                    "--batch-size/--grad-accum or raise --epochs")
     budget = LR_STEPS_TO_TEACH["adapter" if is_adapter(plan.method) else "full"]
     effective = lr_steps(plan.lr, plan.total_steps, plan.warmup_steps)
-    if effective < budget:
+    # GRPO: the budget is an SFT measurement; a policy-gradient run trains at a tenth of the rate on purpose
+    if effective < budget and plan.objective != "grpo":
         out.append(f"learning rate x steps = {effective:.2g}, far below the ~{budget:g} that visibly moves a "
                    f"{plan.method} model; raise --lr or the number of steps")
-    if plan.supervised_tokens < 100 or plan.supervised_tokens < 0.02 * plan.tokens:
+    if plan.objective != "grpo" and (plan.supervised_tokens < 100 or plan.supervised_tokens < 0.02 * plan.tokens):
         out.append(f"only {plan.supervised_tokens} supervised tokens ({100 * plan.supervised_tokens / max(plan.tokens, 1):.1f}% "
                    "of all): almost nothing is in the loss; check the template and `tunesmith data check`")
     if plan.warmup_steps > plan.total_steps / 2:
@@ -344,6 +434,21 @@ def estimate_seconds(tokens: float, facts: ModelFacts, method: str, device: str)
     """FLOPs at a rough device rate: 6N per token for full training, 4N when the base is frozen."""
     per_token = (4 if is_adapter(method) or method == "freeze" else 6) * facts.params
     return tokens * per_token / PRIOR_FLOPS[device]
+
+
+# Sampling runs one token of every row per forward pass, far from the matmul peak training reaches.
+GENERATION_EFFICIENCY = {"cpu": 0.25, "cuda": 0.05}
+
+
+def grpo_estimate(config: Config, stats: DataStats, facts: ModelFacts, device: str, total: int) -> float:
+    """Seconds: the sampled tokens (2N FLOPs each, at GENERATION_EFFICIENCY of the prior rate; half the length on
+    average) plus the backward pass over prompts and completions (as training)."""
+    m = config.method
+    completions = config.train.batch_size * config.train.grad_accum * m.num_generations
+    sampled = completions * m.max_completion_length / 2
+    generation = sampled * 2 * facts.params / (PRIOR_FLOPS[device] * GENERATION_EFFICIENCY[device])
+    trained = completions * (stats.mean_tokens + m.max_completion_length / 2)
+    return total * (generation + estimate_seconds(trained, facts, config.method.name, device))
 
 
 def make_plan(config: Config, stats: DataStats, facts: ModelFacts, processes: int, steps_per_epoch: int,
@@ -366,5 +471,13 @@ def make_plan(config: Config, stats: DataStats, facts: ModelFacts, processes: in
         estimate_basis=f"rough, from {facts.params / 1e6:.0f}M parameters on {device}; refined after the first steps",
         choices=choices, objective=config.method.objective,
         template=template.name if template else None, template_reason=template.reason if template else None)
+    if config.method.objective == "grpo":
+        m = config.method
+        plan.prompts_per_step = t.batch_size * t.grad_accum * processes
+        plan.num_generations, plan.max_completion_length = m.num_generations, m.max_completion_length
+        plan.row_length = stats.longest
+        plan.estimate_s = grpo_estimate(config, stats, facts, device, total)
+        plan.estimate_basis = (f"rough: sampling and the backward pass, from {facts.params / 1e6:.0f}M parameters on "
+                               f"{device}; refined after the first steps")
     plan.warnings = plan_warnings(plan)
     return plan

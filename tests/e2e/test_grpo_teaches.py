@@ -1,0 +1,71 @@
+"""Learning from rewards that teaches: GRPO with tunesmith's defaults, the README's two commands and nothing else,
+raises the default model's held-out reward on a verifiable task (real default model: slow).
+
+The task (examples/grpo): "What is the capital of X? Answer in as few words as possible." The reward
+(examples/grpo/rewards.py) is 0 for a reply without the capital and words-of-the-answer / words-of-the-reply for
+one with it, so the base model's "The capital of France is Paris." scores 1/6: low, but not zero, and every
+sampled group has some spread (longer or shorter, right or wrong) for GRPO's advantages to work with. The
+held-out prompts are 20 countries the training prompts never name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "grpo"
+
+
+def test_the_example_task_holds_out_its_countries_and_scores_by_hand():
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        from rewards import short_answer
+    finally:
+        sys.path.remove(str(EXAMPLE))
+    train = [json.loads(line) for line in (EXAMPLE / "prompts.jsonl").read_text().splitlines()]
+    held = [json.loads(line) for line in (EXAMPLE / "heldout.jsonl").read_text().splitlines()]
+    assert len(train) == 44 and len(held) == 20
+    assert not {r["answer"] for r in train} & {r["answer"] for r in held}
+    completions = ["Paris.", "The capital of France is Paris.", "Lyon", "", "New Delhi", "It is new delhi, India"]
+    answers = ["Paris", "Paris", "Paris", "Paris", "New Delhi", "New Delhi"]
+    assert short_answer(["q"] * 6, completions, answers) == [1.0, 1 / 6, 0.0, 0.0, 1.0, 0.4]
+
+
+def _cli(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "tunesmith.cli", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=3600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_grpo_with_defaults_raises_the_held_out_reward(use_default_model, tmp_path):
+    env = {**os.environ, "TUNESMITH_HOME": str(use_default_model), "HF_HUB_OFFLINE": "1"}
+    env.pop("OMP_NUM_THREADS", None)  # the real model uses both cores, as a user's run does
+    work = tmp_path / "grpo"
+    shutil.copytree(EXAMPLE, work)
+    started = time.perf_counter()
+    _cli("train", "--objective", "grpo", "--data", "prompts.jsonl", "--reward", "rewards.py:short_answer",
+         "--output-dir", "RUN", env=env, cwd=work)
+    trained_s = time.perf_counter() - started
+    plan = json.loads((work / "RUN" / "plan.json").read_text())
+    assert plan["objective"] == "grpo" and (work / "RUN" / "samples.jsonl").is_file()
+
+    done = _cli("eval", "RUN", "--data", "heldout.jsonl", "--reward", "rewards.py:short_answer", "--compare", "base",
+                "--json", env=env, cwd=work)
+    result = json.loads(done.stdout)
+    tuned, base = result["metrics"]["reward/short_answer"], result["compare_metrics"]["reward/short_answer"]
+    elapsed = time.perf_counter() - started
+    print(f"held-out reward: base {base:.3f} -> tuned {tuned:.3f} (pass rate {result['compare_metrics']['pass_rate/short_answer']:.2f}"
+          f" -> {result['metrics']['pass_rate/short_answer']:.2f}); {plan['total_steps']} steps, training "
+          f"{trained_s / 60:.1f} min, with the evaluation {elapsed / 60:.1f} min")
+    assert 0 < base < 0.4  # low, but not zero: the task is learnable from the base's own samples
+    assert tuned >= base + 0.4
+    assert elapsed < 20 * 60
