@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import struct
+import sys
 
 import pytest
 
@@ -166,6 +167,9 @@ def test_tensorboard_event_files_hold_every_row(tiny_model_dir, chat_file, tmp_p
 @needs("trackio")
 def test_trackio_local_project_gets_every_row(tiny_model_dir, chat_file, tmp_path, monkeypatch):
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    # trackio reads TRACKIO_DIR once, when first imported (trl imports it too): point its modules there as well
+    for module in [m for name, m in sys.modules.items() if name.startswith("trackio") and hasattr(m, "TRACKIO_DIR")]:
+        monkeypatch.setattr(module, "TRACKIO_DIR", tmp_path / "trackio")
     monkeypatch.setenv("TRACKIO_PROJECT", "tunesmith-test")
     result, rows = train(tiny_model_dir, chat_file, tmp_path / "run", "trackio")
     from trackio.sqlite_storage import SQLiteStorage

@@ -42,6 +42,7 @@ from tunesmith.data.readers import (
 )
 from tunesmith.data.templates import apply_template
 from tunesmith.data.tokenize import generation_prompt
+from tunesmith.errors import UsageError
 from tunesmith.models.load import load_tokenizer
 from tunesmith.models.resolve import resolve
 
@@ -201,9 +202,14 @@ ANSWER_KEYS = {"completion", "output", "chosen", "rejected", "preferred_output",
 
 
 def is_prompt_data(paths, *, columns: str | dict | None = None, encoding: str | None = None) -> bool:
-    """Whether every row is a prompt without an answer to imitate (GRPO's data), so the check reports prompts."""
+    """Whether every row is a prompt without an answer to imitate (GRPO's data), so the check reports prompts.
+    Paths that name no data files are not prompt data: the data doctor reports them."""
     result = PromptResult([], [], {})
-    rows = [row for path in input_files(paths) for row in file_rows(path, parse_columns(columns), result, encoding)]
+    try:
+        files = input_files(paths)
+    except UsageError:
+        return False
+    rows = [row for path in files for row in file_rows(path, parse_columns(columns), result, encoding)]
     return bool(rows) and all(_unanswered(row.data) for row in rows)
 
 
