@@ -74,5 +74,6 @@ def test_the_readme_grpo_commands_train_and_report_base_against_tuned(use_defaul
     assert 0 < base < 0.4  # low, but not zero: the task is learnable from the base's own samples
     assert 0 <= tuned <= 1 and 0 <= result["metrics"]["pass_rate/short_answer"] <= 1
     rows = [json.loads(line) for line in (work / "RUN" / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert len([r for r in rows if "reward/short_answer" in r]) == plan["total_steps"]  # every step logs its reward
+    logged = {r["step"] for r in rows if "reward/short_answer" in r}
+    assert logged >= set(range(1, plan["total_steps"] + 1))  # every step logs its reward
     assert elapsed < 20 * 60
