@@ -46,17 +46,24 @@ def shared_data(name: str) -> Path:
     return path
 
 
-def build_tokenizer(out: Path):
-    """Train a small byte-level BPE so tests tokenize real text with no network."""
+def train_bpe(specials: list[str], corpus: list[str], vocab_size: int):
+    """A small byte-level BPE trained on ``corpus`` (20 passes), ``specials`` first in id order."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_CORPUS * 20, trainer)
+    tok.train_from_iterator(corpus * 20, trainer)
+    return tok
+
+
+def build_tokenizer(out: Path):
+    """Train a small byte-level BPE so tests tokenize real text with no network."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_bpe(SPECIAL_TOKENS, _CORPUS, 600)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
                                    pad_token="<pad>", unk_token=None)
     fast.chat_template = CHATML_TEMPLATE

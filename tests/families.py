@@ -35,16 +35,12 @@ _CORPUS = [
 
 
 def build_tokenizer(out: Path, family: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from tests.conftest import train_bpe
+
     specials, bos, eos, pad = FAMILIES[family]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_CORPUS * 20, trainer)
+    tok = train_bpe(specials, _CORPUS, 400)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
                                    unk_token=None)
     if family == "gemma3":  # like Gemma's own: text pieces kept whole as added, non-special tokens
