@@ -88,13 +88,21 @@ def tunesmith_command(out: Path, shape: argparse.Namespace) -> list[str]:
             "--train.log_every", "1", "--seed", str(SEED)]
 
 
-def trl_reward(prompts, completions, answer, **fields):
-    """examples/grpo's reward on the completions' text: TRL hands conversational completions as message lists."""
-    sys.path.insert(0, str(EXAMPLE))
-    from rewards import short_answer
+def text_reward(reward):
+    """``reward`` on the completions' text: TRL hands conversational completions as message lists."""
+    def short_answer(prompts, completions, **fields):
+        return reward(prompts, [c[-1]["content"] if isinstance(c, list) else c for c in completions], **fields)
+    return short_answer
 
-    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return short_answer(prompts, texts, answer, **fields)
+
+def load_reward():
+    """The example's reward function, loaded from its file as tunesmith's --reward FILE.py:FUNCTION does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grpo_example_rewards", REWARD_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, REWARD_FN)
 
 
 def train_trl(out: Path, shape: argparse.Namespace) -> None:
@@ -150,7 +158,7 @@ def train_trl(out: Path, shape: argparse.Namespace) -> None:
         dataloader_num_workers=0, bf16=_bf16(), use_cpu=not torch.cuda.is_available(), disable_tqdm=True, seed=SEED,
         gradient_checkpointing=False, log_completions=False)  # TRL's default is True; tunesmith's is False
     timer = Timer()
-    trainer = TimedGRPOTrainer(model=model, reward_funcs=trl_reward, args=args, processing_class=tokenizer,
+    trainer = TimedGRPOTrainer(model=model, reward_funcs=text_reward(load_reward()), args=args, processing_class=tokenizer,
                                train_dataset=dataset, peft_config=lora, callbacks=[timer])
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "reward" in entry]

@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.grpo_throughput import PROMPTS, parse_args, summarize, table_lines, tunesmith_command
+from bench.grpo_throughput import (
+    PROMPTS,
+    load_reward,
+    parse_args,
+    summarize,
+    table_lines,
+    text_reward,
+    tunesmith_command,
+)
 from tunesmith.config import load_config
 from tunesmith.train.commands import parse_train_args
 
@@ -42,3 +50,10 @@ def test_the_table_holds_the_medians_and_the_ratio():
     assert summary["ratios"]["trl"]["steps_per_min"] == pytest.approx(100 / 40)
     lines = table_lines(summary)
     assert len(lines) == 4 and lines[3].startswith("| trl |") and lines[3].endswith("| 2.50x |")
+
+
+def test_trl_gets_the_example_reward_on_the_completions_text():
+    reward = text_reward(load_reward())
+    completions = [[{"role": "assistant", "content": "Paris."}], [{"role": "assistant", "content": "It is Paris."}],
+                   [{"role": "assistant", "content": "Lyon."}]]
+    assert reward(["q"] * 3, completions, answer=["Paris"] * 3) == [1.0, 1 / 3, 0.0]
