@@ -149,7 +149,8 @@ def _number(kind, low: float, high: float | None = None, low_open: bool = False)
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
-    p.add_argument("--max-new-tokens", type=_number(int, 1), default=max_new_tokens, help="most tokens to generate")
+    p.add_argument("--max-new-tokens", type=_number(int, 1), default=max_new_tokens,
+                   help=f"most tokens to generate per answer (default: {max_new_tokens})")
     p.add_argument("--temperature", type=_number(float, 0), default=0.0, help="sampling temperature; 0 is greedy")
     p.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=1.0,
                    help="nucleus sampling mass (with a temperature)")
