@@ -16,6 +16,7 @@ import sys
 from tunesmith import __version__
 from tunesmith.config import UIConfig, ui_fields
 from tunesmith.config import choices as config_choices
+from tunesmith.output import quiet_libraries
 
 
 def _quickstart(args) -> int:
@@ -185,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description=DESCRIPTION, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"tunesmith {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show the libraries' own progress bars and prints (transformers' 'Loading weights', "
+                             "bert_score's); anywhere on the line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("quickstart", help="fine-tune the default model on an identity dataset, end to end")
@@ -373,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    argv = [arg for arg in argv if arg != "--verbose"]  # every command takes it, train's own parser included
+    quiet_libraries(verbose)
     if argv[:1] == ["train"]:
         # argparse.REMAINDER drops a leading --option inside a subparser; train parses its own line.
         args = argparse.Namespace(func=_train, argv=argv[1:])

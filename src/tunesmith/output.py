@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 
@@ -82,6 +83,37 @@ def fmt_delta(delta, digits: int = 4) -> str:
     return f"{delta:+d}" if isinstance(delta, int) else f"{delta:+.{digits}f}"
 
 
+# --verbose: the libraries' own progress bars (transformers' "Loading weights", bert_score's) are shown.
+_verbose = True  # a library user keeps every bar; the command line turns them off (quiet_libraries)
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Unless ``verbose``, transformers' and bert_score's progress bars stay off: a command shows its own bars
+    alone. Hub downloads keep theirs (a pull's progress is the user's), and HF_HUB_DISABLE_PROGRESS_BARS, when
+    set, decides instead. Called before transformers is imported (it reads the hub's setting then), and tells
+    it too when it already is (in process)."""
+    global _verbose
+    _verbose = verbose
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is not None:
+        return
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
+
+        (logging.enable_progress_bar if verbose else logging.disable_progress_bar)()
+    if verbose:
+        enable_progress_bars()
+    else:
+        disable_progress_bars()
+        enable_progress_bars("huggingface_hub")  # downloads
+
+
+def verbose() -> bool:
+    """Whether the libraries' own progress output is wanted (``quiet_libraries``)."""
+    return _verbose
+
+
 # A pipe or a log file gets a plain progress line at most this often (a terminal gets the live bar).
 PIPE_REPORT_S = 30.0
 
@@ -130,6 +162,7 @@ class LineProgress:
         self.started = self.last = time.monotonic()
         self.start_n = done
         self.printed_at = None  # the count of the last line printed
+        self.postfix = ""
 
     def __enter__(self):
         return self
@@ -147,8 +180,8 @@ class LineProgress:
     def set_description(self, description: str, refresh: bool = True) -> None:
         self.desc = description
 
-    def set_postfix(self, *args, **kwargs) -> None:
-        pass  # a log line keeps to counts and times
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs) -> None:
+        self.postfix = ", ".join(f"{key}={value}" for key, value in {**(ordered_dict or {}), **kwargs}.items())
 
     def close(self) -> None:
         if self.printed_at is not None and self.printed_at < self.n >= self.total:
@@ -160,8 +193,9 @@ class LineProgress:
         left = (self.total - self.n) * elapsed / done_here if done_here > 0 else None
         share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         eta = f", about {_clock(left)} left" if left is not None and self.n < self.total else ""
-        print(f"{self.desc}: {int(self.n + 1e-6)}/{self.total} {self.unit}{share}, {_clock(elapsed)} elapsed{eta}",
-              file=sys.stderr, flush=True)
+        postfix = f", {self.postfix}" if self.postfix else ""
+        print(f"{self.desc}: {int(self.n + 1e-6)}/{self.total} {self.unit}{share}, {_clock(elapsed)} elapsed{eta}"
+              f"{postfix}", file=sys.stderr, flush=True)
         self.printed_at = self.n
 
 

@@ -35,7 +35,7 @@ from tunesmith.data.tokenize import IGNORE, EncodeOptions, encode, encode_all
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.models import DEFAULT_MODEL, resolve
 from tunesmith.models.load import load_tokenizer
-from tunesmith.output import finish_report, json_stdout, progress_bar, stdout_console
+from tunesmith.output import finish_report, json_stdout, print_table, progress_bar, stdout_console
 
 NEAR_DUPLICATE_JACCARD = 0.8  # of character 5-gram sets; rewordings of one example score well above it
 SHINGLE = 5
@@ -645,7 +645,7 @@ def print_report(report: DataReport, console=None) -> None:
     # Duplicates and overlap are listed as groups below rather than once per row.
     grouped = ("(duplicate)", "(overlap)", "(contradiction)")
     _print_issues(console, "warnings", [w for w in report.warnings if w.field not in grouped], LISTED_WARNINGS, "yellow")
-    console.print(_lengths_table(report))
+    _print_lengths(console, report)
     _print_tokens(console, report)
     _print_duplicates(console, report)
     _print_preview(console, report.preview, " (chosen side)" if report.kind == "pairs" else "")
@@ -665,21 +665,18 @@ def _print_issues(console, title: str, issues: list[DataIssue], limit: int, colo
         console.print(f"  ... and {len(issues) - limit} more (--json lists them all)")
 
 
-def _lengths_table(report: DataReport):
-    from rich.table import Table
-
-    table = Table(title="lengths", title_justify="left")
-    table.add_column("")
-    for column in ("p50", "p90", "p99", "max", "mean"):
-        table.add_column(column, justify="right")
+def _print_lengths(console, report: DataReport) -> None:
+    """The length percentiles: a table on a terminal, tab-separated lines in a pipe (print_table)."""
+    columns = ("p50", "p90", "p99", "max", "mean")
     parts = ("prompt", "chosen", "rejected") if report.kind == "pairs" else ("prompt", "response")
     total = "longer side" if report.kind == "pairs" else "total"  # the prompt with its longer response
+    rows = []
     for unit, stats in (("chars", report.char_lengths), ("tokens", report.token_lengths)):
         for part in (*parts, None):
             if stats:
                 row = stats[part] if part else stats
-                table.add_row(f"{unit} {part or total}", *(str(row[k]) for k in ("p50", "p90", "p99", "max", "mean")))
-    return table
+                rows.append([f"{unit} {part or total}", *(str(row[k]) for k in columns)])
+    print_table("lengths", ["length", *columns], rows, console, right=columns)
 
 
 def _print_tokens(console, report: DataReport) -> None:

@@ -21,6 +21,8 @@ questions) and the results are compared, one pass/fail line each:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ from tunesmith.export.gguf import export_gguf
 from tunesmith.export.merge import merge_to_dir
 from tunesmith.inference import GenerationOptions, generate, stop_token_ids
 from tunesmith.models.load import load
-from tunesmith.output import print_table, progress_bar
+from tunesmith.output import print_table, progress_bar, verbose
 from tunesmith.run import run_system_prompt
 from tunesmith.serve import server
 
@@ -266,11 +268,27 @@ def _gguf_path(file: Path, convs, max_new_tokens: int) -> Route:
     else:
         path.texts = _gguf_prompts(file, tokenizer, convs)
     path.prompts = [_with_bos(reader, tokenizer(t, add_special_tokens=False)["input_ids"]) for t in path.texts]
-    model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).eval()
+    with _quiet_gguf_reading():
+        model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = sorted(path.stop_ids)
     path.answers = _greedy(model, tokenizer, path.texts, max_new_tokens)
     path.name = f"gguf ({_gguf_type(reader)})"
     return path
+
+
+@contextlib.contextmanager
+def _quiet_gguf_reading():
+    """transformers' GGUF reader draws its own tqdm bar (not its logging one that ``quiet_libraries`` turns off):
+    without --verbose it is drawn disabled while verify reads the file."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    drawn = reader.tqdm
+    if not verbose():
+        reader.tqdm = functools.partial(drawn, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = drawn
 
 
 def _with_bos(reader, ids: list[int]) -> list[int]:
