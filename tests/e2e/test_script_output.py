@@ -208,20 +208,3 @@ def test_export_json(run_dir, tmp_path, mode):
     assert document["dtype"] == (None if mode == "merge" else "f16")
     assert_documented(["export"], *document)
 
-
-def test_quickstart_in_a_pipe_prints_each_command_on_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    """stdout not a terminal (captured, as in a pipe or a file): no 80-column wrap cuts a suggested command, however
-    long its paths; the lengths table is tab-separated and no library's bar reaches stderr."""
-    from tunesmith.cli import main
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    run = tmp_path / LONG_DIR / "qs"
-    assert main(["quickstart", "--model", str(tiny_model_dir), "--max-steps", "1", "--out", str(run)]) == 0
-    captured = capsys.readouterr()
-    lines = captured.out.splitlines()
-    train = next(line for line in lines if line.strip().startswith("tunesmith train "))
-    assert shlex.split(train)[shlex.split(train).index("--output-dir") + 1] == str(run)
-    for command in ("generate", "chat", "serve", "export"):
-        assert any(line.strip().startswith(f"tunesmith {command} {run}") for line in lines), command
-    assert "length\tp50\tp90\tp99\tmax\tmean" in lines
-    assert "Loading weights" not in captured.err
