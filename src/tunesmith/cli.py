@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $TUNESMITH_API_KEY)")
-    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted, in MB")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted, in MiB (2**20 bytes)")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for the model; more get a 429")
     p.add_argument("--max-batch", type=int, default=16,
                    help="requests generated together in one batch; more wait in the queue")

@@ -649,8 +649,22 @@ def print_report(report: DataReport, console=None) -> None:
     _print_tokens(console, report)
     _print_duplicates(console, report)
     _print_preview(console, report.preview, " (chosen side)" if report.kind == "pairs" else "")
-    verdict = "[green]clean[/green]" if report.ok else f"[red]{len(report.errors)} error(s)[/red]"
-    console.print(f"{verdict}, {len(report.warnings)} warning(s), checked in {report.elapsed_s:.1f} s")
+    verdict = "[green]clean[/green]" if report.ok else f"[red]{_count(len(report.errors), 'error')}[/red]"
+    console.print(f"{verdict}, {_warning_count(report.warnings, grouped)}, checked in {report.elapsed_s:.1f} s")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
+def _warning_count(warnings: list[DataIssue], grouped: tuple[str, ...]) -> str:
+    """"3 warnings", or, where duplicates are shown as groups rather than under "warnings (N)", how many are which."""
+    in_groups = sum(w.field in grouped for w in warnings)
+    if not in_groups:
+        return _count(len(warnings), "warning")
+    listed = len(warnings) - in_groups
+    where = "in the duplicate, overlap and contradiction groups"
+    return f"{_count(len(warnings), 'warning')} ({f'{listed} listed, {in_groups} ' if listed else ''}{where})"
 
 
 def _print_issues(console, title: str, issues: list[DataIssue], limit: int, color: str) -> None:
@@ -708,7 +722,8 @@ def _print_pair_truncation(console, report: DataReport) -> None:
 def _print_duplicates(console, report: DataReport) -> None:
     contradictions = [w for w in report.warnings if w.field == "(contradiction)"]
     _print_issues(console, "contradicting pairs", contradictions, LISTED_GROUPS, "yellow")
-    shared = (report.pairs or {}).get("prompt_duplicates", [])
+    listed = {frozenset(group["rows"]) for group in report.duplicates}  # a duplicate group already names these rows
+    shared = [group for group in (report.pairs or {}).get("prompt_duplicates", []) if frozenset(group["rows"]) not in listed]
     for title, groups, color in (("duplicate groups", report.duplicates, "yellow"),
                                  ("train/eval overlap", report.overlap, "yellow"),
                                  ("prompts shared by several pairs", shared, "default")):

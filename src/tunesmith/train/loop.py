@@ -74,6 +74,7 @@ from tunesmith.run import (
     read_metrics,
     write_model_card,
     write_run_info,
+    write_step,
 )
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import grpo
@@ -658,6 +659,8 @@ def _train(s: Session) -> bool:
             loss, grad_norm, lr, interrupted = _optimizer_step(s, [] if reuse else step_windows.pop(0), interrupt)
             elapsed = time.perf_counter() - started
             progress.update(1)
+            if s.accelerator.is_main_process:
+                write_step(s.out, state.step, total)  # a running run's step between metrics lines
             shown = {"reward": f"{state.recent_stats[-1]['reward']:.3f}"} if s.objective.name == "grpo" else {}
             progress.set_postfix(loss=f"{loss:.4f}", **shown, lr=f"{lr:.2e}",
                                  tok_s=f"{state.tokens / max(elapsed, 1e-9):.0f}", refresh=False)
