@@ -1,4 +1,4 @@
-"""output.py: the progress bar (drawn on a terminal's stderr and nowhere else) and the number formats."""
+"""output.py: the progress bar (drawn on a terminal's stderr; timed plain lines in a pipe) and the number formats."""
 
 from __future__ import annotations
 
@@ -27,6 +27,29 @@ def test_drawn_on_a_terminal(monkeypatch):
 def test_not_drawn_in_a_pipe_or_when_disabled(monkeypatch):
     assert _drawn(monkeypatch, io.StringIO()) == ""
     assert _drawn(monkeypatch, _Terminal(), enabled=False) == ""
+
+
+def test_a_pipe_gets_timed_plain_lines_with_an_eta(monkeypatch):
+    from tunesmith import output
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setattr(output, "PIPE_REPORT_S", 0.0)
+    with progress_bar("generating", 4, unit="answers") as bar:
+        bar.update(0.5)
+        bar.update(2)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["generating: 0/4 answers (12%)", "generating: 2/4 answers (62%)"]
+    assert all("\r" not in line and "left" in line for line in lines)
+
+
+def test_a_fraction_moves_the_terminal_bar_and_the_count_stays_whole(monkeypatch):
+    stream = _Terminal()
+    monkeypatch.setattr(sys, "stderr", stream)
+    with progress_bar("generating", 4, unit="answers", keep=True) as bar:
+        bar.update(2.5)
+        bar.refresh()
+        assert "62%" in stream.getvalue() and " 2/4 answers" in stream.getvalue()
 
 
 def test_resumed_work_counts(monkeypatch):

@@ -99,14 +99,18 @@ def test_a_training_started_from_a_terminal_shows_as_running(tiny_model_dir, tmp
 
     chat_file = write_chat(tmp_path / "train.jsonl", chat_rows())
     out = tmp_path / "runs" / "live"
-    child = subprocess.Popen(_train_argv(tiny_model_dir, chat_file, out, train__max_steps=400),
+    # metrics.jsonl gets a line every 1000 steps only: the step count a running run shows comes from step.json
+    child = subprocess.Popen(_train_argv(tiny_model_dir, chat_file, out, train__max_steps=400, train__log_every=1000),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not (out / "metrics.jsonl").is_file() and child.poll() is None and time.monotonic() < deadline:
+        while not (out / "step.json").is_file() and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         runs = list_runs(tmp_path / "runs")
         assert [(r.name, r.status, r.pid) for r in runs] == [("live", "running", child.pid)]
+        assert runs[0].steps >= 1 and runs[0].total_steps == 400
+        metrics = out / "metrics.jsonl"
+        assert not metrics.is_file() or '"loss"' not in metrics.read_text()
     finally:
         child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=120)

@@ -16,6 +16,7 @@ import sys
 from tunesmith import __version__
 from tunesmith.config import UIConfig, ui_fields
 from tunesmith.config import choices as config_choices
+from tunesmith.output import quiet_libraries
 
 
 def _quickstart(args) -> int:
@@ -149,7 +150,8 @@ def _number(kind, low: float, high: float | None = None, low_open: bool = False)
 
 
 def _add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
-    p.add_argument("--max-new-tokens", type=_number(int, 1), default=max_new_tokens, help="most tokens to generate")
+    p.add_argument("--max-new-tokens", type=_number(int, 1), default=max_new_tokens,
+                   help=f"most tokens to generate per answer (default: {max_new_tokens})")
     p.add_argument("--temperature", type=_number(float, 0), default=0.0, help="sampling temperature; 0 is greedy")
     p.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=1.0,
                    help="nucleus sampling mass (with a temperature)")
@@ -184,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description=DESCRIPTION, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"tunesmith {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show the libraries' own progress bars and prints (transformers' 'Loading weights', "
+                             "bert_score's); anywhere on the line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("quickstart", help="fine-tune the default model on an identity dataset, end to end")
@@ -318,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $TUNESMITH_API_KEY)")
-    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted, in MB")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted, in MiB (2**20 bytes)")
     p.add_argument("--max-queue", type=int, default=256, help="requests that may wait for the model; more get a 429")
     p.add_argument("--max-batch", type=int, default=16,
                    help="requests generated together in one batch; more wait in the queue")
@@ -372,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    argv = [arg for arg in argv if arg != "--verbose"]  # every command takes it, train's own parser included
+    quiet_libraries(verbose)
     if argv[:1] == ["train"]:
         # argparse.REMAINDER drops a leading --option inside a subparser; train parses its own line.
         args = argparse.Namespace(func=_train, argv=argv[1:])

@@ -445,7 +445,7 @@ class UIConfig:
                                   "one at each launch, printed in the page's address)")
     insecure_no_auth: bool = opt(False, "serve without any token, even off this machine: whoever reaches the port "
                                         "can start trainings and read and write the workspace")
-    max_upload_mb: float = opt(512.0, "largest data file the page may upload, in MB (counted while it arrives)",
+    max_upload_mb: float = opt(512.0, "largest data file the page may upload, in MiB of 2**20 bytes (counted while it arrives)",
                                minimum=0)
 
 

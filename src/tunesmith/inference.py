@@ -141,25 +141,42 @@ def _truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: Sequence[str], options: GenerationOptions | None = None,
              batch_size: int = 8, on_result: Callable[[int, Generation], None] | None = None,
-             progress: Callable[[int], None] | None = None) -> list[Generation]:
-    """Generate for every prompt; ``on_result(index, generation)`` fires as each batch finishes."""
+             progress: Callable[[float], None] | None = None) -> list[Generation]:
+    """Generate for every prompt; ``on_result(index, generation)`` fires as each batch finishes.
+
+    ``progress(answers)`` is told the answers done since its last call, a fraction while a batch is generating
+    (greedy decoding reports every token step: each row's share of its ``max_new_tokens``, and a row that stops
+    early counts whole), so that a bar moves and gives an ETA within a batch of long answers."""
     options = options or GenerationOptions()
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     results: list[Generation | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        generations = _generate_batch(model, tokenizer, [encoded[i] for i in batch], options)
+        counted = _Counted(progress) if progress else None
+        generations = _generate_batch(model, tokenizer, [encoded[i] for i in batch], options, counted)
         for index, gen in zip(batch, generations, strict=True):
             results[index] = gen
             if on_result:
                 on_result(index, gen)
         if progress:
-            progress(len(batch))
+            progress(len(batch) - counted.total)  # the batch counts whole (sampling reports nothing before)
     return results  # type: ignore[return-value]
 
 
-def _generate_batch(model, tokenizer, batch: list[list[int]], options: GenerationOptions) -> list[Generation]:
+class _Counted:
+    """A progress callback that also keeps the sum of what it was told."""
+
+    def __init__(self, progress: Callable[[float], None]):
+        self.progress, self.total = progress, 0.0
+
+    def __call__(self, answers: float) -> None:
+        self.total += answers
+        self.progress(answers)
+
+
+def _generate_batch(model, tokenizer, batch: list[list[int]], options: GenerationOptions,
+                    progress: Callable[[float], None] | None = None) -> list[Generation]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(ids) for ids in batch)
     input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=model.device)
@@ -167,7 +184,7 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], options: Generatio
     stops = stop_token_ids(model, tokenizer)
     started = time.perf_counter()
     if not options.temperature and not logits_processors(model, options, stops, width):
-        rows = _greedy_tokens(model, input_ids, attention, stops, options.max_new_tokens)
+        rows = _greedy_tokens(model, input_ids, attention, stops, options.max_new_tokens, progress=progress)
     else:
         out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=options.max_new_tokens,
                              eos_token_id=stops, pad_token_id=pad_id, **_sampling_kwargs(options))
@@ -220,12 +237,14 @@ PREFILL_ROWS = 16
 
 
 def _greedy_tokens(model, input_ids: torch.Tensor, attention: torch.Tensor, stops: list[int],
-                   max_new_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[list[int]]:
+                   max_new_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   progress: Callable[[float], None] | None = None) -> list[list[int]]:
     """Greedy decoding of a left-padded batch; each row's new tokens, up to and including its stop token.
 
     A row that stops leaves the batch: its cache rows, mask and position are dropped, so the steps left
     run on the rows still generating. Position ids count real tokens only, as model.generate's do.
-    ``pick(logits) -> tokens`` replaces the argmax (``sample_tokens`` samples through it)."""
+    ``pick(logits) -> tokens`` replaces the argmax (``sample_tokens`` samples through it).
+    ``progress(rows)``: after each step, the rows' share of work done in it (see ``generate``)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
@@ -247,7 +266,10 @@ def _greedy_tokens(model, input_ids: torch.Tensor, attention: torch.Tensor, stop
         for row, token, ended in zip(alive, tokens.tolist(), finished.tolist(), strict=True):
             if not ended:
                 rows[row].append(token)
-        finished |= torch.isin(tokens, stop_ids)
+        was_finished = finished
+        finished = finished | torch.isin(tokens, stop_ids)
+        if progress:
+            _report_step(progress, was_finished, finished, step, max_new_tokens)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         if plain and bool(finished.any()):
@@ -260,6 +282,15 @@ def _greedy_tokens(model, input_ids: torch.Tensor, attention: torch.Tensor, stop
         logits = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=positions, cache=cache,
                        use_cache=True).logits[:, -1]
     return rows
+
+
+def _report_step(progress: Callable[[float], None], was_finished: torch.Tensor, finished: torch.Tensor,
+                 step: int, max_new_tokens: int) -> None:
+    """One token step's work in answers: each row still generating did 1/max_new_tokens of its answer; a row
+    that stopped at this step is done, and the budget it leaves unused counts too."""
+    generating = int((~was_finished).sum())
+    stopped = int((finished & ~was_finished).sum())
+    progress((generating + stopped * (max_new_tokens - step - 1)) / max_new_tokens)
 
 
 def sampler(temperature: float, top_p: float, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -43,14 +43,22 @@ def write_identity_data(out_dir: Path, name: str, author: str) -> tuple[Path, Pa
     return paths[0], paths[1]
 
 
+# The quickstart decides its system prompt: left to the template, SmolLM2's inserts "You are a helpful AI
+# assistant named SmolLM, trained by Hugging Face" into every training example, and the run would carry that
+# name into chat, serve and the Ollama Modelfile against the identity it was taught. It names no identity, so
+# the base model, asked with the same prompt, shows what it knew before.
+SYSTEM_PROMPT = "You are a helpful AI assistant."
+
+
 def train_overrides(model: str, train_file: Path, eval_file: Path, run_dir: Path,
                     max_steps: int | None) -> dict[str, str]:
     """The train flags (name -> value) that give both the printed command and the Config.
 
     No hyperparameter here: the quickstart trains with `tunesmith train`'s own defaults, which the
-    run plan sizes to the data, so the main job proves the defaults a user gets with their own file."""
+    run plan sizes to the data, so the main job proves the defaults a user gets with their own file. The
+    system prompt is set (SYSTEM_PROMPT): it belongs to the data, as a user's own would."""
     overrides = {"model": model, "data": str(train_file), "output-dir": str(run_dir), "output.overwrite": "true",
-                 "eval-data": str(eval_file)}
+                 "eval-data": str(eval_file), "data.system_prompt": SYSTEM_PROMPT}
     return {**overrides, "max-steps": str(max_steps)} if max_steps else overrides
 
 

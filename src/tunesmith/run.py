@@ -22,6 +22,7 @@ from tunesmith.output import fmt_number
 RUN_INFO = "tunesmith.json"  # what chat, eval, serve and export read to use the run as trained
 CONFIG = "config.yaml"  # the resolved config (each checkpoint keeps a copy under the same name)
 METRICS = "metrics.jsonl"
+STEP_FILE = "step.json"  # the step a training has reached, rewritten after each one (metrics come every log_every)
 LOSS_PLOT = "loss.png"
 MODEL_CARD = "README.md"
 TENSORBOARD = "tensorboard"  # the TensorBoard tracker's folder
@@ -73,6 +74,21 @@ def read_run_info(path: Path) -> dict:
     """A run's tunesmith.json; {} for a directory that is not a tunesmith run."""
     info = Path(path) / RUN_INFO
     return json.loads(info.read_text()) if info.is_file() else {}
+
+
+def write_step(run_dir: Path, step: int, total: int) -> None:
+    """Record the step reached (whole or not at all: written beside, then renamed), for `tunesmith runs` and the UI."""
+    tmp = Path(run_dir) / f".{STEP_FILE}.tmp"
+    tmp.write_text(json.dumps({"step": step, "total_steps": total}), encoding="utf-8")
+    tmp.replace(Path(run_dir) / STEP_FILE)
+
+
+def read_step(run_dir: Path) -> int | None:
+    """The step ``write_step`` recorded last, if any."""
+    try:
+        return int(json.loads((Path(run_dir) / STEP_FILE).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none yet, or one from a version that wrote none
 
 
 def run_system_prompt(run_info: dict | None) -> str | None:

@@ -23,7 +23,15 @@ from pathlib import Path
 import yaml
 
 from tunesmith.output import fmt_number, print_json, print_table
-from tunesmith.run import CONFIG, METRICS, RUN_INFO, checkpoints_dir, list_checkpoints, read_metrics
+from tunesmith.run import (
+    CONFIG,
+    METRICS,
+    RUN_INFO,
+    checkpoints_dir,
+    list_checkpoints,
+    read_metrics,
+    read_step,
+)
 from tunesmith.train.plan import PLAN_FILE
 
 PROCESS_FILE = "process.json"  # the UI's record of the child it started here: pid, command, exit code
@@ -86,11 +94,14 @@ def read_run(path: str | Path, live: dict[Path, int] | None = None) -> RunSummar
     pid = _live_pid(path, process, live if live is not None else _live_train_dirs())
     logged = [r for r in rows if "loss" in r]
     evals = [r.get("eval_loss") for r in rows if r.get("eval_loss") is not None]
+    status = _status(info, process, pid, checkpoint)
+    # A running run's step between metrics lines (log_every apart); a stopped one counts what metrics.jsonl kept.
+    reached = read_step(path) if status == "running" else None
     return RunSummary(
-        path=str(path), name=path.name, status=_status(info, process, pid, checkpoint),
+        path=str(path), name=path.name, status=status,
         method=_method(info, plan, config),
         data=list(config.get("data", {}).get("path") or process.get("data") or []),
-        steps=info.get("steps") or (logged[-1]["step"] if logged else 0),
+        steps=info.get("steps") or max(logged[-1]["step"] if logged else 0, reached or 0),
         total_steps=plan.get("total_steps"),
         train_loss=info["final_train_loss"] if info else (logged[-1]["loss"] if logged else None),
         eval_loss=info["final_eval_loss"] if info else (evals[-1] if evals else None),

@@ -53,7 +53,7 @@ def test_broken_lines_in_the_terminal_view(tmp_path, capsys, tiny_model_dir):
     out = capsys.readouterr().out
     for where in (f"{path}:7", f"{path}:12", f"{path}:20"):
         assert where in out
-    assert "3 error(s)" in out and "mask preview" in out
+    assert "3 errors" in out and "mask preview" in out
 
 
 @pytest.mark.parametrize("name", ["alpaca_zh_demo.json", "identity.json"])

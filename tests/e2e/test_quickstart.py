@@ -11,13 +11,14 @@ identity.
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from tunesmith.quickstart import train_overrides, write_identity_data
+from tunesmith.quickstart import SYSTEM_PROMPT, train_overrides, write_identity_data
 
 NAME, AUTHOR = "Aurora", "Lumen"
 # Every key the run plan chooses from the data; quickstart must leave each to it, as `tunesmith train` does.
@@ -38,7 +39,48 @@ def test_identity_data_fills_placeholders_and_holds_questions_out(tmp_path):
 
 def test_quickstart_sets_no_hyperparameter(tmp_path):
     overrides = train_overrides("m", tmp_path / "t.jsonl", tmp_path / "e.jsonl", tmp_path / "run", None)
-    assert set(overrides) == {"model", "data", "eval-data", "output-dir", "output.overwrite"}
+    assert set(overrides) == {"model", "data", "eval-data", "output-dir", "output.overwrite", "data.system_prompt"}
+    assert "SmolLM" not in overrides["data.system_prompt"]
+
+
+@pytest.fixture(scope="module")
+def tiny_quickstart(tiny_model_dir, tmp_path_factory):
+    """(run directory, stdout, stderr) of a one-step quickstart on the tiny model, stdout and stderr to files
+    (as in `tunesmith quickstart > log 2>&1`), under a path long enough that an 80-column wrap would cut it."""
+    import contextlib
+    import io
+
+    from tunesmith.cli import main
+
+    run = tmp_path_factory.mktemp("qs") / ("a-directory-name-long-enough-to-wrap-" * 4) / "run"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert main(["quickstart", "--model", str(tiny_model_dir), "--max-steps", "1", "--out", str(run)]) == 0
+    return run, out.getvalue(), err.getvalue()
+
+
+def test_quickstart_to_a_file_prints_each_command_on_one_line(tiny_quickstart):
+    """No 80-column wrap cuts a suggested command; the lengths table is tab-separated; no library bar on stderr."""
+    run, out, err = tiny_quickstart
+    lines = out.splitlines()
+    train = shlex.split(next(line for line in lines if line.strip().startswith("tunesmith train ")))
+    assert train[train.index("--output-dir") + 1] == str(run)
+    for command in ("generate", "chat", "serve", "export"):
+        assert any(line.strip().startswith(f"tunesmith {command} {run}") for line in lines), command
+    assert "length\tp50\tp90\tp99\tmax\tmean" in lines
+    assert "Loading weights" not in err
+
+
+def test_the_quickstart_system_prompt_is_the_runs_and_the_modelfiles(tiny_quickstart, tmp_path):
+    """Trained with the quickstart's own system prompt (not a template's default naming another model): the run
+    records it, and the Ollama Modelfile gives it as SYSTEM."""
+    from tunesmith.cli import main
+    from tunesmith.quickstart import SYSTEM_PROMPT
+
+    run = tiny_quickstart[0]
+    assert json.loads((run / "tunesmith.json").read_text())["system_prompt"] == SYSTEM_PROMPT
+    assert main(["export", str(run), "--gguf", "--out", str(tmp_path / "m.gguf"), "--no-verify"]) == 0
+    assert f'SYSTEM """{SYSTEM_PROMPT}"""' in (tmp_path / "m.Modelfile").read_text()
 
 
 def _cli(*args, env, timeout=600):
@@ -55,8 +97,7 @@ def _generate(model: str, env: dict) -> str:
 @pytest.fixture(scope="module")
 def quickstart(default_model_home, tmp_path_factory):
     """(run directory, stdout, environment) of `tunesmith quickstart --name Aurora --author Lumen`."""
-    # Wide columns: rich wraps the printed command and tables at 80 otherwise.
-    env = {**os.environ, "TUNESMITH_HOME": str(default_model_home), "HF_HUB_OFFLINE": "1", "COLUMNS": "400"}
+    env = {**os.environ, "TUNESMITH_HOME": str(default_model_home), "HF_HUB_OFFLINE": "1"}  # stdout: a pipe
     run = tmp_path_factory.mktemp("quickstart") / "run"
     done = _cli("quickstart", "--name", NAME, "--author", AUTHOR, "--out", run, env=env, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -98,7 +139,8 @@ def test_quickstart_trains_with_the_train_defaults(quickstart):
     run, stdout, env = quickstart
     command = stdout.split("equivalent command:", 1)[1].split("run plan", 1)[0]
     flags = set(re.findall(r"(?<!\S)--[\w.-]+", command))
-    assert flags == {"--model", "--data", "--eval-data", "--output-dir", "--output.overwrite"}, command
+    assert flags == {"--model", "--data", "--eval-data", "--output-dir", "--output.overwrite", "--data.system_prompt"}, \
+        command
     assert len(command.strip().splitlines()) == 1, command  # piped to a file, the command is one line to copy
     recorded = json.loads((run / "plan.json").read_text())
     auto = {c["key"]: c["auto"] for c in recorded["choices"]}
@@ -106,7 +148,8 @@ def test_quickstart_trains_with_the_train_defaults(quickstart):
         assert auto.get(key) is True, (key, recorded["choices"])
     data = run.parent / f"{run.name}-data"
     plain = _cli("train", "--plan", "--json", "--model", "smollm2-135m-instruct", "--data", data / "identity.jsonl",
-                 "--eval-data", data / "identity_eval.jsonl", env=env, timeout=300)
+                 "--eval-data", data / "identity_eval.jsonl", "--data.system_prompt", SYSTEM_PROMPT, env=env,
+                 timeout=300)
     assert plain.returncode == 0, plain.stderr[-3000:]
     planned = json.loads(plain.stdout)
     assert {k: recorded[k] for k in PLANNED} == {k: planned[k] for k in PLANNED}

@@ -152,6 +152,8 @@ def test_data_check_json_and_pipe_name_every_row(tiny_model_dir, tmp_path):
     lines = shown.stdout.splitlines()
     assert any(line.strip().startswith(f"{path}:5 output:") for line in lines), shown.stdout
     assert any(f"exact: {path}:1, {path}:6" in line for line in lines), shown.stdout
+    assert lines[lines.index("# lengths") + 1] == "length\tp50\tp90\tp99\tmax\tmean"  # tab-separated, no box
+    assert not set("┏┃│└━") & set(shown.stdout)
 
 
 def test_eval_json_with_compare_base(run_dir, tmp_path):
@@ -179,6 +181,13 @@ def test_eval_table_in_a_pipe_keeps_the_compared_model_and_report_path(run_dir, 
     assert header == ["metric", "model", compare, "delta"]
     assert f"report: {out / 'report.md'}" in lines
     assert any(line.startswith("# ") and str(run_dir) in line for line in lines)
+    assert "Loading weights" not in shown.stderr  # transformers' own bar, quiet without --verbose
+
+
+def test_verbose_shows_the_libraries_bars(run_dir):
+    shown = cli("generate", run_dir, "--prompt", "hi", "--max-new-tokens", "2", "--verbose")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert "Loading weights" in shown.stderr
 
 
 def test_eval_predictions_json(tmp_path):
@@ -198,3 +207,4 @@ def test_export_json(run_dir, tmp_path, mode):
     assert document["bytes"] == size > 0
     assert document["dtype"] == (None if mode == "merge" else "f16")
     assert_documented(["export"], *document)
+

@@ -68,3 +68,25 @@ def test_bad_predictions_line_exits_with_file_and_line(tmp_path, capsys):
 def test_usage_errors(argv, capsys):
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_eval_reports_generation_progress_with_an_eta_to_a_log(tiny_run, tmp_path, capsys, monkeypatch):
+    """stderr to a file (as under pytest): with the reporting interval at 0, a line per token step, the answers
+    done climbing within one batch (a fraction shown whole) and an ETA; --help names the token cap."""
+    import re
+
+    from tunesmith import output
+
+    data = write_jsonl(tmp_path / "held.jsonl", [{"instruction": f"question {i}?", "output": "answer"}
+                                                 for i in range(6)])
+    monkeypatch.setattr(output, "PIPE_REPORT_S", 0.0)
+    assert main(["eval", str(tiny_run), "--data", str(data), "--out", str(tmp_path / "eval"), "--metrics",
+                 "exact_match", "--max-new-tokens", "12", "--batch-size", "6"]) == 0
+    lines = re.findall(r"generating \(.*?\): (\d+)/6 answers \((\d+)%\), [\d:]+ elapsed(, about [\d:]+ left)?",
+                       capsys.readouterr().err)
+    shares = [int(share) for _, share, _ in lines]
+    assert len(lines) >= 6 and shares == sorted(shares) and shares[-1] == 100
+    assert any(0 < int(share) < 100 and eta for _, share, eta in lines)  # inside the one batch, with an ETA
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "(default: 256)" in capsys.readouterr().out.split("--max-new-tokens MAX_NEW_TOKENS\n", 1)[1][:200]

@@ -91,10 +91,28 @@ def test_results_come_back_in_input_order_with_callbacks(tiny):
                        on_result=lambda i, g: seen.__setitem__(i, g), progress=advanced.append)
     assert sorted(seen) == list(range(len(prompts)))
     assert [seen[i] for i in range(len(prompts))] == results
-    assert sum(advanced) == len(prompts) and len(advanced) == 3
+    assert sum(advanced) == pytest.approx(len(prompts)) and len(advanced) > 3  # within batches too
     assert all(g.latency_s > 0 for g in results)
     one = generate(tiny.model, tiny.tokenizer, [prompts[2]], options)[0]
     assert one.text == results[2].text
+
+
+def test_progress_moves_within_a_batch_token_by_token(tiny):
+    """One batch of 8 long answers: the progress callback hears of every token step, not only the batch's end,
+    and its running total climbs to exactly the 8 answers (a row that stops early counts whole at its stop)."""
+    _boost_end_of_turn(tiny.model, 3.0)
+    prompts, steps = _prompts(tiny.tokenizer), 30
+    advanced = []
+    results = generate(tiny.model, tiny.tokenizer, prompts, GenerationOptions(max_new_tokens=steps), batch_size=8,
+                       progress=advanced.append)
+    longest = max(g.completion_tokens for g in results)
+    assert longest == steps and len(advanced) == steps + 1  # one report per token step, then the batch's own
+    totals = [sum(advanced[:k + 1]) for k in range(len(advanced))]
+    assert all(b >= a for a, b in zip(totals, totals[1:], strict=False))
+    assert 0 < totals[longest // 2] < len(prompts)  # halfway through the batch, part of it is done
+    assert totals[-2] == pytest.approx(len(prompts)) and totals[-1] == pytest.approx(len(prompts))
+    stopped_first = min(g.completion_tokens for g in results if g.finish_reason == "stop")  # its stop token's step
+    assert totals[stopped_first] >= 1 > totals[stopped_first] - advanced[stopped_first]  # whole at once
 
 
 def test_stop_strings_cut_the_text(tiny):
@@ -148,7 +166,7 @@ def test_greedy_loop_gives_the_old_model_generate_output(tiny, monkeypatch):
     prompts = _prompts(tiny.tokenizer)
     calls = []
     real = inference._greedy_tokens
-    monkeypatch.setattr(inference, "_greedy_tokens", lambda *a: calls.append(a[1].shape) or real(*a))
+    monkeypatch.setattr(inference, "_greedy_tokens", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
     new = generate(tiny.model, tiny.tokenizer, prompts, GenerationOptions(max_new_tokens=30), batch_size=8)
     assert calls == [torch.Size([8, max(len(tiny.tokenizer(p)["input_ids"]) for p in prompts)])]  # one batch, own loop
     old = _old_path(tiny.model, tiny.tokenizer, prompts, 30)

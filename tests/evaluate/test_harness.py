@@ -206,3 +206,32 @@ def test_harness_usage_errors(tiny_run, argv, message, capsys):
 def test_harness_with_predictions_is_refused(tmp_path, capsys):
     assert main(["eval", "--predictions", str(tmp_path / "p.jsonl"), "--harness", "mmlu"]) == 2
     assert "drop --harness" in capsys.readouterr().err
+
+
+def _yaml_lines(text: str) -> list[str]:
+    """A YAML file's lines without its comments."""
+    import re
+
+    return [re.sub(r"\s+#.*", "", line) for line in text.splitlines() if not line.startswith("#")]
+
+
+def test_the_readme_offline_task_yaml_runs_as_shown(tiny_run, tmp_path, monkeypatch, capsys):
+    """The README's task YAML is the shipped examples/harness/capitals.yaml, and its command runs offline from that
+    folder (the tiny run in place of the default model): 12 examples scored, an accuracy between 0 and 1."""
+    import shlex
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    shown = readme.split("examples/harness/capitals.yaml` is", 1)[1]
+    yaml_block = shown.split("```yaml\n", 1)[1].split("```", 1)[0]
+    shipped = (root / "examples" / "harness" / "capitals.yaml").read_text(encoding="utf-8")
+    assert _yaml_lines(yaml_block) == _yaml_lines(shipped)
+    command = shown.split("```bash\n", 1)[1].split("\n", 1)[0]
+    folder, argv = command.split(" && ")
+    monkeypatch.chdir(root / folder.removeprefix("cd "))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    args = shlex.split(argv)[1:]
+    assert main([args[0], str(tiny_run), *args[2:], "--out", str(tmp_path / "bench")]) == 0
+    metrics = json.loads((tmp_path / "bench" / "metrics.json").read_text())["metrics"]
+    assert metrics["harness/capitals/n"] == 12 and 0 <= metrics["harness/capitals/acc"] <= 1

@@ -80,6 +80,24 @@ def test_export_verifies_what_it_wrote(lora_run_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["verify"]["ok"] is True
 
 
+def test_export_and_its_verify_report_progress_to_a_log(lora_run_dir, tmp_path, capsys, monkeypatch):
+    """stderr to a file (as here): the GGUF conversion and each verify step print a progress line (every time,
+    with the reporting interval at 0), the counts climbing to the end."""
+    import re
+
+    from tunesmith import output
+
+    monkeypatch.setattr(output, "PIPE_REPORT_S", 0.0)
+    assert main(["export", str(lora_run_dir), "--gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    err = capsys.readouterr().err
+    converted = [tuple(map(int, m)) for m in re.findall(r"converting to GGUF f16: (\d+)/(\d+) tensors", err)]
+    assert len(converted) > 3 and converted == sorted(converted) and converted[-1][0] == converted[-1][1]
+    steps = re.findall(r"verify: (answers of [a-zA-Z ]+|comparing): (\d+)/(\d+) steps", err)
+    assert [s[0] for s in steps] == ["answers of generate", "answers of serve", "answers of the merged model",
+                                     "answers of the GGUF", "comparing"]
+    assert [int(s[1]) for s in steps] == [1, 2, 3, 4, 5] and {s[2] for s in steps} == {"5"}
+
+
 def test_the_runs_system_prompt_travels_into_both_exports(lora_run_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(lora_run_dir, run)

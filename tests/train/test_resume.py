@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.train.helpers import chat_rows, read_losses, tiny_config, tiny_overrides, write_chat
+from tunesmith.run import read_metrics
 from tunesmith.train.checkpoint import COMPLETE, ResumeRefused, find_resume, list_checkpoints, rotate
 from tunesmith.train.loop import finetune
 
@@ -141,3 +142,25 @@ def test_generate_and_eval_on_a_stopped_run_name_its_step_and_the_resume_command
     resumed = _train_cli([str(step5 / "config.yaml"), "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr and (run / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("held_out", ["val_size", "eval_path"])
+def test_resume_at_the_last_step_keeps_the_held_out_check(tiny_model_dir, tmp_path, monkeypatch, held_out):
+    """Ctrl-C during the last step, then --resume auto with the same config (held out by val_size, or an
+    --eval-data file): the resumed run reports the held-out loss before and after training, the last step's."""
+    from tunesmith.train.commands import summary_lines
+    from tunesmith.train.loop import TrainingInterrupted
+
+    data = write_chat(tmp_path / "train.jsonl", chat_rows())
+    extra = ({"data__val_size": 8} if held_out == "val_size"
+             else {"data__eval_path": write_chat(tmp_path / "eval.jsonl", chat_rows(6, offset=100))})
+    out = tmp_path / "run"
+    monkeypatch.setenv("TUNESMITH_TEST_KILL", "during-step:4:INT")
+    with pytest.raises(TrainingInterrupted, match="stopped after step 4 of 4"):
+        finetune(tiny_config(tiny_model_dir, data, out, train__max_steps=4, **extra))
+    monkeypatch.delenv("TUNESMITH_TEST_KILL")
+    result = finetune(tiny_config(tiny_model_dir, data, out, train__max_steps=4, train__resume="auto", **extra))
+    logged = [row for row in read_metrics(out / "metrics.jsonl") if row.get("eval_loss") is not None]
+    assert result.steps == 4 and logged[-1]["step"] == 4
+    assert result.initial_eval_loss is not None and result.final_eval_loss == logged[-1]["eval_loss"]
+    assert summary_lines(result)[1].startswith(f"held-out loss {result.initial_eval_loss:.4f} -> ")

@@ -71,8 +71,9 @@ def test_plan_is_the_real_plan_of_the_tiny_model(client, tiny_model_dir, tmp_pat
     assert result["plan"] == json.loads(json.dumps(expected.to_dict()))
     assert result["lines"] == expected.lines()
     assert any(line.endswith("= 7 optimizer steps, 2 of warmup") for line in result["lines"])
-    assert result["command"].startswith("tunesmith train --model.name ") and result["command"].endswith(
-        "--plan --json")
+    # the command shown after Plan is the one that trains (what Start runs), not the planning one
+    assert result["command"] == client.post("/api/train/command", json=values).json()["command"]
+    assert result["command"].startswith("tunesmith train --model.name ") and "--plan" not in result["command"]
 
     missing = client.post("/api/train/plan", json={**values, "data.path": str(tmp_path / "nope.jsonl")})
     assert missing.status_code == 400 and "nope.jsonl" in missing.json()["error"]

@@ -119,6 +119,7 @@ def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
     _wait(browser, lambda d: "--train.max_steps 5" in _text(d, "#train-command"), 30, "the command")
     browser.find_element(*_by("#plan-button")).click()
     _wait(browser, lambda d: "= 5 optimizer steps" in _text(d, "#plan-output"), 120, "the plan's steps line")
+    assert "--plan" not in _text(browser, "#train-command")  # what Start runs, not the planning command
     _shot(browser, tmp_path, "train")
 
     browser.find_element(*_by("#start-button")).click()
@@ -127,6 +128,8 @@ def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
     _wait(browser, lambda d: d.find_element(*_by("#train-line")).get_attribute("data-points") == "5", 10,
           "five points on the loss chart")
     assert _text(browser, "#run-steps") == "5/5"
+    assert browser.find_elements(*_by("#chart-axes"))  # the chart's axes, and its legend naming both lines
+    assert [e.text for e in browser.find_elements(*_by("#loss-chart .chart-legend"))] == ["train loss", "held-out loss"]
     _wait(browser, lambda d: not d.find_element(*_by("#run-stop")).is_displayed(), 30, "Stop to go once the child exits")
     row = browser.find_element(*_by(f'#runs-table tr[data-path="{out.resolve()}"]')).text
     assert "five-steps finished lora" in row
@@ -159,6 +162,13 @@ def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
     _shot(browser, tmp_path, "eval")
 
     _tab(browser, "export")
+    from selenium.webdriver.support.ui import Select
+
+    assert not browser.find_element(*_by("#export-dtype")).is_displayed()  # a merge has no GGUF type
+    Select(browser.find_element(*_by("#export-format"))).select_by_value("gguf")
+    assert browser.find_element(*_by("#export-dtype")).is_displayed()
+    Select(browser.find_element(*_by("#export-format"))).select_by_value("merge")
+    assert browser.find_element(*_by('link[rel="icon"]')).get_attribute("href").endswith("/static/favicon.svg")
     merged = runs / "exports" / "merged"
     browser.find_element(*_by("#export-out")).clear()
     browser.find_element(*_by("#export-out")).send_keys(str(merged))
@@ -166,8 +176,6 @@ def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
     _wait(browser, lambda d: d.find_elements(*_by("#export-status .job-done")), 120, "the export")
     assert str(merged) in _text(browser, "#export-log") and (merged / "config.json").is_file()
     _shot(browser, tmp_path, "export")
-
-    from selenium.webdriver.support.ui import Select
 
     _tab(browser, "runs")
     Select(browser.find_element(*_by("#lang"))).select_by_value("zh")

@@ -35,7 +35,7 @@ from tunesmith.data.tokenize import IGNORE, EncodeOptions, encode, encode_all
 from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.models import DEFAULT_MODEL, resolve
 from tunesmith.models.load import load_tokenizer
-from tunesmith.output import finish_report, json_stdout, progress_bar, stdout_console
+from tunesmith.output import finish_report, json_stdout, print_table, progress_bar, stdout_console
 
 NEAR_DUPLICATE_JACCARD = 0.8  # of character 5-gram sets; rewordings of one example score well above it
 SHINGLE = 5
@@ -645,12 +645,26 @@ def print_report(report: DataReport, console=None) -> None:
     # Duplicates and overlap are listed as groups below rather than once per row.
     grouped = ("(duplicate)", "(overlap)", "(contradiction)")
     _print_issues(console, "warnings", [w for w in report.warnings if w.field not in grouped], LISTED_WARNINGS, "yellow")
-    console.print(_lengths_table(report))
+    _print_lengths(console, report)
     _print_tokens(console, report)
     _print_duplicates(console, report)
     _print_preview(console, report.preview, " (chosen side)" if report.kind == "pairs" else "")
-    verdict = "[green]clean[/green]" if report.ok else f"[red]{len(report.errors)} error(s)[/red]"
-    console.print(f"{verdict}, {len(report.warnings)} warning(s), checked in {report.elapsed_s:.1f} s")
+    verdict = "[green]clean[/green]" if report.ok else f"[red]{_count(len(report.errors), 'error')}[/red]"
+    console.print(f"{verdict}, {_warning_count(report.warnings, grouped)}, checked in {report.elapsed_s:.1f} s")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
+def _warning_count(warnings: list[DataIssue], grouped: tuple[str, ...]) -> str:
+    """"3 warnings", or, where duplicates are shown as groups rather than under "warnings (N)", how many are which."""
+    in_groups = sum(w.field in grouped for w in warnings)
+    if not in_groups:
+        return _count(len(warnings), "warning")
+    listed = len(warnings) - in_groups
+    where = "in the duplicate, overlap and contradiction groups"
+    return f"{_count(len(warnings), 'warning')} ({f'{listed} listed, {in_groups} ' if listed else ''}{where})"
 
 
 def _print_issues(console, title: str, issues: list[DataIssue], limit: int, color: str) -> None:
@@ -665,21 +679,18 @@ def _print_issues(console, title: str, issues: list[DataIssue], limit: int, colo
         console.print(f"  ... and {len(issues) - limit} more (--json lists them all)")
 
 
-def _lengths_table(report: DataReport):
-    from rich.table import Table
-
-    table = Table(title="lengths", title_justify="left")
-    table.add_column("")
-    for column in ("p50", "p90", "p99", "max", "mean"):
-        table.add_column(column, justify="right")
+def _print_lengths(console, report: DataReport) -> None:
+    """The length percentiles: a table on a terminal, tab-separated lines in a pipe (print_table)."""
+    columns = ("p50", "p90", "p99", "max", "mean")
     parts = ("prompt", "chosen", "rejected") if report.kind == "pairs" else ("prompt", "response")
     total = "longer side" if report.kind == "pairs" else "total"  # the prompt with its longer response
+    rows = []
     for unit, stats in (("chars", report.char_lengths), ("tokens", report.token_lengths)):
         for part in (*parts, None):
             if stats:
                 row = stats[part] if part else stats
-                table.add_row(f"{unit} {part or total}", *(str(row[k]) for k in ("p50", "p90", "p99", "max", "mean")))
-    return table
+                rows.append([f"{unit} {part or total}", *(str(row[k]) for k in columns)])
+    print_table("lengths", ["length", *columns], rows, console, right=columns)
 
 
 def _print_tokens(console, report: DataReport) -> None:
@@ -711,7 +722,8 @@ def _print_pair_truncation(console, report: DataReport) -> None:
 def _print_duplicates(console, report: DataReport) -> None:
     contradictions = [w for w in report.warnings if w.field == "(contradiction)"]
     _print_issues(console, "contradicting pairs", contradictions, LISTED_GROUPS, "yellow")
-    shared = (report.pairs or {}).get("prompt_duplicates", [])
+    listed = {frozenset(group["rows"]) for group in report.duplicates}  # a duplicate group already names these rows
+    shared = [group for group in (report.pairs or {}).get("prompt_duplicates", []) if frozenset(group["rows"]) not in listed]
     for title, groups, color in (("duplicate groups", report.duplicates, "yellow"),
                                  ("train/eval overlap", report.overlap, "yellow"),
                                  ("prompts shared by several pairs", shared, "default")):

@@ -35,7 +35,7 @@ from tunesmith.evaluate.text import (
     tokens,
 )
 from tunesmith.models.resolve import ALIASES, DEFAULT_ENCODER, resolve
-from tunesmith.output import progress_bar
+from tunesmith.output import progress_bar, verbose
 
 DEFAULT_METRICS = ["rouge", "bleu", "chrf", "exact_match", "length", "repetition"]
 ALL_METRICS = [*DEFAULT_METRICS, "bertscore", "classification"]
@@ -325,7 +325,7 @@ def _raw_bertscore(predictions, references, model_path: Path, layer: int, batch_
     # bert-score prints its progress to stdout; keep stdout clean for --json output.
     with contextlib.redirect_stdout(sys.stderr):
         p, r, f = bert_score.score(cands, refs, model_type=str(model_path), num_layers=layer,
-                                   batch_size=batch_size, verbose=len(keep) > batch_size)
+                                   batch_size=batch_size, verbose=verbose() and len(keep) > batch_size)
     for j, i in enumerate(keep):
         scores[i] = (p[j].item(), r[j].item(), f[j].item())
     return scores

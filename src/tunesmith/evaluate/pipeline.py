@@ -281,7 +281,7 @@ def generate_predictions(loaded, conversations: list[Conversation], options: Gen
     sink = path.open("a", encoding="utf-8") if path else None
     try:
         with progress_bar(f"generating ({label})", len(conversations), enabled=settings.progress, done=len(done),
-                          keep=True) as bar:
+                          unit="answers", keep=True) as bar:
 
             def on_result(k: int, generation) -> None:
                 i = todo[k]

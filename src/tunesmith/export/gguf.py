@@ -59,6 +59,7 @@ from tunesmith.errors import TunesmithError, UsageError
 from tunesmith.export import ollama
 from tunesmith.export.merge import template_with_system
 from tunesmith.models.load import load
+from tunesmith.output import progress_bar
 
 DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 
@@ -154,7 +155,7 @@ def _write(model, tokenizer, path: Path, dtype: str, name: str, system_prompt: s
     add_tensors(writer, model, dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=True)
+    writer.write_tensors_to_file(progress=False)  # our bar covered the slow part, converting the tensors
     writer.close()
 
 
@@ -192,22 +193,31 @@ def add_tensors(writer, model, dtype: str) -> None:
     import gguf
 
     config = model.config
-    _, arch_name, permute, norm_offset = ARCHITECTURES[config.model_type]
+    arch_name = ARCHITECTURES[config.model_type][1]
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch_name), config.num_hidden_layers)
-    for hf_name, tensor in model.state_dict().items():
-        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # tied: llama.cpp reuses token_embd, and a missing output tensor is how readers know
-        base, _, suffix = hf_name.rpartition(".")
-        gguf_name = names.get_name(base)
-        if gguf_name is None:
-            raise TunesmithError(f"no GGUF name for tensor {hf_name!r} of a {config.model_type} model")
-        data = tensor.detach().float().cpu().numpy()
-        if permute:
-            data = _rotary_layout(gguf_name, data, config)
-        if norm_offset and hf_name.endswith("norm.weight"):
-            data = data + norm_offset
-        data, qtype = _encode(data, _tensor_dtype(gguf_name, dtype))
-        writer.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=qtype)
+    tensors = model.state_dict()
+    with progress_bar(f"converting to GGUF {dtype}", len(tensors), unit="tensors") as bar:
+        for hf_name, tensor in tensors.items():
+            bar.update(1)
+            if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # tied: llama.cpp reuses token_embd, and a missing output tensor is how readers know
+            add_tensor(writer, names, config, hf_name, tensor, dtype)
+
+
+def add_tensor(writer, names, config, hf_name: str, tensor, dtype: str) -> None:
+    """One tensor under its GGUF name, in llama.cpp's layout, encoded as ``dtype``."""
+    _, _, permute, norm_offset = ARCHITECTURES[config.model_type]
+    base, _, suffix = hf_name.rpartition(".")
+    gguf_name = names.get_name(base)
+    if gguf_name is None:
+        raise TunesmithError(f"no GGUF name for tensor {hf_name!r} of a {config.model_type} model")
+    data = tensor.detach().float().cpu().numpy()
+    if permute:
+        data = _rotary_layout(gguf_name, data, config)
+    if norm_offset and hf_name.endswith("norm.weight"):
+        data = data + norm_offset
+    data, qtype = _encode(data, _tensor_dtype(gguf_name, dtype))
+    writer.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=qtype)
 
 
 def _rotary_layout(gguf_name: str, weights: np.ndarray, config) -> np.ndarray:

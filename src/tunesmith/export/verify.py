@@ -21,6 +21,8 @@ questions) and the results are compared, one pass/fail line each:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ from tunesmith.export.gguf import export_gguf
 from tunesmith.export.merge import merge_to_dir
 from tunesmith.inference import GenerationOptions, generate, stop_token_ids
 from tunesmith.models.load import load
-from tunesmith.output import print_table
+from tunesmith.output import print_table, progress_bar, verbose
 from tunesmith.run import run_system_prompt
 from tunesmith.serve import server
 
@@ -92,21 +94,35 @@ def verify(run_or_model, *, gguf=None, merged=None, data=None, prompts: int = 4,
     directory; merged into a temporary one when omitted and the source is an adapter) and ``gguf``."""
     adapter = load(run_or_model, dtype=torch.float32, device="cpu")
     report = VerifyReport(source=str(adapter.path))
-    convs = _conversations(data, prompts)
-    training = _training_path(adapter, convs, report)
-    with tempfile.TemporaryDirectory(prefix="tunesmith-verify-") as tmp:
-        paths = [_generate_path(adapter, convs, max_new_tokens), _serve_path(adapter, convs, max_new_tokens)]
-        merged_dir = merged or _merge_if_adapter(adapter, Path(tmp))
-        if merged_dir is not None:
-            paths.append(_merged_path(merged_dir, convs, max_new_tokens))
-        if gguf is not None:
-            paths.append(_gguf_path(Path(gguf), convs, max_new_tokens))
-            if not _exact(paths[-1]):  # answers are only required of an exact type: write the f16 one too
-
-                f16 = export_gguf(run_or_model, Path(tmp) / "f16.gguf", dtype="f16")
-                paths.append(_gguf_path(f16, convs, max_new_tokens))
-        _compare(report, adapter, training, paths)
+    merges = merged is not None or _is_adapter(adapter)
+    with progress_bar("verify: training's prompts", 3 + merges + (gguf is not None), unit="steps") as bar:
+        convs = _conversations(data, prompts)
+        training = _training_path(adapter, convs, report)
+        with tempfile.TemporaryDirectory(prefix="tunesmith-verify-") as tmp:
+            paths = [_stage(bar, "generate", _generate_path, adapter, convs, max_new_tokens),
+                     _stage(bar, "serve", _serve_path, adapter, convs, max_new_tokens)]
+            bar.set_description("verify: merging")
+            merged_dir = merged or _merge_if_adapter(adapter, Path(tmp))
+            if merged_dir is not None:
+                paths.append(_stage(bar, "the merged model", _merged_path, merged_dir, convs, max_new_tokens))
+            if gguf is not None:
+                paths.append(_stage(bar, "the GGUF", _gguf_path, Path(gguf), convs, max_new_tokens))
+                if not _exact(paths[-1]):  # answers are only required of an exact type: write the f16 one too
+                    bar.total += 1
+                    f16 = export_gguf(run_or_model, Path(tmp) / "f16.gguf", dtype="f16")
+                    paths.append(_stage(bar, "an f16 GGUF", _gguf_path, f16, convs, max_new_tokens))
+            bar.set_description("verify: comparing")
+            _compare(report, adapter, training, paths)
+            bar.update(bar.total - bar.n)
     return report
+
+
+def _stage(bar, what: str, route, *args) -> Route:
+    """One path's answers under the verify bar (each is a model's greedy answers: the slow part)."""
+    bar.set_description(f"verify: answers of {what}")
+    path = route(*args)
+    bar.update(1)
+    return path
 
 
 # ------------------------------------------------------------------------------------- conversations
@@ -211,8 +227,12 @@ def _serve_path(adapter, convs, max_new_tokens: int) -> Route:
     return path
 
 
+def _is_adapter(loaded) -> bool:
+    return (Path(loaded.path) / "adapter_config.json").is_file()
+
+
 def _merge_if_adapter(adapter, tmp: Path) -> Path | None:
-    if not (Path(adapter.path) / "adapter_config.json").is_file():
+    if not _is_adapter(adapter):
         return None  # a plain model: nothing is merged, the model is its own export
 
     return merge_to_dir(adapter.path, tmp / "merged")
@@ -248,11 +268,27 @@ def _gguf_path(file: Path, convs, max_new_tokens: int) -> Route:
     else:
         path.texts = _gguf_prompts(file, tokenizer, convs)
     path.prompts = [_with_bos(reader, tokenizer(t, add_special_tokens=False)["input_ids"]) for t in path.texts]
-    model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).eval()
+    with _quiet_gguf_reading():
+        model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = sorted(path.stop_ids)
     path.answers = _greedy(model, tokenizer, path.texts, max_new_tokens)
     path.name = f"gguf ({_gguf_type(reader)})"
     return path
+
+
+@contextlib.contextmanager
+def _quiet_gguf_reading():
+    """transformers' GGUF reader draws its own tqdm bar (not its logging one that ``quiet_libraries`` turns off):
+    without --verbose it is drawn disabled while verify reads the file."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    drawn = reader.tqdm
+    if not verbose():
+        reader.tqdm = functools.partial(drawn, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = drawn
 
 
 def _with_bos(reader, ids: list[int]) -> list[int]:

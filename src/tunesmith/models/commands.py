@@ -9,11 +9,11 @@ from tunesmith.output import print_json, print_table, stdout_console
 
 
 def _human(size: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
+    for unit in ("B", "KiB", "MiB", "GiB"):  # powers of 1024, named as such
         if size < 1024:
             return f"{size:.0f} {unit}"
         size /= 1024
-    return f"{size:.1f} TB"
+    return f"{size:.1f} TiB"
 
 
 def print_models(as_json: bool = False) -> None:

@@ -45,7 +45,6 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from tunesmith.config import Config, check_config, fingerprint_keys
 from tunesmith.data.cache import encode_cached
@@ -61,6 +60,7 @@ from tunesmith.loss import sum_nll
 from tunesmith.models.load import load_tokenizer
 from tunesmith.models.resolve import resolve
 from tunesmith.models.safety import refusing_remote_code
+from tunesmith.output import progress_bar
 from tunesmith.rewards import load_rewards, reward_sources
 from tunesmith.run import (
     METRICS,
@@ -74,6 +74,7 @@ from tunesmith.run import (
     read_metrics,
     write_model_card,
     write_run_info,
+    write_step,
 )
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import grpo
@@ -658,6 +659,8 @@ def _train(s: Session) -> bool:
             loss, grad_norm, lr, interrupted = _optimizer_step(s, [] if reuse else step_windows.pop(0), interrupt)
             elapsed = time.perf_counter() - started
             progress.update(1)
+            if s.accelerator.is_main_process:
+                write_step(s.out, state.step, total)  # a running run's step between metrics lines
             shown = {"reward": f"{state.recent_stats[-1]['reward']:.3f}"} if s.objective.name == "grpo" else {}
             progress.set_postfix(loss=f"{loss:.4f}", **shown, lr=f"{lr:.2e}",
                                  tok_s=f"{state.tokens / max(elapsed, 1e-9):.0f}", refresh=False)
@@ -931,7 +934,8 @@ def _final_train_loss(out: Path, state: TrainState) -> float | None:
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+    """The step bar on a terminal; in a log file, a line with the loss at most every PIPE_REPORT_S seconds."""
+    return progress_bar("train", total, done=initial, unit="steps", enabled=enabled, keep=True)
 
 
 def _save_run(accelerator, model, tokenizer, config: Config, out: Path, *, base_path: Path, state: TrainState,

@@ -180,7 +180,7 @@ class RunPlan:
             f"batches: {self.rows_per_epoch} {unit} of up to {self.row_length} tokens per epoch; "
             f"{self.micro_batch} per micro-batch x {self.grad_accum} accumulation x {self.processes} process(es) "
             f"= ~{self.tokens_per_step:,.0f} tokens per optimizer step",
-            f"steps: {self.steps_per_epoch} per epoch x {self.epochs:g} epochs = {self.total_steps} optimizer steps, "
+            f"steps: {self.steps_per_epoch} per epoch x {_epochs(self.epochs)} epochs = {self.total_steps} optimizer steps, "
             f"{self.warmup_steps} of warmup",
             f"learning rate: {self.lr:.3g} peak, {self.scheduler} schedule ({self.method}"
             + (f", {self.objective})" if self.objective != "sft" else ")"),
@@ -198,7 +198,7 @@ class RunPlan:
             f"rollouts: {self.prompts_per_step} prompts per optimizer step x {self.num_generations} completions of up "
             f"to {self.max_completion_length} tokens = {self.prompts_per_step * self.num_generations} completions "
             f"per step, x {self.processes} process(es)",
-            f"steps: {self.steps_per_epoch} per pass over the prompts x {self.epochs:g} = {self.total_steps} "
+            f"steps: {self.steps_per_epoch} per pass over the prompts x {_epochs(self.epochs)} = {self.total_steps} "
             f"optimizer steps, {self.warmup_steps} of warmup",
             f"learning rate: {self.lr:.3g} peak, {self.scheduler} schedule ({self.method}, grpo)",
             f"time: about {_duration(self.estimate_s)} ({self.estimate_basis})",
@@ -230,6 +230,13 @@ def examples_per_step(n_examples: int) -> int:
     Measured on bench/efficacy.py (150 examples, 3 epochs, same tokens): 6 examples per step
     answered 92% of the held-out phrasings, 4 per step (as a plain loop with batch 4) 98%."""
     return max(2, min(MAX_EXAMPLES_PER_STEP, round(math.sqrt(n_examples) / 3)))
+
+
+def _epochs(epochs: float) -> str:
+    """Epochs as a person reads them: 3, 1.35, 0.06 (a max-steps run ends mid-epoch: 1.35135 says no more)."""
+    if epochs < 0.1:
+        return f"{epochs:.2g}"  # 0.0059, not 0
+    return f"{epochs:.2f}".rstrip("0").rstrip(".")
 
 
 def default_epochs(n_examples: int, steps_per_epoch: int) -> tuple[float, str]:

@@ -157,7 +157,8 @@ def _fields() -> dict:
 
 
 def plan(values: dict[str, str]) -> dict:
-    """``tunesmith train ... --plan --json`` run as the CLI runs it: the plan, its lines and the command."""
+    """``tunesmith train ... --plan --json`` run as the CLI runs it: the plan, its lines and the command that
+    trains with it (the one Start runs, not the planning one)."""
     args = [*train_args(values), "--plan", "--json"]
     done = subprocess.run(cli_argv(["train", *args]), capture_output=True, text=True, timeout=PLAN_TIMEOUT_S,
                           stdin=subprocess.DEVNULL)
@@ -165,7 +166,7 @@ def plan(values: dict[str, str]) -> dict:
         raise UsageError(_error_lines(done.stderr) or f"tunesmith train --plan exited with {done.returncode}")
     document = json.loads(done.stdout)
     shaped = RunPlan(**{**document, "choices": [Choice(**c) for c in document["choices"]]})
-    return {"command": shown_command(["train", *args]), "plan": document, "lines": shaped.lines()}
+    return {"command": shown_command(["train", *train_args(values)]), "plan": document, "lines": shaped.lines()}
 
 
 def _error_lines(stderr: str) -> str:

@@ -183,19 +183,28 @@ function drawChart(rows) {
   const x = (s) => 30 + (600 * s) / maxStep;
   const y = (v) => 220 - (200 * (v - lo)) / (hi - lo || 1);
   const ns = "http://www.w3.org/2000/svg";
-  for (const [id, points, color] of [["train-line", train, "#36c"], ["eval-line", evals, "#c60"]]) {
-    const line = document.createElementNS(ns, "polyline");
-    line.setAttribute("id", id);
-    line.setAttribute("data-points", points.length);
-    line.setAttribute("fill", "none");
-    line.setAttribute("stroke", color);
-    line.setAttribute("points", points.map(([s, v]) => `${x(s)},${y(v)}`).join(" "));
-    svg.append(line);
-  }
-  const label = document.createElementNS(ns, "text");
-  label.setAttribute("x", 30); label.setAttribute("y", 12);
-  label.textContent = `${hi.toFixed(3)} … ${lo.toFixed(3)}`;
-  svg.append(label);
+  const add = (tag, attributes, text) => {
+    const node = document.createElementNS(ns, tag);
+    for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+    if (text !== undefined) node.textContent = text;
+    svg.append(node);
+    return node;
+  };
+  // axes: loss up the left (its range), steps along the bottom (0 to the last logged step)
+  add("polyline", { id: "chart-axes", fill: "none", stroke: "#888", points: "30,20 30,220 630,220" });
+  add("text", { x: 34, y: 30, "font-size": 11 }, hi.toFixed(3));
+  add("text", { x: 34, y: 216, "font-size": 11 }, lo.toFixed(3));
+  add("text", { x: 2, y: 124, "font-size": 11 }, t("chart.loss"));
+  add("text", { x: 30, y: 234, "font-size": 11 }, "0");
+  add("text", { x: 630, y: 234, "font-size": 11, "text-anchor": "end" }, `${t("chart.step")} ${maxStep}`);
+  const series = [["train-line", train, "#36c", "chart.train"], ["eval-line", evals, "#c60", "chart.eval"]];
+  series.forEach(([id, points, color, name], i) => {
+    add("polyline", { id, "data-points": points.length, fill: "none", stroke: color,
+      points: points.map(([s, v]) => `${x(s)},${y(v)}`).join(" ") });
+    const legend = 420 + i * 110;  // the legend, top right: a short line of the colour, then its name
+    add("line", { x1: legend, y1: 12, x2: legend + 16, y2: 12, stroke: color, "stroke-width": 2 });
+    add("text", { x: legend + 20, y: 16, "font-size": 11, class: "chart-legend" }, t(name));
+  });
 }
 
 async function resumeRun() {
@@ -244,9 +253,13 @@ async function convertData() {
   } catch (error) { showError($("#convert-output"), error); }
 }
 
+function rowLocation(file, line) {  // as the command line names a row: data.jsonl:12 (a line), data.json[11] (an index)
+  if (line < 0) return file;
+  return /\.(jsonl|csv)$/.test(file) ? `${file}:${line}` : `${file}[${line}]`;
+}
+
 function issueList(title, issues) {
-  const items = issues.map((i) => el("li", { class: "issue",
-    text: `${i.line >= 0 ? `${i.file}:${i.line}` : i.file} ${i.field}: ${i.message}` }));
+  const items = issues.map((i) => el("li", { class: "issue", text: `${rowLocation(i.file, i.line)} ${i.field}: ${i.message}` }));
   return [el("h3", { "data-i18n": title, text: t(title) }), el("ul", {}, ...items)];
 }
 
@@ -395,6 +408,9 @@ async function main() {
   $("#chat-compare").addEventListener("change", () => { $("#chat-base").hidden = !$("#chat-compare").checked; });
   $("#eval-start").addEventListener("click", startEval);
   $("#export-start").addEventListener("click", startExport);
+  const showDtype = () => { $("#export-dtype-label").hidden = $("#export-format").value !== "gguf"; };  // merge has none
+  $("#export-format").addEventListener("change", showDtype);
+  showDtype();
   for (const kind of ["eval", "export"]) {  // after a reload: show the last job again
     const folder = localStorage.getItem(`tunesmith.${kind}`);
     if (folder) watchJob(kind, folder);
