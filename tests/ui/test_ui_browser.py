@@ -128,8 +128,9 @@ def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
     _wait(browser, lambda d: d.find_element(*_by("#train-line")).get_attribute("data-points") == "5", 10,
           "five points on the loss chart")
     assert _text(browser, "#run-steps") == "5/5"
-    assert browser.find_elements(*_by("#chart-axes"))  # the chart's axes, and its legend naming both lines
+    assert browser.find_elements(*_by("#loss-chart .chart-axes"))  # the chart's axes, and its legend naming both lines
     assert [e.text for e in browser.find_elements(*_by("#loss-chart .chart-legend"))] == ["train loss", "held-out loss"]
+    assert not browser.find_element(*_by("#reward-section")).is_displayed()  # an SFT run has no reward to chart
     _wait(browser, lambda d: not d.find_element(*_by("#run-stop")).is_displayed(), 30, "Stop to go once the child exits")
     row = browser.find_element(*_by(f'#runs-table tr[data-path="{out.resolve()}"]')).text
     assert "five-steps finished lora" in row
@@ -347,3 +348,28 @@ def test_an_html_file_in_a_run_downloads_instead_of_running_on_the_ui(server, br
     (named / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     _wait(browser, lambda d: named.name in _text(d, "#runs-table"), 30, "the run with a markup name")
     assert not browser.find_elements(*_by("#runs-table img")) and browser.title == "tunesmith"
+
+
+def test_a_grpo_run_charts_its_rewards(server, browser, tiny_model_dir, tmp_path):
+    """A real 4-step GRPO run of the tiny model with two reward functions: the Runs page charts the summed reward and
+    each function's, one point per step."""
+    from tests.train.test_grpo import REWARDS, grpo_overrides
+    from tunesmith.config import load_config
+    from tunesmith.train.loop import finetune
+
+    url, runs = server
+    data, rewards = tmp_path / "prompts.jsonl", tmp_path / "rewards.py"
+    data.write_text("".join(f'{{"prompt": "What is {i} plus {i}?", "answer": "{2 * i}"}}\n' for i in range(8)))
+    rewards.write_text(REWARDS, encoding="utf-8")
+    finetune(load_config(None, grpo_overrides(tiny_model_dir, data, rewards, runs / "rewarded")))
+    browser.get(url)
+    _wait(browser, lambda d: d.find_elements(*_by("#train-form fieldset")), 30, "the page")
+    _tab(browser, "runs")
+    _wait(browser, lambda d: d.find_elements(*_by(".open-run")), 30, "the run in the table")
+    browser.find_element(*_by(".open-run")).click()
+    _wait(browser, lambda d: d.find_element(*_by("#reward-section")).is_displayed(), 30, "the reward chart")
+    assert [e.text for e in browser.find_elements(*_by("#reward-chart .chart-legend"))] == ["reward", "short",
+                                                                                            "mentions"]
+    points = [e.get_attribute("data-points") for e in browser.find_elements(*_by("#reward-chart polyline[id]"))]
+    assert points == ["4", "4", "4"]
+    _shot(browser, tmp_path, "rewards")

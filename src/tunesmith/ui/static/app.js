@@ -164,18 +164,33 @@ async function refreshDetail() {
   $("#run-steps").textContent = `${run.steps}/${run.total_steps ?? "?"}`;
   $("#run-stop").hidden = !run.stoppable;
   $("#run-resume").hidden = !run.resumable;
-  drawChart(run.metrics);
+  drawCharts(run.metrics);
   $("#run-files").replaceChildren(...run.files.map((name) => el("li", {}, el("a", {
     href: withToken(`/api/run/file?path=${encodeURIComponent(run.path)}&name=${encodeURIComponent(name)}`), text: name }))));
   $("#run-log").textContent = run.log;
 }
 
-function drawChart(rows) {
-  const train = rows.filter((r) => r.loss !== undefined).map((r) => [r.step, r.loss]);
+const SERIES_COLOURS = ["#36c", "#c60", "#393", "#939", "#999"];
+
+function drawCharts(rows) {
+  const loss = rows.filter((r) => r.loss !== undefined).map((r) => [r.step, r.loss]);
   const evals = rows.filter((r) => (r.eval_loss ?? r.initial_eval_loss) !== undefined)
     .map((r) => [r.step, r.eval_loss ?? r.initial_eval_loss]);
-  const all = train.concat(evals);
-  const svg = $("#loss-chart");
+  drawChart($("#loss-chart"), t("chart.loss"), [["train-line", loss, t("chart.train")], ["eval-line", evals, t("chart.eval")]]);
+  // GRPO: the sampled completions' summed reward, and each reward function's mean when there are several
+  const rewarded = rows.filter((r) => r.reward !== undefined);
+  $("#reward-section").hidden = !rewarded.length;
+  if (!rewarded.length) return;
+  const functions = Object.keys(rewarded[0]).filter((k) => k.startsWith("reward/") && !k.endsWith("/std"));
+  const series = [["reward-line", rewarded.map((r) => [r.step, r.reward]), t("chart.reward")]];
+  if (functions.length > 1) {
+    functions.forEach((key, i) => series.push([`reward-line-${i + 1}`, rewarded.map((r) => [r.step, r[key]]), key.slice(7)]));
+  }
+  drawChart($("#reward-chart"), t("chart.reward"), series);
+}
+
+function drawChart(svg, axisName, series) {
+  const all = series.flatMap(([, points]) => points);
   svg.replaceChildren();
   if (!all.length) return;
   const maxStep = Math.max(1, ...all.map((p) => p[0]));
@@ -190,20 +205,20 @@ function drawChart(rows) {
     svg.append(node);
     return node;
   };
-  // axes: loss up the left (its range), steps along the bottom (0 to the last logged step)
-  add("polyline", { id: "chart-axes", fill: "none", stroke: "#888", points: "30,20 30,220 630,220" });
+  // axes: the value up the left (its range), steps along the bottom (0 to the last logged step)
+  add("polyline", { class: "chart-axes", fill: "none", stroke: "#888", points: "30,20 30,220 630,220" });
   add("text", { x: 34, y: 30, "font-size": 11 }, hi.toFixed(3));
   add("text", { x: 34, y: 216, "font-size": 11 }, lo.toFixed(3));
-  add("text", { x: 2, y: 124, "font-size": 11 }, t("chart.loss"));
+  add("text", { x: 2, y: 124, "font-size": 11 }, axisName);
   add("text", { x: 30, y: 234, "font-size": 11 }, "0");
   add("text", { x: 630, y: 234, "font-size": 11, "text-anchor": "end" }, `${t("chart.step")} ${maxStep}`);
-  const series = [["train-line", train, "#36c", "chart.train"], ["eval-line", evals, "#c60", "chart.eval"]];
-  series.forEach(([id, points, color, name], i) => {
-    add("polyline", { id, "data-points": points.length, fill: "none", stroke: color,
+  series.forEach(([id, points, name], i) => {
+    const colour = SERIES_COLOURS[i % SERIES_COLOURS.length];
+    add("polyline", { id, "data-points": points.length, fill: "none", stroke: colour,
       points: points.map(([s, v]) => `${x(s)},${y(v)}`).join(" ") });
-    const legend = 420 + i * 110;  // the legend, top right: a short line of the colour, then its name
-    add("line", { x1: legend, y1: 12, x2: legend + 16, y2: 12, stroke: color, "stroke-width": 2 });
-    add("text", { x: legend + 20, y: 16, "font-size": 11, class: "chart-legend" }, t(name));
+    const legend = 630 - (series.length - i) * 110;  // the legend, top right: a short line of the colour, then its name
+    add("line", { x1: legend, y1: 12, x2: legend + 16, y2: 12, stroke: colour, "stroke-width": 2 });
+    add("text", { x: legend + 20, y: 16, "font-size": 11, class: "chart-legend" }, name);
   });
 }
 
