@@ -354,10 +354,10 @@ def test_the_plan_knows_grpo():
     assert (plan.prompts_per_step, plan.num_generations, plan.max_completion_length) == (4, 8, 128)
     assert config.train.grad_accum == 1 and plan.steps_per_epoch == 16 and plan.total_steps >= GRPO_MIN_STEPS
     sft_lr = default_lr("lora", SMOLLM, "sft")[0]
-    assert config.train.lr == pytest.approx(sft_lr * 0.1, rel=0.05)  # lower than SFT's, and the plan says why
+    assert config.train.lr == pytest.approx(sft_lr, rel=0.05)  # tens of steps need the SFT rate (measured)
     lines = "\n".join(plan.lines())
     assert "4 prompts per optimizer step x 8 completions of up to 128 tokens" in lines
-    assert "0.1x for grpo" in lines and "noisy samples" in lines
+    assert "as measured for tens of GRPO steps" in lines
     # generation is in the estimate: longer completions take longer at the same number of steps
     _, longer = _grpo_plan(64, method__max_completion_length=512, train__max_steps=plan.total_steps)
     assert longer.estimate_s > 2 * plan.estimate_s

@@ -40,10 +40,13 @@ backward pass and sampling dominates its time:
   ``method.max_completion_length`` for longer ones.
 - Steps: one pass over the prompts, and at least ``GRPO_MIN_STEPS``: the reward moves within tens of
   steps on a small model, and each step costs as much as dozens of SFT steps.
-- Learning rate: 0.1x the SFT rate of the same model and method. A policy-gradient step follows the
-  model's own noisy samples, and a large step sharpens the policy onto whatever scored well in one
-  batch (collapsed, repetitive completions); DeepSeekMath's GRPO ran at 1/20 of its SFT rate. The
-  clipping (epsilon) bounds how far a ratio moves only within a batch, not how far the rate moves.
+- Learning rate: the SFT rate of the same model and method, measured: on examples/grpo (48 steps
+  of 3 prompts x 8 completions, SmolLM2-135M, LoRA) the sampled reward rose from 0.07 to 1.0 by
+  step 27 at 1x (1.3e-3), and the held-out greedy reward from 0.19 to 0.89, while at 0.5x it was
+  still 0.16 after 22 steps and at 0.1x (the 1/20 to 1/10 of DeepSeekMath and TRL's long runs)
+  0.15-0.20 after 45. A CPU-sized run has tens of steps, not thousands, and each step is already
+  bounded: advantages are normalised within the group and the clipping (epsilon) limits how far a
+  reused batch moves the policy. For runs of hundreds of steps, set a lower ``train.lr``.
 - The time estimate counts the sampled tokens (a forward pass each, at a lower rate than training's
   matmuls) and the backward pass over prompts and completions.
 
@@ -254,10 +257,10 @@ def default_epochs(n_examples: int, steps_per_epoch: int) -> tuple[float, str]:
 _LR_POWER = {"qwen": 0.0775}
 
 
-# Preference objectives move a model that already follows instructions, and a pair's loss saturates fast:
-# they train at a fraction of the SFT rate, as their papers do (DPO and SimPO about 1/10 to 1/20 of the SFT
-# rate of the same model; ORPO, which also carries the SFT loss, about 1/2).
-OBJECTIVE_LR_FACTOR = {"sft": 1.0, "dpo": 0.1, "simpo": 0.1, "orpo": 0.5, "grpo": 0.1}
+# Preference objectives move a model that already follows instructions, and a pair's loss saturates fast: they
+# train at a fraction of the SFT rate, as their papers do (DPO and SimPO about 1/10 to 1/20 of the SFT
+# rate of the same model; ORPO, which also carries the SFT loss, about 1/2). GRPO: see the module docstring.
+OBJECTIVE_LR_FACTOR = {"sft": 1.0, "dpo": 0.1, "simpo": 0.1, "orpo": 0.5, "grpo": 1.0}
 
 
 def default_lr(method: str, facts: ModelFacts, objective: str = "sft") -> tuple[float, str]:
@@ -389,7 +392,7 @@ def _resolve_grpo(config: Config, stats: DataStats, facts: ModelFacts, processes
                               f"{GRPO_MIN_STEPS} steps in all", t.max_steps == 0))
     if t.lr is None:
         t.lr, why = default_lr(m.name, facts, "grpo")
-        choose("train.lr", t.lr, why + ": a policy-gradient step follows the model's own noisy samples (see the plan)")
+        choose("train.lr", t.lr, why + "; the SFT rate, as measured for tens of GRPO steps (see the plan's docstring)")
     if t.warmup_steps is None:
         if t.warmup_ratio is not None:
             t.warmup_steps = math.ceil(t.warmup_ratio * total_steps(resolved, steps_per_epoch))
