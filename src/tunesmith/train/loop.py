@@ -41,10 +41,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from tunesmith.config import Config, check_config, fingerprint_keys
@@ -77,7 +76,7 @@ from tunesmith.run import (
 )
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import grpo
-from tunesmith.train.checkpoint import WEIGHTS, assert_finite, clear_run
+from tunesmith.train.checkpoint import assert_finite, clear_run
 from tunesmith.train.methods import (
     apply_method,
     check_available,
@@ -94,6 +93,7 @@ from tunesmith.train.objectives import (
     reference_model,
     step_stats,
 )
+from tunesmith.train.parallel import make_accelerator, sharding_line, shards_parameters
 from tunesmith.train.plan import DataStats, ModelFacts, make_plan, resolve_config
 
 
@@ -435,21 +435,36 @@ def train_step(accelerator, model, data: Data, window: list, packing: bool, pad_
     weight = sum(objective.weight(data.train, b) for b in window)
     supervised = sum(_supervised_count(data.train, b) for b in window)
     tokens = sum(_token_count(data.train, b) for b in window)
-    mine = window[accelerator.process_index::accelerator.num_processes]
-    pieces = [piece for batch in mine for piece in _pieces(data.train, batch, accelerator.device)]
+    pieces, spare = _process_pieces(accelerator, data.train, window)
     loss_sum, stats = 0.0, torch.zeros(0, dtype=torch.float64)
-    for i, batch in enumerate(pieces):
+    for i, batch in enumerate(pieces + pieces[:1] * spare):
         # Gradients are synchronised once, on the last piece; DDP averages over processes,
         # so each process scales its share back up by the number of processes.
-        sync = nullcontext() if i == len(pieces) - 1 else accelerator.no_sync(model)
+        sync = nullcontext() if i == len(pieces) + spare - 1 else accelerator.no_sync(model)
         with sync:
             inputs = _move(objective.collate(data.train, batch, packing, pad_id), accelerator.device)
             with accelerator.autocast():
                 loss, batch_stats = objective.loss(model, data.train, batch, inputs)
+            if i >= len(pieces):  # a spare pass: it only keeps the processes in step, and adds nothing
+                loss = loss * 0.0
             accelerator.backward(loss.float() * (accelerator.num_processes / weight))
-        loss_sum += loss.detach().float().item()
-        stats = batch_stats if stats.numel() == 0 else stats + batch_stats
+        if i < len(pieces):
+            loss_sum += loss.detach().float().item()
+            stats = batch_stats if stats.numel() == 0 else stats + batch_stats
     return StepSums(loss_sum, stats, weight, supervised, tokens)
+
+
+def _process_pieces(accelerator, examples: list, window: list) -> tuple[list, int]:
+    """This process's pieces of the window, and how many spare passes keep it in step with the others.
+
+    Under FSDP or DeepSpeed every forward and backward is a collective (parameters gathered, gradients
+    reduce-scattered), so every process must make as many as the busiest one; the window's last micro-batches
+    may fall unevenly, and so may the pieces. DDP synchronises once per step and needs no spare pass."""
+    n, me = accelerator.num_processes, accelerator.process_index
+    device = accelerator.device
+    counts = [sum(len(_pieces(examples, b, device)) for b in window[r::n]) for r in range(n)]
+    pieces = [piece for batch in window[me::n] for piece in _pieces(examples, batch, device)]
+    return pieces, (max(counts) - counts[me] if shards_parameters(accelerator) else 0)
 
 
 def evaluate_loss(accelerator, model, examples: list, config: Config, pad_id: int, objective=None) -> float:
@@ -470,7 +485,7 @@ def evaluate_held_out(accelerator, model, examples: list, config: Config, pad_id
                               autocast=accelerator.autocast)
     else:
         nll, n = sum_nll(model, examples, batch_size, pad_id, device=accelerator.device, shard=shard,
-                         autocast=accelerator.autocast)
+                         autocast=accelerator.autocast, lockstep=shards_parameters(accelerator))
         sums = torch.tensor([nll, float(n)], dtype=torch.float64)
     model.train()
     totals = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
@@ -586,8 +601,7 @@ def _start(run: PreparedRun) -> Session:
     # accelerate keeps its settings in a process-wide singleton that refuses a second, different
     # mixed_precision; clear them (not the process group) so finetune can run again in one process.
     AcceleratorState._reset_state()
-    # cpu=True without CUDA: accelerate then treats torchrun/accelerate-launch ranks as gloo data-parallel.
-    accelerator = Accelerator(mixed_precision=_mixed_precision(t.precision), cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(_mixed_precision(t.precision))  # DDP, FSDP2 (on CPU too) or DeepSpeed
     out = _prepare_output_dir(config)
     if accelerator.is_main_process:
         run.plan.save(out)
@@ -603,6 +617,8 @@ def _start(run: PreparedRun) -> Session:
     objective = _prepare_objective(model, run, accelerator)
     optimizer, scheduler = _optimizer_and_schedule(model, config, run.plan.total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per optimizer step, ours
+    if line := sharding_line(model, accelerator.num_processes):
+        _print(line)
     state = TrainState(epoch_seed=epoch_seed(t.seed, 0))
     if resume_from:
         state = TrainState(**ckpt.load_checkpoint(resume_from, accelerator, model, optimizer, scheduler))
@@ -791,7 +807,7 @@ def _finish(s: Session, started: float, stopped_early: bool) -> TrainResult:
     config, state, plan = s.run.config, s.state, s.run.plan
     final_eval = state.last_eval_loss
     if config.eval.load_best and state.best_step is not None and state.best_step != state.step:
-        _load_best(s.accelerator, s.model, ckpt.step_dir(s.out, state.best_step))
+        _load_best(s, ckpt.step_dir(s.out, state.best_step))
         final_eval = state.best_eval_loss
         _print(f"loaded the best checkpoint (step {state.best_step}, eval loss {final_eval:.4f})")
     final_train = _final_train_loss(s.out, state)
@@ -920,8 +936,10 @@ def _maybe_evaluate(s: Session, total_steps: int) -> tuple[bool, bool]:
     return True, improved
 
 
-def _load_best(accelerator, model, path: Path) -> None:
-    accelerator.unwrap_model(model).load_state_dict(load_file(path / WEIGHTS), strict=False)
+def _load_best(s: Session, path: Path) -> None:
+    """The best checkpoint's weights, read the way resume reads them: a sharded checkpoint holds shards, not
+    weights.safetensors. Its optimizer, scheduler and RNG states come along; nothing steps after this."""
+    ckpt.load_checkpoint(path, s.accelerator, s.model, s.optimizer, s.scheduler)
 
 
 def _final_train_loss(out: Path, state: TrainState) -> float | None:
