@@ -12,13 +12,16 @@ for GPU-like backends and leaves a CPU launch as ``MULTI_CPU``, which wraps the 
 FSDP2 itself runs on gloo, so ``make_accelerator`` sets the state as FSDP, with the plugin accelerate builds from
 the launch's ``FSDP_*`` variables, and everything after that (prepare, save_state/load_state, get_state_dict,
 clip_grad_norm_) is accelerate's own FSDP2 path, the one GPUs take. That is what the CPU tests run.
-DeepSpeed is not forced the same way: it needs its own accelerator and communication backend; a DeepSpeed config
-on CPU trains as DDP, and the run says so in one line.
+DeepSpeed is not forced the same way: it needs its own accelerator and communication backend (deepspeed 0.19.8's
+CPU accelerator, tried with 2 gloo processes, made no progress in accelerate's set-up). A DeepSpeed config on CPU
+trains without DeepSpeed, as DDP across its processes, and the run says so in one line.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 import accelerate
 import torch
@@ -37,14 +40,27 @@ def _launch_asks(kind: str) -> bool:
 def make_accelerator(mixed_precision: str) -> Accelerator:
     """The run's Accelerator: what the launch config asked for, FSDP2 on CPU included (see the module docstring)."""
     cpu = not torch.cuda.is_available()
+    if _launch_asks("DEEPSPEED"):
+        _check_deepspeed(cpu)
     # cpu=True without CUDA: accelerate then treats torchrun/accelerate-launch ranks as gloo data-parallel.
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     if cpu and accelerator.num_processes > 1 and _launch_asks("FSDP"):
         _enable_fsdp_on_cpu(accelerator, mixed_precision)
-    elif cpu and accelerator.num_processes > 1 and _launch_asks("DEEPSPEED") and accelerator.is_main_process:
-        print("note: DeepSpeed runs on CUDA GPUs only; on CPU this launch trains as data-parallel (DDP) with the "
-              "same global batch", flush=True)
     return accelerator
+
+
+def _check_deepspeed(cpu: bool) -> None:
+    """A DeepSpeed launch: on GPUs deepspeed must be installed; on CPU it trains without DeepSpeed, and says so."""
+    if not cpu:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UsageError("the accelerate config asks for DeepSpeed, which is not installed: "
+                             "pip install deepspeed (or launch with examples/accelerate/fsdp.yaml)")
+        return
+    # With cpu=True accelerate never uses DeepSpeed, but it would still build the plugin, which needs the package.
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
+    if PartialState(cpu=True).is_main_process:
+        print("note: DeepSpeed runs on CUDA GPUs only; on CPU this launch trains without it, as plain data-parallel "
+              "(DDP) across its processes", file=sys.stderr, flush=True)
 
 
 def _enable_fsdp_on_cpu(accelerator: Accelerator, mixed_precision: str) -> None:
