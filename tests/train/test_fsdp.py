@@ -145,3 +145,35 @@ def test_fsdp2_shards_trains_evaluates_and_resumes_like_one_process(tiny_model_d
     assert alone.returncode == 2, alone.stderr[-3000:]
     assert "written by 2 process(es), a global batch of 2 x 2 = 4 micro-batch rows" in alone.stderr
     assert "this run has 1, which would make it 2" in alone.stderr and "Traceback" not in alone.stderr
+
+
+@needs_launcher
+@pytest.mark.slow  # one launch of two processes: about half a minute here
+def test_fsdp2_early_stopping_loads_the_best_sharded_checkpoint(tiny_model_dir, chat_file, tmp_path):
+    """The held-out loss rises from step 2 to step 4 (lr 0.02), so the run stops and loads step 2's checkpoint,
+    which under FSDP holds shards and no weights.safetensors: the run's adapter is that checkpoint's, exactly."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    val = write_chat(tmp_path / "val.jsonl", chat_rows(5, offset=100))
+    extra = {"train__max_steps": 8, "train__batch_size": 1, "method__dropout": 0.0, "output__save_every": 0,
+             "data__pack_length": 64, "data__eval_path": val, "eval__eval_every": 2, "eval__batch_size": 2,
+             "eval__early_stopping_patience": 1, "train__lr": 0.02}
+    single = tmp_path / "single"
+    finetune(tiny_config(tiny_model_dir, chat_file, single, train__grad_accum=4, **extra))
+
+    sharded = tmp_path / "fsdp"
+    done = launch(cpu_config(tmp_path), flags(tiny_overrides(tiny_model_dir, chat_file, sharded, train__grad_accum=2,
+                                                             **extra)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "early stopping at step 4" in done.stderr and "loaded the best checkpoint (step 2," in done.stderr
+    best = sharded / "checkpoints" / "step-2"
+    assert not (best / "weights.safetensors").exists()
+    dcp_to_torch_save(best / "pytorch_model_fsdp_0", tmp_path / "best.pt")
+    saved = torch.load(tmp_path / "best.pt", weights_only=True)["model"]
+    adapter = load_file(sharded / "adapter_model.safetensors")
+    assert len(adapter) == 28
+    assert all(torch.equal(adapter[k], saved[k.replace(".weight", ".default.weight")]) for k in adapter)
+    # and as one process, which loads its own best checkpoint the same way (Adam's first steps amplify the
+    # float-sum differences at this lr: 6e-5 measured)
+    theirs = load_file(single / "adapter_model.safetensors")
+    assert max((adapter[k] - theirs[k]).abs().max().item() for k in adapter) < 1e-4
