@@ -60,20 +60,26 @@ def sum_nll(model, examples: Sequence, batch_size: int, pad_id: int | None, *, d
     device = device if device is not None else model.device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    mine = batches[shard[0]::shard[1]]
-    spare = -(-len(batches) // shard[1]) - len(mine) if lockstep else 0
     total_nll, total_tokens = 0.0, 0
-    for position, batch in enumerate(mine + batches[:spare]):
+    for batch, counts in shard_batches(batches, shard, lockstep):
         inputs = {k: v.to(device) for k, v in collate_padded([examples[i] for i in batch], pad_id).items()}
         with autocast():
             nll, count = supervised_loss(model, inputs)
-        if position >= len(mine):  # a spare pass
+        if not counts:
             continue
         total_nll += float(nll.double())  # accumulate in float64: thousands of batches, no drift
         total_tokens += count
         if on_batch:
             on_batch(len(batch))
     return total_nll, total_tokens
+
+
+def shard_batches(batches: list, shard: tuple[int, int], lockstep: bool = False) -> list[tuple[list, bool]]:
+    """This shard's batches (every count-th from index), each with whether it counts; with ``lockstep``, spare
+    passes (not counted) so that every shard makes as many forward passes as the busiest."""
+    mine = batches[shard[0]::shard[1]]
+    spare = -(-len(batches) // shard[1]) - len(mine) if lockstep else 0
+    return [(batch, True) for batch in mine] + [(batch, False) for batch in batches[:spare]]
 
 
 def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

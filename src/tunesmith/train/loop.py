@@ -479,13 +479,14 @@ def evaluate_held_out(accelerator, model, examples: list, config: Config, pad_id
     objective = objective or Objective.of(config.method)
     batch_size = config.eval.batch_size or config.train.batch_size
     shard = (accelerator.process_index, accelerator.num_processes)
+    lockstep = shards_parameters(accelerator)  # each forward gathers sharded parameters from every process
     model.eval()
     if objective.preference:
         sums = evaluate_pairs(model, objective, examples, batch_size, pad_id, device=accelerator.device, shard=shard,
-                              autocast=accelerator.autocast)
+                              autocast=accelerator.autocast, lockstep=lockstep)
     else:
         nll, n = sum_nll(model, examples, batch_size, pad_id, device=accelerator.device, shard=shard,
-                         autocast=accelerator.autocast, lockstep=shards_parameters(accelerator))
+                         autocast=accelerator.autocast, lockstep=lockstep)
         sums = torch.tensor([nll, float(n)], dtype=torch.float64)
     model.train()
     totals = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
@@ -602,6 +603,10 @@ def _start(run: PreparedRun) -> Session:
     # mixed_precision; clear them (not the process group) so finetune can run again in one process.
     AcceleratorState._reset_state()
     accelerator = make_accelerator(_mixed_precision(t.precision))  # DDP, FSDP2 (on CPU too) or DeepSpeed
+    if config.method.objective == "grpo" and accelerator.distributed_type == DistributedType.FSDP:
+        # Sampling generates under inference_mode, and each process's completions have their own lengths, so the
+        # processes' forward passes (each one gathering the shards from all) would not pair up.
+        raise UsageError("grpo does not run under FSDP: launch it with examples/accelerate/ddp.yaml (DDP)")
     out = _prepare_output_dir(config)
     if accelerator.is_main_process:
         run.plan.save(out)
