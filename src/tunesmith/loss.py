@@ -9,7 +9,8 @@ the cross-entropy runs in chunks of ``CHUNK_TOKENS`` rows, recomputed in backwar
 [tokens x vocab] logits are never held at once. A frozen head (the adapter methods) goes one better:
 each chunk's gradient for the hidden states is made in the forward pass, so backward recomputes nothing. This path needs an unwrapped model (a plain HF
 causal LM or a peft PeftModel); a wrapper such as DistributedDataParallel, whose forward must be
-called, goes through its forward with ``logits_to_keep`` (logits still only where supervised).
+called, and a model whose parameters are sharded (FSDP2, DeepSpeed ZeRO-3), which only its forward
+gathers, go through that forward with ``logits_to_keep`` (logits still only where supervised).
 
 The loss is a sum and a count: the mean (sum / count) is token-weighted, so it does not depend on
 how examples are grouped into batches or how much padding there is.

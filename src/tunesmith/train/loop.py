@@ -10,9 +10,10 @@ Features and trade-offs:
   supervised tokens in the whole step (across micro-batches and processes). Every supervised
   token weighs the same however examples fall into micro-batches, so 1 process x 2 micro-batches
   and 2 processes x 1 micro-batch give the same gradient.
-- Multi-process: accelerate (DDP, FSDP, DeepSpeed). Each optimizer step takes a window of
-  ``grad_accum * processes`` micro-batches; process r takes every r-th one. Only process 0
-  writes files; every process saves its own RNG state in checkpoints.
+- Multi-process: accelerate (DDP, FSDP2, DeepSpeed; parallel.py, FSDP2 on CPU too). Each optimizer step takes
+  a window of ``grad_accum * processes`` micro-batches; process r takes every r-th one. Only process 0
+  writes files; every process saves its own RNG state in checkpoints. With sharded parameters every forward
+  is a collective, so a process with a smaller share makes spare passes that add nothing.
 - Precision: fp32 master weights; bf16 autocast where the CPU/GPU has native bf16, fp16 with
   loss scaling on CUDA only when asked; an adapter run keeps its frozen base weights in the autocast
   dtype (cast once, not at every forward). ``train.precision fp32`` is bit-for-bit repeatable on CPU.
