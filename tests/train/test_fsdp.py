@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from tests.conftest import REPO
 from tests.train.helpers import chat_rows, tiny_config, tiny_overrides, write_chat
 from tunesmith.run import read_metrics
+from tunesmith.train.checkpoint import ResumeRefused, check_sharding
 from tunesmith.train.loop import finetune
 
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
@@ -99,6 +100,22 @@ def logits_through_peft(base_dir, adapter_dir, input_ids):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
     with torch.no_grad():
         return model(input_ids=input_ids).logits
+
+
+def test_fsdp_checkpoint_and_unsharded_checkpoint_do_not_resume_each_other(tiny_model_dir, chat_file, tmp_path):
+    finetune(tiny_config(tiny_model_dir, chat_file, tmp_path / "run", train__max_steps=2, output__save_every=2))
+    unsharded = tmp_path / "run" / "checkpoints" / "step-2"
+    check_sharding(unsharded, sharded=False)
+    with pytest.raises(ResumeRefused, match="written without sharding .one process or DDP., and this launch runs "
+                                            "with sharded parameters .FSDP or DeepSpeed."):
+        check_sharding(unsharded, sharded=True)
+    sharded = tmp_path / "sharded"  # what accelerate's save_state writes besides the shards: one RNG file a process
+    sharded.mkdir()
+    for rank in (0, 1):
+        (sharded / f"random_states_{rank}.pkl").write_bytes(b"")
+    check_sharding(sharded, sharded=True)
+    with pytest.raises(ResumeRefused, match="written with sharded parameters"):
+        check_sharding(sharded, sharded=False)
 
 
 @needs_launcher

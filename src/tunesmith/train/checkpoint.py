@@ -210,6 +210,17 @@ def check_processes(path: Path, processes: int, batch_size: int, grad_accum: int
         f"{saved} process(es) (accelerate launch --num_processes {saved} ...), or start a new run")
 
 
+def check_sharding(path: Path, sharded: bool) -> None:
+    """Refuse to resume a checkpoint of sharded parameters (FSDP, DeepSpeed: accelerate's files) without sharding, or
+    the other way round: neither launch can read the other's files."""
+    written_sharded = bool(list(path.glob("random_states_*.pkl")))
+    if written_sharded == sharded:
+        return
+    how = {True: "with sharded parameters (FSDP or DeepSpeed)", False: "without sharding (one process or DDP)"}
+    raise ResumeRefused(f"{path} was written {how[written_sharded]}, and this launch runs {how[sharded]}; resume "
+                        "with the accelerate config it was written with, or start a new run")
+
+
 def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG; return the saved training state."""
     if _is_sharded(accelerator):

@@ -617,6 +617,7 @@ def _start(run: PreparedRun) -> Session:
     if resume_from:  # refuse a changed config, data or process count before the model is loaded
         # the process count first: a plan made for another count differs in what it chose, which is not the cause
         ckpt.check_processes(resume_from, accelerator.num_processes, t.batch_size, t.grad_accum)
+        ckpt.check_sharding(resume_from, shards_parameters(accelerator))
         ckpt.check_fingerprint(resume_from, fingerprint, t.resume_force)
 
     model, n_total, n_trainable = _load_model(config, run.base_path)
