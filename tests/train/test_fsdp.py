@@ -61,8 +61,9 @@ def flags(overrides: list[str]) -> list[str]:
 def launch(config: str, args: list[str], **env) -> subprocess.CompletedProcess:
     command = [ACCELERATE, "launch", "--config_file", config, "--main_process_port", str(free_port()),
                "-m", "tunesmith.cli", "train", *args]
+    # a launch takes under a minute here; processes out of step under FSDP wait for each other for ever
     return subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=300)
 
 
 def steps(run_dir) -> list[tuple]:
