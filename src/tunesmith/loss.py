@@ -9,7 +9,8 @@ the cross-entropy runs in chunks of ``CHUNK_TOKENS`` rows, recomputed in backwar
 [tokens x vocab] logits are never held at once. A frozen head (the adapter methods) goes one better:
 each chunk's gradient for the hidden states is made in the forward pass, so backward recomputes nothing. This path needs an unwrapped model (a plain HF
 causal LM or a peft PeftModel); a wrapper such as DistributedDataParallel, whose forward must be
-called, goes through its forward with ``logits_to_keep`` (logits still only where supervised).
+called, and a model whose parameters are sharded (FSDP2, DeepSpeed ZeRO-3), which only its forward
+gathers, go through that forward with ``logits_to_keep`` (logits still only where supervised).
 
 The loss is a sum and a count: the mean (sum / count) is token-weighted, so it does not depend on
 how examples are grouped into batches or how much padding there is.
@@ -22,6 +23,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.attention import PACKED_SDPA
@@ -41,30 +43,44 @@ def supervised_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     return nll.sum(), nll.numel()
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: FSDP2 writes into tensors made during the pass (its unsharded parameters) on a later
+# forward, and an inference tensor refuses that ("Inplace update to inference tensor outside InferenceMode").
+@torch.no_grad()
 def sum_nll(model, examples: Sequence, batch_size: int, pad_id: int | None, *, device=None,
             shard: tuple[int, int] = (0, 1), autocast: Callable = nullcontext,
-            on_batch: Callable[[int], None] | None = None) -> tuple[float, int]:
+            on_batch: Callable[[int], None] | None = None, lockstep: bool = False) -> tuple[float, int]:
     """(sum of NLL, count) over the supervised tokens of encoded ``examples``: the eval loss of training's
     validation and of `tunesmith eval` alike.
 
     Examples go in length-sorted, right-padded batches of ``batch_size`` (similar lengths: little padding).
     ``shard=(index, count)``: only every count-th batch from ``index`` (the others run in other processes;
-    their sums add up). ``on_batch(n)`` is called after each batch of n examples (a progress bar)."""
+    their sums add up). ``on_batch(n)`` is called after each batch of n examples (a progress bar).
+    ``lockstep``: every shard makes as many forward passes as the busiest (a spare one's result is dropped), which
+    parameters sharded across processes (FSDP, DeepSpeed ZeRO-3) need: each forward gathers them from all."""
     pad_id = 0 if pad_id is None else pad_id  # any id works: padding is masked out of attention and loss
     device = device if device is not None else model.device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     total_nll, total_tokens = 0.0, 0
-    for batch in batches[shard[0]::shard[1]]:
+    for batch, counts in shard_batches(batches, shard, lockstep):
         inputs = {k: v.to(device) for k, v in collate_padded([examples[i] for i in batch], pad_id).items()}
         with autocast():
             nll, count = supervised_loss(model, inputs)
+        if not counts:
+            continue
         total_nll += float(nll.double())  # accumulate in float64: thousands of batches, no drift
         total_tokens += count
         if on_batch:
             on_batch(len(batch))
     return total_nll, total_tokens
+
+
+def shard_batches(batches: list, shard: tuple[int, int], lockstep: bool = False) -> list[tuple[list, bool]]:
+    """This shard's batches (every count-th from index), each with whether it counts; with ``lockstep``, spare
+    passes (not counted) so that every shard makes as many forward passes as the busiest."""
+    mine = batches[shard[0]::shard[1]]
+    spare = -(-len(batches) // shard[1]) - len(mine) if lockstep else 0
+    return [(batch, True) for batch in mine] + [(batch, False) for batch in batches[:spare]]
 
 
 def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,13 +110,22 @@ def _supervised_nll(model, batch: dict, temperature: float = 1.0) -> tuple[torch
     select[:, :-1] = labels[:, 1:] != IGNORE
     targets = labels[:, 1:][select[:, :-1]]
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not hasattr(hf_model, "get_output_embeddings"):  # a distributed wrapper: its forward must run
+    if is_sharded(model) or not hasattr(hf_model, "get_output_embeddings"):  # a wrapper: its forward must run
         logits = model(**model_inputs(model, batch), logits_to_keep=select).logits
         return F.cross_entropy(logits.float() / temperature, targets, reduction="none"), select
     hidden = hf_model.get_decoder()(**model_inputs(hf_model, batch)).last_hidden_state[select]
     if temperature != 1.0:
         hidden = hidden / temperature
     return _chunked_nll(hf_model.get_output_embeddings(), hf_model.config, hidden, targets), select
+
+
+def is_sharded(model) -> bool:
+    """Whether ``model``'s parameters are split across processes (FSDP2's DTensors, DeepSpeed ZeRO-3's partitions).
+
+    Only the wrapped model's own forward gathers them (FSDP2 unshards the embeddings and the head in its root
+    module's pre-forward hook), so the loss must call it instead of the decoder and the head one by one."""
+    param = next(model.parameters(), None)
+    return isinstance(param, DTensor) or hasattr(param, "ds_id")
 
 
 def _chunked_nll(head, config, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

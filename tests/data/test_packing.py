@@ -280,3 +280,41 @@ def test_supervised_loss_through_a_distributed_wrapper(tiny_model_dir, examples,
         dist.destroy_process_group()
     assert wrapped[1] == plain[1]
     assert wrapped[0].item() == pytest.approx(plain[0].item(), abs=1e-4)
+
+
+def test_loss_of_an_fsdp2_sharded_model_goes_through_its_forward(tiny_model_dir, examples, tmp_path):
+    """FSDP2 gathers sharded parameters (DTensors) only in the wrapped model's forward, so the loss goes through it
+    (logits only where supervised) instead of the frozen-head shortcut; both give the same NLL and gradients."""
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.fsdp import fully_shard
+
+    def adapter_model():
+        torch.manual_seed(0)  # init_lora_weights=False: random B, so the adapter really changes the outputs
+        config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        return get_peft_model(tiny_model(tiny_model_dir), config)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        plain, sharded = adapter_model(), adapter_model()
+        for layer in sharded.get_base_model().model.layers:
+            fully_shard(layer)
+        fully_shard(sharded)
+        assert loss_module.is_sharded(sharded) and not loss_module.is_sharded(plain)
+        batch = packed_batch(examples)
+        results = []
+        for model in (plain, sharded):
+            held_out = loss_module.sum_nll(model, examples, 4, PAD)  # evaluation first, then training goes on
+            nll, mask = token_nll(model, batch)
+            nll.sum().backward()
+            grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                     for n, p in model.named_parameters() if p.requires_grad}
+            results.append((nll.detach(), mask, grads, held_out))
+    finally:
+        dist.destroy_process_group()
+    (nll_plain, mask_plain, grads_plain, eval_plain), (nll_sharded, mask_sharded, grads_sharded, eval_sharded) = results
+    assert eval_sharded[1] == eval_plain[1] and eval_sharded[0] == pytest.approx(eval_plain[0], rel=1e-6)
+    assert torch.equal(mask_plain, mask_sharded) and mask_plain.sum() > 0
+    assert (nll_sharded - nll_plain).abs().max().item() < 1e-5
+    assert grads_plain.keys() == grads_sharded.keys() and len(grads_plain) == 8
+    assert max((grads_plain[k] - grads_sharded[k]).abs().max().item() for k in grads_plain) < 1e-5

@@ -116,6 +116,8 @@ def test_eval_keeps_and_loads_the_best_and_stops_early(tiny_model_dir, chat_file
     assert result.final_eval_loss == pytest.approx(best)
     assert (run / "checkpoints" / f"step-{best_step}" / "COMPLETE").is_file()  # rotation kept the best
 
+    from accelerate.utils import DistributedType
+
     from tunesmith.models.load import load
     from tunesmith.train.loop import evaluate_loss, prepare_data
 
@@ -124,6 +126,7 @@ def test_eval_keeps_and_loads_the_best_and_stops_early(tiny_model_dir, chat_file
 
     class Single:  # the few Accelerator members evaluate_loss uses, for one process
         process_index, num_processes, device = 0, 1, torch.device("cpu")
+        distributed_type = DistributedType.NO
 
         def autocast(self):
             return torch.autocast("cpu", enabled=False)

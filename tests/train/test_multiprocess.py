@@ -23,7 +23,7 @@ from tunesmith.train.loop import finetune
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun is not installed")
-def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, chat_file, tmp_path):
+def test_two_processes_match_one_and_refuse_another_world_size(tiny_model_dir, chat_file, tmp_path):
     extra = {"train__max_steps": 8, "method__dropout": 0.0, "output__save_every": 4}
     single = tmp_path / "single"
     finetune(tiny_config(tiny_model_dir, chat_file, single, train__grad_accum=2, **extra))

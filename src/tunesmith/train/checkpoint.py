@@ -17,7 +17,8 @@ unpickler builds only tensors and plain containers and refuses anything else.
 Only the trainable tensors are saved (an adapter is megabytes where the full model is gigabytes);
 the frozen base is reloaded from the base model. Under FSDP or DeepSpeed, where parameters and
 optimizer state are sharded across processes, accelerate's save_state/load_state write and read
-the shards instead.
+the shards and the RNG states instead; the scheduler (which accelerate is not given) and the data
+position are ours in every checkpoint, so a resumed run continues its learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -125,7 +126,9 @@ def _write_checkpoint(accelerator, model, optimizer, scheduler, state, config_ya
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     if _is_sharded(accelerator):
-        accelerator.save_state(str(tmp))
+        accelerator.save_state(str(tmp))  # the model's and optimizer's shards, every process's RNG
+        if accelerator.is_main_process:  # not our scheduler, which accelerate never saw (it is not prepared)
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     else:
         _write_json(tmp / f"rng-{accelerator.process_index}.json", rng_state())
         if accelerator.is_main_process:
@@ -207,19 +210,27 @@ def check_processes(path: Path, processes: int, batch_size: int, grad_accum: int
         f"{saved} process(es) (accelerate launch --num_processes {saved} ...), or start a new run")
 
 
+def check_sharding(path: Path, sharded: bool) -> None:
+    """Refuse to resume a checkpoint of sharded parameters (FSDP, DeepSpeed: accelerate's files) without sharding, or
+    the other way round: neither launch can read the other's files."""
+    written_sharded = bool(list(path.glob("random_states_*.pkl")))
+    if written_sharded == sharded:
+        return
+    how = {True: "with sharded parameters (FSDP or DeepSpeed)", False: "without sharding (one process or DDP)"}
+    raise ResumeRefused(f"{path} was written {how[written_sharded]}, and this launch runs {how[sharded]}; resume "
+                        "with the accelerate config it was written with, or start a new run")
+
+
 def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG; return the saved training state."""
     if _is_sharded(accelerator):
+        _require(path, {name: REQUIRED[name] for name in ("scheduler.pt", "state.json")})
         check_sharded_metadata(path)
         accelerator.load_state(str(path))  # accelerate reads its .bin/.pkl files with weights_only=True too
+        scheduler.load_state_dict(safe_torch_load(path / "scheduler.pt"))
         return _read_json(path / "state.json")
     rng_file = f"rng-{accelerator.process_index}.json"
-    missing = [f"{name} ({what})" for name, what in {**REQUIRED, rng_file: "the random number generator state"}.items()
-               if not (path / name).is_file()]
-    if missing:
-        hint = " (saved with fewer processes?)" if missing[-1].startswith(rng_file) else ""
-        raise UsageError(f"{path}: cannot resume: the checkpoint is missing {', '.join(missing)}{hint}; "
-                         "resume from an earlier checkpoint or start again")
+    _require(path, {**REQUIRED, rng_file: "the random number generator state"})
     weights = load_file(path / WEIGHTS)
     unwrapped = accelerator.unwrap_model(model)
     unknown = set(weights) - set(unwrapped.state_dict())
@@ -230,6 +241,15 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dic
     scheduler.load_state_dict(safe_torch_load(path / "scheduler.pt"))
     set_rng_state(_read_json(path / rng_file))
     return _read_json(path / "state.json")
+
+
+def _require(path: Path, files: dict[str, str]) -> None:
+    """Refuse a checkpoint missing any of ``files`` (name: what it holds), naming them all."""
+    missing = [f"{name} ({what})" for name, what in files.items() if not (path / name).is_file()]
+    if missing:
+        hint = " (saved with fewer processes?)" if missing[-1].startswith("rng-") else ""
+        raise UsageError(f"{path}: cannot resume: the checkpoint is missing {', '.join(missing)}{hint}; "
+                         "resume from an earlier checkpoint or start again")
 
 
 def safe_torch_load(path: Path):

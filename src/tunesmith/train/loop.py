@@ -10,9 +10,10 @@ Features and trade-offs:
   supervised tokens in the whole step (across micro-batches and processes). Every supervised
   token weighs the same however examples fall into micro-batches, so 1 process x 2 micro-batches
   and 2 processes x 1 micro-batch give the same gradient.
-- Multi-process: accelerate (DDP, FSDP, DeepSpeed). Each optimizer step takes a window of
-  ``grad_accum * processes`` micro-batches; process r takes every r-th one. Only process 0
-  writes files; every process saves its own RNG state in checkpoints.
+- Multi-process: accelerate (DDP, FSDP2, DeepSpeed; parallel.py, FSDP2 on CPU too). Each optimizer step takes
+  a window of ``grad_accum * processes`` micro-batches; process r takes every r-th one. Only process 0
+  writes files; every process saves its own RNG state in checkpoints. With sharded parameters every forward
+  is a collective, so a process with a smaller share makes spare passes that add nothing.
 - Precision: fp32 master weights; bf16 autocast where the CPU/GPU has native bf16, fp16 with
   loss scaling on CUDA only when asked; an adapter run keeps its frozen base weights in the autocast
   dtype (cast once, not at every forward). ``train.precision fp32`` is bit-for-bit repeatable on CPU.
@@ -41,10 +42,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, set_seed
-from safetensors.torch import load_file
 
 from tunesmith.config import Config, check_config, fingerprint_keys
 from tunesmith.data.cache import encode_cached
@@ -78,7 +78,7 @@ from tunesmith.run import (
 )
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import grpo
-from tunesmith.train.checkpoint import WEIGHTS, assert_finite, clear_run
+from tunesmith.train.checkpoint import assert_finite, clear_run
 from tunesmith.train.methods import (
     apply_method,
     check_available,
@@ -95,6 +95,7 @@ from tunesmith.train.objectives import (
     reference_model,
     step_stats,
 )
+from tunesmith.train.parallel import make_accelerator, sharding_line, shards_parameters
 from tunesmith.train.plan import DataStats, ModelFacts, make_plan, resolve_config
 
 
@@ -436,21 +437,36 @@ def train_step(accelerator, model, data: Data, window: list, packing: bool, pad_
     weight = sum(objective.weight(data.train, b) for b in window)
     supervised = sum(_supervised_count(data.train, b) for b in window)
     tokens = sum(_token_count(data.train, b) for b in window)
-    mine = window[accelerator.process_index::accelerator.num_processes]
-    pieces = [piece for batch in mine for piece in _pieces(data.train, batch, accelerator.device)]
+    pieces, spare = _process_pieces(accelerator, data.train, window)
     loss_sum, stats = 0.0, torch.zeros(0, dtype=torch.float64)
-    for i, batch in enumerate(pieces):
+    for i, batch in enumerate(pieces + pieces[:1] * spare):
         # Gradients are synchronised once, on the last piece; DDP averages over processes,
         # so each process scales its share back up by the number of processes.
-        sync = nullcontext() if i == len(pieces) - 1 else accelerator.no_sync(model)
+        sync = nullcontext() if i == len(pieces) + spare - 1 else accelerator.no_sync(model)
         with sync:
             inputs = _move(objective.collate(data.train, batch, packing, pad_id), accelerator.device)
             with accelerator.autocast():
                 loss, batch_stats = objective.loss(model, data.train, batch, inputs)
+            if i >= len(pieces):  # a spare pass: it only keeps the processes in step, and adds nothing
+                loss = loss * 0.0
             accelerator.backward(loss.float() * (accelerator.num_processes / weight))
-        loss_sum += loss.detach().float().item()
-        stats = batch_stats if stats.numel() == 0 else stats + batch_stats
+        if i < len(pieces):
+            loss_sum += loss.detach().float().item()
+            stats = batch_stats if stats.numel() == 0 else stats + batch_stats
     return StepSums(loss_sum, stats, weight, supervised, tokens)
+
+
+def _process_pieces(accelerator, examples: list, window: list) -> tuple[list, int]:
+    """This process's pieces of the window, and how many spare passes keep it in step with the others.
+
+    Under FSDP or DeepSpeed every forward and backward is a collective (parameters gathered, gradients
+    reduce-scattered), so every process must make as many as the busiest one; the window's last micro-batches
+    may fall unevenly, and so may the pieces. DDP synchronises once per step and needs no spare pass."""
+    n, me = accelerator.num_processes, accelerator.process_index
+    device = accelerator.device
+    counts = [sum(len(_pieces(examples, b, device)) for b in window[r::n]) for r in range(n)]
+    pieces = [piece for batch in window[me::n] for piece in _pieces(examples, batch, device)]
+    return pieces, (max(counts) - counts[me] if shards_parameters(accelerator) else 0)
 
 
 def evaluate_loss(accelerator, model, examples: list, config: Config, pad_id: int, objective=None) -> float:
@@ -465,13 +481,14 @@ def evaluate_held_out(accelerator, model, examples: list, config: Config, pad_id
     objective = objective or Objective.of(config.method)
     batch_size = config.eval.batch_size or config.train.batch_size
     shard = (accelerator.process_index, accelerator.num_processes)
+    lockstep = shards_parameters(accelerator)  # each forward gathers sharded parameters from every process
     model.eval()
     if objective.preference:
         sums = evaluate_pairs(model, objective, examples, batch_size, pad_id, device=accelerator.device, shard=shard,
-                              autocast=accelerator.autocast)
+                              autocast=accelerator.autocast, lockstep=lockstep)
     else:
         nll, n = sum_nll(model, examples, batch_size, pad_id, device=accelerator.device, shard=shard,
-                         autocast=accelerator.autocast)
+                         autocast=accelerator.autocast, lockstep=lockstep)
         sums = torch.tensor([nll, float(n)], dtype=torch.float64)
     model.train()
     totals = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
@@ -587,8 +604,11 @@ def _start(run: PreparedRun) -> Session:
     # accelerate keeps its settings in a process-wide singleton that refuses a second, different
     # mixed_precision; clear them (not the process group) so finetune can run again in one process.
     AcceleratorState._reset_state()
-    # cpu=True without CUDA: accelerate then treats torchrun/accelerate-launch ranks as gloo data-parallel.
-    accelerator = Accelerator(mixed_precision=_mixed_precision(t.precision), cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(_mixed_precision(t.precision))  # DDP, FSDP2 (on CPU too) or DeepSpeed
+    if config.method.objective == "grpo" and accelerator.distributed_type == DistributedType.FSDP:
+        # Sampling generates under inference_mode, and each process's completions have their own lengths, so the
+        # processes' forward passes (each one gathering the shards from all) would not pair up.
+        raise UsageError("grpo does not run under FSDP: launch it with examples/accelerate/ddp.yaml (DDP)")
     out = _prepare_output_dir(config)
     if accelerator.is_main_process:
         run.plan.save(out)
@@ -598,12 +618,15 @@ def _start(run: PreparedRun) -> Session:
     if resume_from:  # refuse a changed config, data or process count before the model is loaded
         # the process count first: a plan made for another count differs in what it chose, which is not the cause
         ckpt.check_processes(resume_from, accelerator.num_processes, t.batch_size, t.grad_accum)
+        ckpt.check_sharding(resume_from, shards_parameters(accelerator))
         ckpt.check_fingerprint(resume_from, fingerprint, t.resume_force)
 
     model, n_total, n_trainable = _load_model(config, run.base_path)
     objective = _prepare_objective(model, run, accelerator)
     optimizer, scheduler = _optimizer_and_schedule(model, config, run.plan.total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per optimizer step, ours
+    if line := sharding_line(model, accelerator.num_processes):
+        _print(line)
     state = TrainState(epoch_seed=epoch_seed(t.seed, 0))
     if resume_from:
         state = TrainState(**ckpt.load_checkpoint(resume_from, accelerator, model, optimizer, scheduler))
@@ -794,7 +817,7 @@ def _finish(s: Session, started: float, stopped_early: bool) -> TrainResult:
     config, state, plan = s.run.config, s.state, s.run.plan
     final_eval = state.last_eval_loss
     if config.eval.load_best and state.best_step is not None and state.best_step != state.step:
-        _load_best(s.accelerator, s.model, ckpt.step_dir(s.out, state.best_step))
+        _load_best(s, ckpt.step_dir(s.out, state.best_step))
         final_eval = state.best_eval_loss
         _print(f"loaded the best checkpoint (step {state.best_step}, eval loss {final_eval:.4f})")
     final_train = _final_train_loss(s.out, state)
@@ -923,8 +946,10 @@ def _maybe_evaluate(s: Session, total_steps: int) -> tuple[bool, bool]:
     return True, improved
 
 
-def _load_best(accelerator, model, path: Path) -> None:
-    accelerator.unwrap_model(model).load_state_dict(load_file(path / WEIGHTS), strict=False)
+def _load_best(s: Session, path: Path) -> None:
+    """The best checkpoint's weights, read the way resume reads them: a sharded checkpoint holds shards, not
+    weights.safetensors. Its optimizer, scheduler and RNG states come along; nothing steps after this."""
+    ckpt.load_checkpoint(path, s.accelerator, s.model, s.optimizer, s.scheduler)
 
 
 def _final_train_loss(out: Path, state: TrainState) -> float | None:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tunesmith.config import MethodConfig
 from tunesmith.data.packing import collate_packed, collate_padded, collate_pairs
 from tunesmith.data.pairs import EncodedPair
-from tunesmith.loss import sequence_logps, side_logps, supervised_loss
+from tunesmith.loss import sequence_logps, shard_batches, side_logps, supervised_loss
 from tunesmith.run import is_adapter
 
 PREFERENCE = ("dpo", "orpo", "simpo")
@@ -245,18 +245,22 @@ def disable_dropout(model) -> None:
 
 @torch.no_grad()
 def evaluate_pairs(model, objective: Objective, pairs: Sequence[EncodedPair], batch_size: int, pad_id: int, *,
-                   device=None, shard: tuple[int, int] = (0, 1), autocast: Callable = nullcontext) -> torch.Tensor:
+                   device=None, shard: tuple[int, int] = (0, 1), autocast: Callable = nullcontext,
+                   lockstep: bool = False) -> torch.Tensor:
     """[summed loss, summed statistics (STAT_KEYS), pairs] over this shard of ``pairs``, in length-sorted padded
-    batches of ``batch_size`` pairs; the sums of every shard add up to the whole set's."""
+    batches of ``batch_size`` pairs; the sums of every shard add up to the whole set's. ``lockstep``: as in
+    loss.sum_nll, spare passes for parameters sharded across processes."""
     device = device if device is not None else next(model.parameters()).device
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     total = torch.zeros(2 + len(STAT_KEYS), dtype=torch.float64)
-    for batch in batches[shard[0]::shard[1]]:
+    for batch, counts in shard_batches(batches, shard, lockstep):
         rows = [[i] for i in batch]
         inputs = {k: v.to(device) for k, v in collate_pairs(pairs, rows, False, pad_id).items()}
         with autocast():
             loss, stats = objective.loss(model, pairs, rows, inputs)
+        if not counts:
+            continue
         total += torch.cat([loss.detach().double().cpu().reshape(1), stats, torch.tensor([float(len(batch))],
                                                                                         dtype=torch.float64)])
     return total
