@@ -47,7 +47,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +56,9 @@ import torch
 
 from tunesmith.run import METRICS, read_metrics
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dpo_throughput import _bf16, run_child  # noqa: E402  (the same bf16 decision and child runner)
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "grpo"
 PROMPTS = EXAMPLE / "prompts.jsonl"
@@ -64,11 +66,6 @@ REWARD_FILE, REWARD_FN = EXAMPLE / "rewards.py", "short_answer"
 MODEL = "smollm2-135m-instruct"
 SYSTEMS = ("tunesmith", "trl")
 LR, R, ALPHA, SEED, TEMPERATURE, EPSILON = 1e-4, 16, 32, 42, 0.7, 0.2
-
-
-def _bf16() -> bool:
-    """Native bf16 on this CPU: what tunesmith's precision auto decides, and then TRL's bf16=True too."""
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) or torch.cpu._is_avx512_bf16_supported()
 
 
 # ---------------------------------------------------------------- the children
@@ -169,18 +166,6 @@ def train_trl(out: Path, shape: argparse.Namespace) -> None:
               "sampling_s": timings["sampling_s"], "rollout_s": timings["rollout_s"],
               "backward_s": timings["step_s"] - timings["rollout_s"]}
     (out / "bench_result.json").write_text(json.dumps(result), encoding="utf-8")
-
-
-def run_child(command: list[str], log: Path, env: dict) -> float:
-    """Run ``command`` to its end; its peak RSS in MB (wait4 gives this child's own rusage)."""
-    with log.open("w", encoding="utf-8") as sink:
-        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-20:])
-        raise SystemExit(f"{' '.join(command[:6])} ... failed ({proc.returncode}); end of {log}:\n{tail}")
-    return usage.ru_maxrss / 1024  # KB on Linux
 
 
 def tunesmith_result(out: Path) -> dict:
