@@ -126,6 +126,11 @@ class MethodConfig:
     gamma: float = opt(0.5, "simpo: the target margin between the chosen and the rejected reward", minimum=0)
     label_smoothing: float = opt(0.0, "dpo/simpo: assumed fraction of pairs whose labels are flipped (conservative "
                                       "DPO); 0 trusts every pair", minimum=0)
+    sft_weight: float | None = opt(None, "dpo/simpo: weight of an SFT term beside the preference loss, the chosen "
+                                         "answer's NLL per token (RPO, Pang et al. 2024; TRL's rpo_alpha). Without "
+                                         "it a pair whose answers share a long prefix is won by likelihood while the "
+                                         "greedy answer stays the same (see train/objectives.py); default: 1 for dpo "
+                                         "and simpo, 0 turns it off. orpo holds this term already", minimum=0)
 
 
 @dataclass
@@ -406,6 +411,9 @@ def check_config(config: Config) -> Config:
         (config.method.objective != "grpo" or bool(config.method.rewards),
          "method.rewards: grpo needs at least one reward function (--reward FILE.py:FUNCTION, or a built-in: exact, "
          "contains, regex:PATTERN, max_words:N, json_schema:FILE)"),
+        (config.method.sft_weight in (None, 0) or config.method.objective in ("dpo", "simpo"),
+         f"method.sft_weight applies to dpo and simpo, not {config.method.objective}"
+         + (": orpo's loss already holds the SFT term" if config.method.objective == "orpo" else "")),
         (not config.method.reward_weights or len(config.method.reward_weights) == len(config.method.rewards),
          f"method.reward_weights: {len(config.method.reward_weights)} weight(s) for {len(config.method.rewards)} "
          "reward function(s); give one weight per --reward"),

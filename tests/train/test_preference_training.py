@@ -67,13 +67,33 @@ def test_each_objective_trains_and_logs_rewards(tiny_model_dir, pair_file, tmp_p
 def test_dpo_starts_at_ln2_because_policy_and_reference_are_the_same_model(tiny_model_dir, pair_file, tmp_path):
     """With the adapter disabled as the reference and dropout off, step 0's held-out DPO loss is exactly ln 2
     per pair, whatever the LoRA dropout setting (a second copy of the base or a live dropout mask would not)."""
-    result = finetune(_config(tiny_model_dir, pair_file, tmp_path / "run", "dpo", train__max_steps=1))
+    result = finetune(_config(tiny_model_dir, pair_file, tmp_path / "run", "dpo", train__max_steps=1,
+                              method__sft_weight=0))
     assert result.initial_eval_loss == pytest.approx(0.6931471805599453, abs=1e-6)
+
+
+def test_dpo_sft_term_adds_the_chosen_answers_nll_per_token(tiny_model_dir, pair_file, tmp_path):
+    """The plan's default sft_weight 1: each held-out pair's loss at step 0 is ln 2 plus its chosen answer's NLL
+    per answer token, computed here from the base model itself."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.loss import side_logps
+
+    config = _config(tiny_model_dir, pair_file, tmp_path / "run", "dpo", train__max_steps=1)
+    run = prepare_run(config)
+    assert run.config.method.sft_weight == 1.0
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    chosen = [c / pair.chosen.num_supervised for (c, _), pair in zip(side_logps(base, run.data.val, 0, progress=False),
+                                                                      run.data.val, strict=True)]
+    expected = 0.6931471805599453 - sum(chosen) / len(chosen)
+    result = finetune(config)
+    assert result.initial_eval_loss == pytest.approx(expected, abs=1e-5)
+    assert expected > 0.6931471805599453 + 1  # a random tiny model's NLL: the term is really there
 
 
 def test_full_fine_tuning_gets_a_separate_reference(tiny_model_dir, pair_file, tmp_path):
     result = finetune(_config(tiny_model_dir, pair_file, tmp_path / "full", "dpo", method__name="full",
-                              train__lr=1e-4, train__max_steps=3))
+                              train__lr=1e-4, train__max_steps=3, method__sft_weight=0))
     assert result.initial_eval_loss == pytest.approx(0.6931471805599453, abs=1e-6)
     assert result.steps == 3
 
@@ -91,12 +111,19 @@ def test_pairs_are_packed_side_by_side_and_averaged_per_pair(tiny_model_dir, pai
 
 
 def test_plan_lowers_the_learning_rate_for_preference_objectives(tiny_model_dir, pair_file, tmp_path):
-    def planned_lr(objective):
-        config = _config(tiny_model_dir, pair_file, tmp_path / objective, objective)
+    def planned_lr(objective, **extra):
+        config = _config(tiny_model_dir, pair_file, tmp_path / objective, objective, **extra)
         config.train.lr = None
         return prepare_run(config).config.train.lr
 
-    assert planned_lr("dpo") == pytest.approx(planned_lr("orpo") / 5, rel=0.1)
+    # without its SFT term, DPO trains at a fifth of ORPO's rate; with it (the default), at ORPO's
+    assert planned_lr("dpo", method__sft_weight=0) == pytest.approx(planned_lr("orpo") / 5, rel=0.1)
+    assert planned_lr("dpo") == planned_lr("orpo") == planned_lr("simpo")
+
+
+def test_sft_weight_is_refused_where_it_does_not_apply(tiny_model_dir, pair_file, tmp_path):
+    with pytest.raises(UsageError, match="orpo's loss already holds the SFT term"):
+        prepare_run(_config(tiny_model_dir, pair_file, tmp_path / "run", "orpo", method__sft_weight=1))
 
 
 def test_sft_on_pair_data_names_the_objective_to_use(tiny_model_dir, pair_file, tmp_path):

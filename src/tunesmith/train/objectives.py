@@ -45,6 +45,8 @@ from tunesmith.run import is_adapter
 
 PREFERENCE = ("dpo", "orpo", "simpo")
 DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}
+# The SFT term's weight the plan gives each objective (see the module docstring); ORPO holds it already.
+DEFAULT_SFT_WEIGHT = {"dpo": 1.0, "simpo": 1.0}
 STAT_KEYS = ("rewards_chosen", "rewards_rejected", "reward_margin", "preference_accuracy")
 
 
@@ -102,12 +104,14 @@ class Objective:
     beta: float = 0.0
     gamma: float = 0.0
     label_smoothing: float = 0.0
+    sft_weight: float = 0.0  # dpo/simpo: weight of the chosen answer's NLL per token beside the pair's loss
     reference: Reference | None = None  # DPO's frozen reference; pairs already holding theirs need none
 
     @classmethod
     def of(cls, method: MethodConfig) -> Objective:
         beta = method.beta if method.beta is not None else DEFAULT_BETA.get(method.objective, 0.0)
-        return cls(method.objective, beta, method.gamma, method.label_smoothing)
+        sft_weight = method.sft_weight if method.sft_weight is not None else DEFAULT_SFT_WEIGHT.get(method.objective, 0.0)
+        return cls(method.objective, beta, method.gamma, method.label_smoothing, sft_weight)
 
     @property
     def preference(self) -> bool:
@@ -146,15 +150,21 @@ class Objective:
         logps, counts = sequence_logps(model, inputs, 2 * len(pairs))
         logps = logps.float()
         chosen, rejected = logps[0::2], logps[1::2]
+        avg_chosen, avg_rejected = chosen / counts[0::2].clamp(min=1), rejected / counts[1::2].clamp(min=1)
+        if self.name == "orpo":
+            return orpo_loss(avg_chosen, avg_rejected, self.beta)
         if self.name == "dpo":
             if self.reference is not None:
                 self.reference.fill(pairs)
             reference = torch.tensor([p.reference for p in pairs], dtype=logps.dtype, device=logps.device)
-            return dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1], self.beta, self.label_smoothing)
-        avg_chosen, avg_rejected = chosen / counts[0::2].clamp(min=1), rejected / counts[1::2].clamp(min=1)
-        if self.name == "simpo":
-            return simpo_loss(avg_chosen, avg_rejected, self.beta, self.gamma, self.label_smoothing)
-        return orpo_loss(avg_chosen, avg_rejected, self.beta)
+            losses, reward_chosen, reward_rejected = dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1],
+                                                              self.beta, self.label_smoothing)
+        else:
+            losses, reward_chosen, reward_rejected = simpo_loss(avg_chosen, avg_rejected, self.beta, self.gamma,
+                                                                self.label_smoothing)
+        if self.sft_weight:
+            losses = losses - self.sft_weight * avg_chosen
+        return losses, reward_chosen, reward_rejected
 
 
 def step_stats(stats: torch.Tensor, pairs: int) -> dict[str, float]:

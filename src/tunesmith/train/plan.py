@@ -64,6 +64,7 @@ from pathlib import Path
 from tunesmith.config import Config
 from tunesmith.data.templates import BUILTIN_TEMPLATES, TemplateChoice
 from tunesmith.run import is_adapter
+from tunesmith.train.objectives import DEFAULT_SFT_WEIGHT
 
 MIN_STEPS = 80  # optimizer steps a small dataset should get in all (the epoch rule aims for it)
 MIN_EPOCHS, MAX_EPOCHS = 3, 10
@@ -261,17 +262,22 @@ _LR_POWER = {"qwen": 0.0775}
 # train at a fraction of the SFT rate, as their papers do (DPO and SimPO about 1/10 to 1/20 of the SFT
 # rate of the same model; ORPO, which also carries the SFT loss, about 1/2). GRPO: see the module docstring.
 OBJECTIVE_LR_FACTOR = {"sft": 1.0, "dpo": 0.1, "simpo": 0.1, "orpo": 0.5, "grpo": 1.0}
+# DPO and SimPO with their SFT term (method.sft_weight) train like ORPO, whose loss holds the same term: the
+# term keeps the chosen answers likely, so the higher rate moves the greedy answer without unlearning them
+# (measured in train/objectives.py's docstring).
+WITH_SFT_TERM_LR_FACTOR = 0.5
 
 
-def default_lr(method: str, facts: ModelFacts, objective: str = "sft") -> tuple[float, str]:
+def default_lr(method: str, facts: ModelFacts, objective: str = "sft", sft_weight: float = 0.0) -> tuple[float, str]:
     power = next((p for family, p in _LR_POWER.items() if facts.model_type.startswith(family)), 0.781)
     scale = (2000 / facts.hidden_size) ** power
     adapter = is_adapter(method)
-    factor = OBJECTIVE_LR_FACTOR[objective]
+    factor = WITH_SFT_TERM_LR_FACTOR if sft_weight and objective in DEFAULT_SFT_WEIGHT else OBJECTIVE_LR_FACTOR[objective]
     lr = float(f"{5e-5 * (10 if adapter else 1) * scale * factor:.2g}")
     kind = "LoRA (10x the full fine-tuning rate)" if adapter else "full-weight training"
     if factor != 1:
-        kind += f", {factor:g}x for {objective}"
+        kind += f", {factor:g}x for {objective}" + (" with its SFT term" if objective in DEFAULT_SFT_WEIGHT
+                                                    and sft_weight else "")
     return lr, f"{kind}, scaled to hidden size {facts.hidden_size} ({facts.model_type or 'unknown'} family)"
 
 
@@ -344,8 +350,13 @@ def resolve_config(config: Config, stats: DataStats, facts: ModelFacts, processe
     if t.epochs is None:
         t.epochs, why = default_epochs(stats.examples, steps_per_epoch)
         choices.append(Choice("train.epochs", t.epochs, why, t.max_steps == 0))
+    m = resolved.method
+    if m.objective in DEFAULT_SFT_WEIGHT and m.sft_weight is None:
+        m.sft_weight = DEFAULT_SFT_WEIGHT[m.objective]
+        choices.append(Choice("method.sft_weight", m.sft_weight, "the chosen answer's NLL beside the pair loss, so "
+                              "the greedy answer follows the preference, not only its likelihood (RPO)", True))
     if t.lr is None:
-        t.lr, why = default_lr(resolved.method.name, facts, resolved.method.objective)
+        t.lr, why = default_lr(m.name, facts, m.objective, m.sft_weight or 0.0)
         choices.append(Choice("train.lr", t.lr, why, True))
     total = total_steps(resolved, steps_per_epoch)
     if t.warmup_steps is None:
