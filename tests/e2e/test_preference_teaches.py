@@ -1,5 +1,12 @@
-"""Preference tuning that teaches: DPO with tunesmith's defaults makes the default model prefer, and produce on
-prompts it never saw, a property its base never shows (real default model: slow)."""
+"""Preference tuning that changes what the model says: with tunesmith's defaults and nothing else, DPO, ORPO and
+SimPO make the default model write, on prompts it never saw, a phrase its base never writes, wherever in the
+answer the preference puts it (real default model: slow).
+
+The end of the answer is the hard case: the chosen answer is the rejected one plus a sign-off, so the two share
+every token up to it, and only the first differing one (the rejected side's end-of-turn token against the
+sign-off's first token) carries DPO's signal. Without the SFT term the plan now adds, preference accuracy
+reached 1.0 while the greedy answers stayed as they were (train/objectives.py has the measurements).
+"""
 
 from __future__ import annotations
 
@@ -10,20 +17,38 @@ import sys
 
 import pytest
 
-from bench.preference_pairs import GREETING, pairs, shows_property, write_pairs
+from bench.preference_pairs import PHRASE, POSITIONS, pairs, shows_property, with_phrase, write_pairs
+
+N_TRAIN, N_HELDOUT = 32, 10
+# Each held-out prompt's answer must reach its end within the cap for a sign-off to be seen at all; the
+# training answers are at most 36 words (~50 tokens).
+MAX_NEW_TOKENS = 96
 
 
-def test_the_pairs_differ_only_in_the_property(tmp_path):
-    paths = write_pairs(tmp_path)
+@pytest.mark.parametrize("position", POSITIONS)
+def test_the_pairs_differ_only_in_the_property(tmp_path, position):
+    paths = write_pairs(tmp_path, N_TRAIN, N_HELDOUT, position=position, sentences=2)
     train = [json.loads(line) for line in paths["train"].read_text().splitlines()]
     held = [json.loads(line) for line in paths["heldout"].read_text().splitlines()]
-    assert len(train) == 60 and len(held) == 20
+    assert len(train) == N_TRAIN and len(held) == N_HELDOUT
     assert not {r["prompt"][0]["content"] for r in train} & {r["prompt"][0]["content"] for r in held}
     for row in train + held:
         chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
-        assert shows_property(chosen) and not shows_property(rejected)
-        assert chosen == f"{GREETING} {rejected}"
-    assert len(pairs()) > 500 and not shows_property(" a hoy") and shows_property(" ahoy! Yes")
+        assert shows_property(chosen, position) and not shows_property(rejected, position)
+        assert chosen == with_phrase(rejected, position)
+        assert not any(shows_property(chosen, other) for other in POSITIONS if other != position)
+
+
+def test_the_property_is_read_where_it_belongs():
+    assert shows_property("  ahoy! Yes", "start") and not shows_property("Yes, ahoy!", "start")
+    assert shows_property("Paris is big. Fair winds!\n", "end") and not shows_property("Fair winds! Paris.", "end")
+    assert shows_property("Paris is the capital. Mark my words: it is big and old.", "middle")
+    assert not shows_property("Mark my words: Paris is the capital.", "middle")
+    assert not shows_property("Paris is the capital of France. Mark my words:", "middle")
+    # the sign-off data shares every word but the sign-off: the case DPO alone did not learn
+    row = pairs(0, "end")[0]
+    assert row["chosen"][0]["content"].startswith(row["rejected"][0]["content"])
+    assert len(pairs(0, "start", 1)) > 500 and PHRASE["start"] == "Ahoy!"
 
 
 def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -33,26 +58,39 @@ def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     return done
 
 
+def _share_showing(predictions, position: str) -> float:
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(rows) == N_HELDOUT
+    return sum(shows_property(r["prediction"], position) for r in rows) / len(rows)
+
+
+# (position, layout, objective). The sign-off with DPO is kept in LLaMA-Factory's sharegpt layout, as a user of
+# that tool would bring it.
+CASES = [("start", "trl", "dpo"), ("middle", "trl", "dpo"), ("end", "sharegpt", "dpo"), ("end", "trl", "orpo"),
+         ("end", "trl", "simpo")]
+
+
 @pytest.mark.slow
-def test_dpo_with_defaults_learns_the_preferred_property(use_default_model, tmp_path):
+@pytest.mark.parametrize(("position", "layout", "objective"), CASES, ids=[f"{p}-{o}-{layout}" for p, layout, o in CASES])
+def test_preference_tuning_with_defaults_changes_the_answers(use_default_model, tmp_path, position, layout,
+                                                             objective):
     env = {**os.environ, "TUNESMITH_HOME": str(use_default_model), "HF_HUB_OFFLINE": "1"}
-    paths = write_pairs(tmp_path / "data")
+    paths = write_pairs(tmp_path / "data", N_TRAIN, N_HELDOUT, position=position, sentences=2, layout=layout)
     run, out = tmp_path / "run", tmp_path / "eval"
-    _cli("train", "--data", str(paths["train"]), "--method.objective", "dpo", "--output-dir", str(run), env=env)
+    _cli("train", "--data", str(paths["train"]), "--objective", objective, "--output-dir", str(run), env=env)
     plan = json.loads((run / "plan.json").read_text())
-    assert plan["objective"] == "dpo" and not plan["warnings"]
+    assert plan["objective"] == objective and not plan["warnings"], plan["warnings"]
 
     _cli("eval", str(run), "--data", str(paths["heldout"]), "--compare", "base", "--out", str(out),
-         "--metrics", "exact_match", "--max-new-tokens", "12", env=env)
+         "--metrics", "exact_match", "--max-new-tokens", str(MAX_NEW_TOKENS), env=env)
     metrics = json.loads((out / "metrics.json").read_text())
     tuned, base = metrics["metrics"], metrics["compare_metrics"]
-    shown = {}
-    for name, file in (("tuned", "predictions.jsonl"), ("base", "predictions.base.jsonl")):
-        rows = [json.loads(line) for line in (out / file).read_text().splitlines()]
-        shown[name] = sum(shows_property(r["prediction"]) for r in rows) / len(rows)
-    print(f"held-out preference accuracy: tuned {tuned['preference_accuracy']:.2f}, base "
-          f"{base['preference_accuracy']:.2f}; reward accuracy {tuned['reward_accuracy']:.2f}; answers opening "
-          f"with {GREETING!r}: tuned {shown['tuned']:.0%}, base {shown['base']:.0%}")
-    assert tuned["preference_accuracy"] >= 0.9
+    shown = {name: _share_showing(out / file, position)
+             for name, file in (("tuned", "predictions.jsonl"), ("base", "predictions.base.jsonl"))}
+    print(f"{position}/{objective}: {PHRASE[position]!r} in {shown['tuned']:.0%} of tuned answers (base "
+          f"{shown['base']:.0%}); preference accuracy {tuned['preference_accuracy']:.2f} (base "
+          f"{base['preference_accuracy']:.2f}); closer to chosen {tuned.get('closer_to_chosen')} (base "
+          f"{base.get('closer_to_chosen')})")
+    assert shown["base"] <= 0.1
     assert shown["tuned"] >= 0.8
-    assert shown["base"] <= 0.05 and base["preference_accuracy"] <= 0.5
+    assert tuned["preference_accuracy"] >= 0.9
