@@ -36,9 +36,12 @@ MAX_TWO_SENTENCE_WORDS = 36  # short answers: a held-out greedy answer must reac
 
 
 def shows_property(text: str, position: str = "start") -> bool:
-    """Whether an answer carries the position's phrase where it belongs (case and spacing aside): opening it,
-    between words before and after it, or closing it."""
+    """Whether an answer carries the position's phrase once, where it belongs (case and spacing aside): opening
+    it, between words before and after it, or closing it. A phrase repeated ("Fair winds! Fair winds! ...")
+    is the degenerate answer, not the preferred one."""
     text, phrase = " ".join(text.split()).lower(), PHRASE[position].lower()
+    if text.count(phrase) != 1:
+        return False
     if position == "start":
         return text.startswith(phrase)
     if position == "end":

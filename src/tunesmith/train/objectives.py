@@ -23,6 +23,27 @@ same block-diagonal attention as SFT, so one forward pass gives every sequence's
 - ORPO (Hong et al. 2024): -avg_c + beta * -log sigmoid(log odds(avg_c) - log odds(avg_r)), with
   odds(p) = p / (1 - p) of the per-token probability p = exp(avg); no reference.
 
+The SFT term (``sft_weight`` w, DPO and SimPO; RPO, Pang et al. 2024; TRL's ``rpo_alpha``): w times the
+chosen answer's NLL per token is added to each pair's loss; the plan sets w = 1 and trains at 0.5x the SFT
+rate, as ORPO (whose loss holds the same term). Why, measured with bench/preference_pairs.py (32 training pairs
+whose chosen answer is the rejected one plus a phrase, 10 held out, SmolLM2-135M, LoRA, plan defaults, 85
+steps) and bench/preference_margins.py:
+
+- When the phrase ends the answer ("... Fair winds!"), the two sides share every token up to it. DPO's
+  gradient on the shared tokens cancels between the sides (their per-token change was -0.39 on the chosen
+  side, the same as with the term: -0.40), and only the first differing token carries the signal: the
+  sign-off's first token (+10.7 nats) against the end-of-turn token that ends the rejected answer (-9.0).
+  Preference accuracy reached 1.00 on held-out pairs, and the end-of-turn token lost wherever an answer
+  could end: without the term (at the former 0.1x rate) 6 of 10 held-out greedy answers repeated
+  "Fair winds!" until the token cap, and 4 of 10 closed with it once and stopped. With the term (0.5x),
+  9 of 10 did, at the same preference accuracy (1.00).
+- Which part does it, on the sign-off data (answers closing with it once and stopping, of 10): without the
+  term, 4 at 0.1x, 0 at 0.5x (all 10 repeat it to the cap), 0 at beta 0.5 and 0.1x (the answers did not
+  change); with the term, 7 at 0.1x (preference accuracy 0.80) and 9 at 0.5x. SimPO: 0 without the term (all
+  repeat), 9 with it; ORPO, whose loss holds it, 9.
+- At the start ("Ahoy! ...") 10 of 10 answers carry the phrase with the term; in the middle ("... Mark my
+  words: ...") 10 of 10 with it, 1 of 10 without (6 repeat it, preference accuracy 0.70).
+
 ``label_smoothing`` e (DPO and SimPO) mixes in the flipped pair: (1 - e) * loss(x) + e * loss(-x),
 the conservative DPO of Mitchell 2023. Rewards logged per step: beta * (pi - ref) for DPO,
 beta * avg for SimPO and ORPO; their margin and the fraction of pairs whose chosen reward is higher.
