@@ -35,3 +35,11 @@ def test_chat_help_names_every_slash_command():
     chat_help = next(a.help for a in commands._choices_actions if a.dest == "chat")
     for command in HELP.split(": ", 1)[1].replace(" TEXT", "").split(", "):  # what /help in the chat lists
         assert command in chat_help, command
+
+
+def test_eval_help_names_and_explains_the_pair_metrics():
+    commands = build_parser()._subparsers._group_actions[0]
+    text = " ".join(commands.choices["eval"].format_help().split())
+    for name in ("preference_accuracy", "closer_to_chosen", "f1_chosen_minus_rejected"):
+        assert name in text, name
+    assert "nearer the chosen answer than the rejected one by token F1 (ties count half)" in text

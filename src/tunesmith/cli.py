@@ -259,7 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model or run (your data, lm-eval benchmarks), or score predictions")
     p.add_argument("model", nargs="?", default=None, help="model or run directory (omit with --predictions)")
-    p.add_argument("--data", default=None, help="evaluation data; references are the assistant turns")
+    p.add_argument("--data", default=None, help=(
+        "evaluation data; references are the assistant turns. On preference pairs (chosen, rejected) also "
+        "preference_accuracy and logp_margin (the chosen answer likelier than the rejected), reward_accuracy for "
+        "an adapter run, and closer_to_chosen: the share of greedy answers nearer the chosen answer than the "
+        "rejected one by token F1 (ties count half), with f1_chosen_minus_rejected, so --compare base shows "
+        "whether what the model says moved, not only what it finds likely"))
     p.add_argument("--harness", default=None, metavar="TASKS",
                    help="lm-evaluation-harness tasks, comma separated: names (mmlu, cmmlu, ceval-valid, gsm8k), a task "
                         "YAML file or a directory of them; scores land in the metrics as harness/TASK/METRIC "
@@ -292,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts generated together (default 64), and the batch of perplexity and of lm-eval's "
                         "requests (default 8)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of --data")
-    p.add_argument("--jieba", action="store_true", help="segment Chinese with jieba for ROUGE (default: characters)")
+    p.add_argument("--jieba", action="store_true",
+                   help="segment Chinese with jieba for ROUGE and closer_to_chosen (default: characters)")
     p.add_argument("--bertscore-model", default=None, help="encoder for BERTScore (default: the embedded MiniLM)")
     p.add_argument("--encoding", default=None,
                    help="text encoding of --data or --predictions (default: UTF-8, with or without a byte-order mark)")

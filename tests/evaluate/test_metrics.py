@@ -14,6 +14,7 @@ from tunesmith.evaluate.metrics import (
     bleu,
     chrf,
     classification,
+    closer_to_chosen,
     exact_match,
     extract_label,
     lengths,
@@ -21,6 +22,7 @@ from tunesmith.evaluate.metrics import (
     rouge,
     rouge_per_example,
     score,
+    token_f1,
 )
 
 # The seed tutorial's own evaluation example.
@@ -301,3 +303,48 @@ def test_score_selected_metrics_only():
 def test_score_errors(kwargs, message):
     with pytest.raises(UsageError, match=message):
         score(**kwargs)
+
+
+# --- closer to chosen ---------------------------------------------------------------------------
+
+
+def test_token_f1_by_hand():
+    # "the cat sat" vs "the cat ran away": 2 common tokens, 2 * 2 / (3 + 4)
+    assert token_f1("The cat sat.", "the cat ran away") == pytest.approx(4 / 7)
+    assert token_f1("Paris!", "paris") == 1.0  # lowercased, punctuation stripped
+    assert token_f1("a a b", "a b b") == pytest.approx(2 * 2 / 6)  # bags: min counts, a once and b once
+    assert token_f1("", "Paris") == 0.0 and token_f1("...", "") == 1.0  # no tokens on either side: equal
+    assert token_f1("巴黎很美", "巴黎") == pytest.approx(2 * 2 / 6)  # Chinese by character
+
+
+CHOSEN, REJECTED = "The capital is Paris.", "I forget the capital."
+
+
+@pytest.mark.parametrize(("prediction", "expected"), [
+    ("Paris is the capital.", 1.0),  # F1 1 with the chosen (the same bag), 2 * 2 / 8 with the rejected
+    ("I forget it.", 0.0),  # 0 with the chosen, 2 * 2 / 7 with the rejected
+    ("The capital.", 0.5),  # 2 * 2 / 6 with both: a tie counts half
+    ("", 0.5),  # nothing said: F1 0 with both
+])
+def test_closer_to_chosen_one_pair(prediction, expected):
+    result = closer_to_chosen([prediction], [CHOSEN], [REJECTED])
+    assert result["closer_to_chosen"] == expected
+    margin = token_f1(prediction, CHOSEN) - token_f1(prediction, REJECTED)
+    assert result["f1_chosen_minus_rejected"] == pytest.approx(margin)
+    assert (margin > 0) == (expected == 1.0) and (margin == 0) == (expected == 0.5)
+
+
+def test_closer_to_chosen_is_the_mean_over_pairs_and_uses_jieba_when_asked():
+    result = closer_to_chosen(["yes", "no", ""], ["yes", "yes", "yes"], ["no", "no", "no"])
+    assert result == {"closer_to_chosen": pytest.approx(1.5 / 3), "f1_chosen_minus_rejected": pytest.approx(0)}
+    # By character: 2 * 4 / 10 with 机器很好, 2 * 2 / 8 with 学习; by jieba's words (机器 学习 很 好):
+    # 2 * 3 / 7 and 2 * 1 / 5
+    by_char = closer_to_chosen(["机器学习很好"], ["机器很好"], ["学习"])
+    by_word = closer_to_chosen(["机器学习很好"], ["机器很好"], ["学习"], jieba=True)
+    assert by_char["f1_chosen_minus_rejected"] == pytest.approx(0.8 - 0.5)
+    assert by_word["f1_chosen_minus_rejected"] == pytest.approx(6 / 7 - 2 / 5)
+
+
+def test_closer_to_chosen_needs_one_rejected_answer_per_prediction():
+    with pytest.raises(UsageError, match="must pair up"):
+        closer_to_chosen(["a", "b"], ["a", "b"], ["c"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 from tunesmith.errors import UsageError
 from tunesmith.evaluate.harness import evaluate_harness, resolve_tasks
 from tunesmith.evaluate.pipeline import evaluate, score_file
-from tunesmith.evaluate.report import SETTINGS, lower_is_better, metrics_document
+from tunesmith.evaluate.report import SETTINGS, behaviour_warning, lower_is_better, metrics_document
 from tunesmith.evaluate.rewards import evaluate_rewards
 from tunesmith.output import fmt_delta, fmt_number, json_stdout, print_json, print_table, stdout_console
 
@@ -101,6 +101,9 @@ def print_summary(result) -> None:
         sources.append("lm-eval " + ", ".join(result.options["harness"]["tasks"]))
     title = f"{result.model} on {' and '.join(sources)}"
     print_table(title, columns, rows, console, right=tuple(columns[1:]))
+    warning = behaviour_warning(result.deltas)
+    if warning:
+        console.print(f"warning: {warning}", markup=False)
     if result.paths.get("report"):
         console.print(f"report: {result.paths['report']}", markup=False)
     elif result.paths.get("predictions") is None:

@@ -12,6 +12,9 @@ Each metric is also a function of its own:
 - ``bertscore``: bert-score with a local encoder, named in the result with its layer.
 - ``classification``: labels extracted by whole-word match, longest label first; anything
   else is ``invalid`` and counts as wrong.
+- ``closer_to_chosen``: on preference pairs, the share of predictions nearer their chosen answer
+  than their rejected one by ``token_f1`` (what the model says, where preference_accuracy
+  measures what it finds likely).
 """
 
 from __future__ import annotations
@@ -213,6 +216,34 @@ def repetition(predictions, n: int = 4) -> dict:
         "repeated_ngram_ratio": _mean(ratios),
         "repetition_n": n,
     }
+
+
+# --- closer to chosen (preference pairs) -------------------------------------------------------
+
+
+def token_f1(prediction: str, reference: str, *, jieba: bool = False) -> float:
+    """SQuAD-style F1 of the two bags of language-aware tokens (``text.tokens``: NFKC, lowercased words and
+    numbers, Chinese characters or jieba words, kana; punctuation stripped). Two empty texts score 1, one 0."""
+    pred, ref = tokens(prediction, jieba=jieba), tokens(reference, jieba=jieba)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    # 2c / (|pred| + |ref|) is 2PR / (P + R) as one division: equal F1s are then equal floats, so ties are exact.
+    return 2 * common / (len(pred) + len(ref))
+
+
+def closer_to_chosen(predictions, chosen, rejected, *, jieba: bool = False) -> dict:
+    """How often each prediction is closer to its chosen answer than to its rejected one, by ``token_f1``.
+
+    ``closer_to_chosen``: the mean of 1 (closer to chosen), 0.5 (equal F1, an empty prediction included)
+    and 0 (closer to rejected); ``f1_chosen_minus_rejected``: the mean of F1(chosen) - F1(rejected).
+    """
+    predictions, chosen = _check_pairs(predictions, chosen)
+    _, rejected = _check_pairs(predictions, rejected)
+    margins = [token_f1(p, c, jieba=jieba) - token_f1(p, r, jieba=jieba)
+               for p, c, r in zip(predictions, chosen, rejected, strict=True)]
+    return {"closer_to_chosen": _mean(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins),
+            "f1_chosen_minus_rejected": _mean(margins)}
 
 
 # --- BERTScore -------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ For each model:
    holds a fingerprint of the model weights and their dtype, prompts, references and generation
    options; a later run with the same fingerprint skips the indices already there, so an
    interrupted eval resumes where it stopped.
-3. Text metrics (metrics.score), generation speed (per-example time, tokens/s, outputs cut at
+3. Text metrics (metrics.score), on pair data ``closer_to_chosen`` (metrics.closer_to_chosen: the answers'
+   behaviour, beside preference.py's likelihoods; each record keeps its pair's ``rejected`` answer), generation speed (per-example time, tokens/s, outputs cut at
    max_new_tokens) and, unless left out, eval loss and perplexity over the assistant tokens. Perplexity
    is computed first, on the model as loaded (fp32 on a CPU, as before), so the eval loss does not
    depend on the generation precision; the model is then cast for generation.
@@ -41,7 +42,7 @@ from tunesmith.data.pairs import is_preference_data, load_pairs
 from tunesmith.data.prompt import ensure_template, render_prompt, with_system_prompt
 from tunesmith.data.readers import load_conversations
 from tunesmith.errors import TunesmithError, UsageError
-from tunesmith.evaluate.metrics import metric_names, score
+from tunesmith.evaluate.metrics import closer_to_chosen, metric_names, score
 from tunesmith.evaluate.perplexity import perplexity
 from tunesmith.evaluate.preference import preference_metrics
 from tunesmith.evaluate.report import write_report
@@ -258,7 +259,10 @@ def evaluate_model(name: str, conversations: list[Conversation], options: Genera
                                           batch_size=settings.batch_size, progress=settings.progress))
     loaded.model = for_generation(loaded.model, settings.precision)  # freed afterwards: changed in place
     predictions = generate_predictions(loaded, conversations, options, settings, predictions_path, name)
-    metrics = {**score_predictions(predictions, settings), **generation_stats(predictions), **metrics}
+    for record, pair in zip(predictions, pairs, strict=True) if pairs else ():  # the conversations' order
+        record["rejected"] = pair.rejected_conversation().reference()
+    metrics = {**score_predictions(predictions, settings), **generation_stats(predictions), **metrics,
+               **behaviour_metrics(predictions, settings)}
     if predictions_path:
         write_predictions(predictions_path, predictions)  # again, now in order and with per-example ROUGE-L
     model_eval = ModelEval(name, str(loaded.path), metrics, predictions, loaded.run_info)
@@ -397,6 +401,14 @@ def score_predictions(records: list[dict], settings: EvalSettings) -> dict:
     return result
 
 
+def behaviour_metrics(records: list[dict], settings: EvalSettings) -> dict:
+    """closer_to_chosen when every record holds its pair's rejected answer (its reference is the chosen one)."""
+    if not all(isinstance(r.get("rejected"), str) for r in records):
+        return {}
+    return closer_to_chosen([r["prediction"] for r in records], [r["reference"] for r in records],
+                            [r["rejected"] for r in records], jieba=settings.jieba)
+
+
 def generation_stats(records: list[dict]) -> dict:
     """Speed from the measured per-example times (each one's share of its batch's wall time)."""
     latencies = [r["latency_s"] for r in records]
@@ -478,7 +490,7 @@ def score_file(path: str | Path, *, metrics=None, labels=None, out: str | None =
         raise UsageError("perplexity needs a model: it cannot be computed from a predictions file")
     settings.perplexity = False
     records = read_predictions_file(path, encoding)
-    metrics_out = score_predictions(records, settings)
+    metrics_out = {**score_predictions(records, settings), **behaviour_metrics(records, settings)}
     if all(isinstance(r.get("latency_s"), int | float) and isinstance(r.get("completion_tokens"), int)
            for r in records):
         metrics_out.update(generation_stats(records))

@@ -10,7 +10,9 @@ Both answers of each held-out pair are scored by the model, with only the answer
   its reference (the base, the adapter disabled), as DPO measures its implicit reward. A plain
   model is its own reference, so they are left out for it.
 
-Generation metrics are computed on the prompts by the pipeline, with the chosen answer as the reference.
+Generation metrics are computed on the prompts by the pipeline, with the chosen answer as the reference, and
+``closer_to_chosen`` (metrics.py) says whether the greedy answers moved toward the chosen answers: a run can
+make them likelier without changing what it says.
 """
 
 from __future__ import annotations

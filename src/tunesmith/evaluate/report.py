@@ -21,7 +21,8 @@ from tunesmith.evaluate.text import length
 from tunesmith.output import fmt_delta, fmt_number
 
 # Metrics on a 0..1 scale (BLEU and chrF are 0..100 and are divided by 100 in the chart).
-QUALITY = ["rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match", "bertscore_f1", "accuracy", "macro_f1"]
+QUALITY = ["rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match", "bertscore_f1", "accuracy", "macro_f1",
+           "closer_to_chosen"]
 PERCENT_SCALE = {"bleu", "chrf"}
 # Lower is better for these: the report marks the direction so a negative delta is not misread.
 LOWER_IS_BETTER = {"eval_loss", "perplexity", "empty_predictions", "duplicate_predictions", "repetitive_predictions",
@@ -32,6 +33,9 @@ HARNESS_LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "
 # Numbers that describe how a metric was computed; they stay in metrics.json but out of the table.
 SETTINGS = {"n", "repetition_n", "bertscore_layer"}
 WORST_EXAMPLES = 5
+# Training on pairs raised preference_accuracy by this much over the compared model while closer_to_chosen rose
+# by less than BEHAVIOUR_RISE: the chosen answers became likelier, but the answers the model gives did not follow.
+LIKELIHOOD_RISE, BEHAVIOUR_RISE = 0.3, 0.1
 SAMPLES = 5
 
 
@@ -66,7 +70,9 @@ def render_markdown(result, paths: dict) -> str:
         lines.append("- lm-eval: " + harness_summary(result.options["harness"]))
     if result.compare:
         lines.append(f"- compared with: `{result.compare}`")
-    lines += ["", "## Metrics", "", *metrics_table(result), "", *metric_notes(result.metrics)]
+    warning = behaviour_warning(result.deltas)
+    lines += ["", "## Metrics", "", *metrics_table(result), "", *([f"**{warning}**", ""] if warning else []),
+              *metric_notes(result.metrics)]
     lines += classification_section(result.metrics)
     charts = [f"![{name}]({Path(paths[name]).name})" for name in ("metrics_chart", "lengths_chart") if paths.get(name)]
     lines += ["## Charts", "", *charts, ""] if charts else []
@@ -104,6 +110,15 @@ def metrics_table(result) -> list[str]:
     return rows
 
 
+def behaviour_warning(deltas: dict) -> str | None:
+    """A line when the likelihood of the chosen answers moved but the generated answers did not."""
+    likelihood, behaviour = deltas.get("preference_accuracy"), deltas.get("closer_to_chosen")
+    if likelihood is None or behaviour is None or likelihood < LIKELIHOOD_RISE or behaviour >= BEHAVIOUR_RISE:
+        return None
+    return (f"likelihood moved but behaviour did not: preference_accuracy {likelihood:+.2f}, closer_to_chosen "
+            f"{behaviour:+.2f} (the chosen answers became likelier, the greedy answers did not move toward them)")
+
+
 def metric_notes(metrics: dict) -> list[str]:
     """The settings behind the numbers: without them a BLEU or BERTScore value cannot be compared."""
     notes = []
@@ -120,6 +135,9 @@ def metric_notes(metrics: dict) -> list[str]:
                      f"layer {metrics['bertscore_layer']}, {rescaled}")
         if metrics.get("bertscore_warning"):
             notes.append(f"- **warning**: {metrics['bertscore_warning']}")
+    if "closer_to_chosen" in metrics:
+        notes.append("- closer_to_chosen: share of greedy answers whose token F1 with the chosen answer beats that "
+                     "with the rejected one (a tie counts half); f1_chosen_minus_rejected: the mean F1 difference")
     if "tokens_per_s" in metrics:
         notes.append("- speed: each example's time is its share of its batch's wall time; tokens/s is generated "
                      "tokens over the total generation time")
