@@ -13,9 +13,11 @@ rejected one with a fixed phrase added, so the pair differs only in the property
 The base model never writes these; a model that learned the preference does, on prompts it never
 saw. Held-out prompts are disjoint from the training prompts.
 
-Usage: ``python bench/preference_pairs.py OUT_DIR [start|middle|end] [trl|sharegpt]`` writes
-OUT_DIR/train.* and heldout.* (TRL's conversational prompt/chosen/rejected layout as JSONL, or
-LLaMA-Factory's sharegpt pair layout as JSON; tunesmith reads both, TRL the first).
+Usage: ``python bench/preference_pairs.py OUT_DIR`` writes the throughput bench's set (60 training pairs
+and 20 held out, one-sentence answers opening with "Ahoy!"); ``python bench/preference_pairs.py OUT_DIR
+start|middle|end [trl|sharegpt]`` the positional set of tests/e2e/test_preference_teaches.py (32 and 10,
+two-sentence answers). Both write OUT_DIR/train.* and heldout.* (TRL's conversational prompt/chosen/rejected
+layout as JSONL, or LLaMA-Factory's sharegpt pair layout as JSON; tunesmith reads both, TRL the first).
 """
 
 from __future__ import annotations
@@ -125,5 +127,6 @@ if __name__ == "__main__":
     if not 2 <= len(sys.argv) <= 4:
         raise SystemExit(__doc__)
     args = dict(zip(("position", "layout"), sys.argv[2:], strict=False))
-    for name, path in write_pairs(Path(sys.argv[1]), **args).items():
+    sizes = {"n_train": 32, "n_heldout": 10, "sentences": 2} if args else {}
+    for name, path in write_pairs(Path(sys.argv[1]), **sizes, **args).items():
         print(f"{name}: {path}")

@@ -42,6 +42,7 @@ def test_the_pairs_differ_only_in_the_property(tmp_path, position):
 def test_the_property_is_read_where_it_belongs():
     assert shows_property("  ahoy! Yes", "start") and not shows_property("Yes, ahoy!", "start")
     assert shows_property("Paris is big. Fair winds!\n", "end") and not shows_property("Fair winds! Paris.", "end")
+    assert not shows_property("Paris is big. Fair winds! Fair winds!", "end")  # the degenerate loop
     assert shows_property("Paris is the capital. Mark my words: it is big and old.", "middle")
     assert not shows_property("Mark my words: Paris is the capital.", "middle")
     assert not shows_property("Paris is the capital of France. Mark my words:", "middle")
@@ -59,9 +60,12 @@ def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
 
 
 def _share_showing(predictions, position: str) -> float:
+    """The share of answers carrying the phrase once where it belongs; at the end, only answers the model ended
+    itself (one cut at the token cap right after a sign-off says nothing of whether it would stop)."""
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(rows) == N_HELDOUT
-    return sum(shows_property(r["prediction"], position) for r in rows) / len(rows)
+    return sum(shows_property(r["prediction"], position) and (position != "end" or r["finish_reason"] == "stop")
+               for r in rows) / len(rows)
 
 
 # (position, layout, objective). The sign-off with DPO is kept in LLaMA-Factory's sharegpt layout, as a user of
@@ -89,8 +93,9 @@ def test_preference_tuning_with_defaults_changes_the_answers(use_default_model, 
              for name, file in (("tuned", "predictions.jsonl"), ("base", "predictions.base.jsonl"))}
     print(f"{position}/{objective}: {PHRASE[position]!r} in {shown['tuned']:.0%} of tuned answers (base "
           f"{shown['base']:.0%}); preference accuracy {tuned['preference_accuracy']:.2f} (base "
-          f"{base['preference_accuracy']:.2f}); closer to chosen {tuned.get('closer_to_chosen')} (base "
-          f"{base.get('closer_to_chosen')})")
+          f"{base['preference_accuracy']:.2f}); closer to chosen {tuned['closer_to_chosen']:.2f} (base "
+          f"{base['closer_to_chosen']:.2f})")
     assert shown["base"] <= 0.1
     assert shown["tuned"] >= 0.8
     assert tuned["preference_accuracy"] >= 0.9
+    assert tuned["closer_to_chosen"] >= 0.8 > base["closer_to_chosen"]
