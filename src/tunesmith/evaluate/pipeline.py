@@ -12,9 +12,9 @@ For each model:
    options; a later run with the same fingerprint skips the indices already there, so an
    interrupted eval resumes where it stopped.
 3. Text metrics (metrics.score), on pair data ``closer_to_chosen`` (metrics.closer_to_chosen: the answers'
-   behaviour, beside preference.py's likelihoods; each record keeps its pair's ``rejected`` answer), generation speed (per-example time, tokens/s, outputs cut at
-   max_new_tokens) and, unless left out, eval loss and perplexity over the assistant tokens. Perplexity
-   is computed first, on the model as loaded (fp32 on a CPU, as before), so the eval loss does not
+   behaviour, beside preference.py's likelihoods; each record keeps its pair's ``rejected`` answer),
+   generation speed (per-example time, tokens/s, outputs cut at max_new_tokens) and, unless left out, eval
+   loss and perplexity over the assistant tokens. Perplexity is computed first, on the model as loaded (fp32 on a CPU, as before), so the eval loss does not
    depend on the generation precision; the model is then cast for generation.
 
 With ``compare``, the second model sees the same conversations; its numbers, the deltas
