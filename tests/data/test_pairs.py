@@ -11,7 +11,15 @@ import pytest
 from tests.conftest import shared_data, write_jsonl
 from tunesmith.cli import main
 from tunesmith.data.convert import ConversionError, convert_pairs
-from tunesmith.data.pairs import encode_pair, is_preference_data, load_pairs, read_pairs
+from tunesmith.data.pairs import (
+    EncodedPair,
+    encode_pair,
+    is_preference_data,
+    load_pairs,
+    prefix_share,
+    read_pairs,
+    shares_long_prefix,
+)
 from tunesmith.data.readers import DataError, PreferenceDataError, load_conversations, read_dataset
 from tunesmith.data.tokenize import IGNORE, EncodeOptions
 
@@ -418,6 +426,7 @@ def test_data_check_on_pairs_with_the_drop_policy_and_in_the_terminal(tmp_path, 
     for text in ("data check (preference pairs)", "tokens chosen", "tokens rejected", "1 pair(s) longer",
                  "rejected: ", "contradicting pairs (1)", "mask preview (chosen side)", f"{path}:3"):
         assert text in out, text
+    assert "sharing a long prefix" not in out  # none does here
     # the pair sharing its prompt is the contradicting pair: listed once, under its contradiction
     assert "prompts shared by several pairs" not in out
 
@@ -427,3 +436,49 @@ def test_data_check_on_the_demo_without_tokens(capsys):
     assert code == 0 and report["kind"] == "pairs" and report["num_valid"] == DPO_DEMO_ROWS
     assert report["token_lengths"] is None and report["char_lengths"]["rejected"]["max"] > 0
     assert report["errors"] == [] and len(report["duplicates"]) == len(report["pairs"]["prompt_duplicates"]) == 5
+
+
+# ---------------------------------------------------------------- answers sharing a long prefix
+
+
+def test_prefix_share_of_strings_and_token_lists():
+    assert prefix_share("", "") == prefix_share("", "abc") == prefix_share([], [1, 2]) == 0.0
+    assert prefix_share("abc", "abc") == prefix_share([1, 2, 3], [1, 2, 3]) == 1.0
+    assert prefix_share("abc", "abcdef") == prefix_share([1, 2, 3, 4], [1, 2]) == 1.0  # one begins the other
+    assert prefix_share("abcd", "xbcd") == 0.0  # differ from the start
+    assert prefix_share("abcd", "abxyz") == 0.5 and prefix_share([1, 2, 3, 4], [1, 2, 3, 9]) == 0.75
+
+
+def shared_prefix_rows() -> list[dict]:
+    """Three of five pairs share more than half of the shorter answer; the last shares exactly half."""
+    return [{"prompt": "q1", "chosen": "The answer is 42. Hope this helps!", "rejected": "The answer is 42."},
+            {"prompt": "q2", "chosen": "Paris is the capital of France.", "rejected": "Paris is the capital of Italy."},
+            {"prompt": "q3", "chosen": "Sure:\n\n  one two three", "rejected": "Sure: one two four"},  # whitespace
+            {"prompt": "q4", "chosen": "Yes.", "rejected": "No."},
+            {"prompt": "q5", "chosen": "abcd", "rejected": "abxy"}]
+
+
+def test_a_pair_shares_a_long_prefix_in_collapsed_text_or_in_answer_tokens(tmp_path, tiny_tokenizer):
+    pairs = read_pairs(write_jsonl(tmp_path / "p.jsonl", shared_prefix_rows())).pairs
+    assert [shares_long_prefix(p) for p in pairs] == [True, True, True, False, False]
+    options = EncodeOptions()
+    first, yes = (EncodedPair(*encode_pair(p, tiny_tokenizer, options)) for p in (pairs[0], pairs[3]))
+    assert shares_long_prefix(first) and not shares_long_prefix(yes)
+    assert all(IGNORE not in side for side in first.answers()) and len(first.answers()[0]) > len(first.answers()[1])
+
+
+def test_data_check_counts_pairs_sharing_a_long_prefix_and_warns_once_when_most_do(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "pairs.jsonl", shared_prefix_rows())
+    code, report = check_json(capsys, path, "--no-tokens")
+    assert code == 0 and report["pairs"]["long_shared_prefix"] == {"pairs": 3, "share": 0.6}
+    warnings = [w for w in report["warnings"] if w["field"] == "(answers)"]
+    assert len(warnings) == 1 and warnings[0]["line"] == -1
+    assert "3 pairs (60%)" in warnings[0]["message"] and "--method.sft_weight" in warnings[0]["message"]
+    assert main(["data", "check", str(path), "--no-tokens"]) == 0
+    out = capsys.readouterr().out
+    assert "answers sharing a long prefix: 3 of 5 pairs (60%); DPO's signal is then only the first differing" in out
+    # a minority is counted, not warned about
+    path = write_jsonl(tmp_path / "few.jsonl", shared_prefix_rows()[:1] + check_rows()[:2])
+    code, report = check_json(capsys, path, "--no-tokens")
+    assert report["pairs"]["long_shared_prefix"] == {"pairs": 1, "share": 0.3333}
+    assert not [w for w in report["warnings"] if w["field"] == "(answers)"]

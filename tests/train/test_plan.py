@@ -15,7 +15,7 @@ from tests.train.helpers import chat_rows, tiny_config, tiny_overrides, write_ch
 from tunesmith.config import load_config
 from tunesmith.data.tokenize import IGNORE, Encoded
 from tunesmith.train.loop import Data, finetune, lr_factor, plan_run
-from tunesmith.train.plan import MIN_STEPS, ModelFacts, default_lr, examples_per_step, lr_steps
+from tunesmith.train.plan import MIN_STEPS, DataStats, ModelFacts, default_lr, examples_per_step, lr_steps
 
 SMOLLM = ModelFacts(params=135_000_000, hidden_size=576, model_type="llama")
 
@@ -75,6 +75,13 @@ def test_lr_times_steps_counts_a_run_shorter_than_its_warmup():
     assert lr_steps(2e-4, 40, 0) == pytest.approx(2e-4 * 40)
     _, plan = _plan(60, 40, train__lr=2e-4, train__max_steps=50, train__warmup_steps=100)
     assert any("learning rate x steps = 0.0025," in w for w in plan.warnings), plan.warnings
+
+
+def test_supervised_data_has_no_pairs_sharing_a_prefix():
+    data = _data(30, 60)
+    assert DataStats.of(data.train, data.val).long_prefix_pairs == 0
+    _, plan = _plan(30)
+    assert plan.long_prefix_pairs == 0 and "sharing a long prefix" not in " ".join(plan.lines())
 
 
 def test_user_values_win_and_only_the_rest_is_chosen():

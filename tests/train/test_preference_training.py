@@ -121,6 +121,41 @@ def test_plan_lowers_the_learning_rate_for_preference_objectives(tiny_model_dir,
     assert planned_lr("dpo") == planned_lr("orpo") == planned_lr("simpo")
 
 
+@pytest.fixture
+def signed_off_pair_file(tmp_path):
+    """The chosen answer is the rejected one plus a sign-off: the answers share a long prefix."""
+    rows = [{**r, "chosen": [{"role": "assistant", "content": f"{r['rejected'][0]['content']} Ahoy!"}]}
+            for r in pair_rows()]
+    path = tmp_path / "signed_off.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _prefix_warnings(plan) -> list[str]:
+    return [w for w in plan.warnings if "sharing a long prefix" in w]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "simpo"])
+def test_plan_warns_when_most_answers_share_a_prefix_and_the_sft_term_is_off(tiny_model_dir, signed_off_pair_file,
+                                                                            tmp_path, objective):
+    plan = prepare_run(_config(tiny_model_dir, signed_off_pair_file, tmp_path / "off", objective,
+                               method__sft_weight=0)).plan
+    assert plan.long_prefix_pairs == plan.examples == 20 and plan.sft_weight == 0
+    assert "20 with answers sharing a long prefix" in plan.lines()[0]
+    [warning] = _prefix_warnings(plan)
+    assert warning.startswith("100% of the pairs (20)") and "cancel" in warning
+    assert "--method.sft_weight 1" in warning and "--objective orpo" in warning
+    assert "sharing a long prefix" in "\n".join(plan.lines()[1:])  # printed as a WARNING line
+    default = prepare_run(_config(tiny_model_dir, signed_off_pair_file, tmp_path / "on", objective)).plan
+    assert default.sft_weight == 1.0 and default.long_prefix_pairs == 20 and not _prefix_warnings(default)
+
+
+def test_plan_counts_no_shared_prefix_when_the_answers_differ_from_the_start(tiny_model_dir, pair_file, tmp_path):
+    plan = prepare_run(_config(tiny_model_dir, pair_file, tmp_path / "run", "dpo", method__sft_weight=0)).plan
+    assert plan.long_prefix_pairs == 0 and not _prefix_warnings(plan)
+    assert "sharing a long prefix" not in plan.lines()[0]
+
+
 def test_sft_weight_is_refused_where_it_does_not_apply(tiny_model_dir, pair_file, tmp_path):
     with pytest.raises(UsageError, match="orpo's loss already holds the SFT term"):
         prepare_run(_config(tiny_model_dir, pair_file, tmp_path / "run", "orpo", method__sft_weight=1))

@@ -11,8 +11,9 @@ errors.
 Preference pairs (chosen/rejected, see pairs.py) get the same report with ``kind: "pairs"``: lengths
 of the prompt, the chosen and the rejected response (the total is the longer side, prompt included,
 which is what max length cuts), what truncation would cut on each side, pairs that contradict each
-other, and prompts shared by several pairs (listed, not warned about: several pairs per prompt is
-common).
+other, prompts shared by several pairs (listed, not warned about: several pairs per prompt is
+common), and how many pairs have answers sharing a long prefix (counted; one warning when they are
+most of the data).
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from jinja2 import TemplateError
 
 from tunesmith.config import minimum
 from tunesmith.data.conversation import Conversation
-from tunesmith.data.pairs import SIDES, Pair, is_preference_data, read_pairs
+from tunesmith.data.pairs import (
+    SHARED_PREFIX_MAJORITY,
+    SIDES,
+    Pair,
+    is_preference_data,
+    read_pairs,
+    shares_long_prefix,
+)
 from tunesmith.data.readers import DataIssue, read_dataset
 from tunesmith.data.templates import TemplateChoice, apply_template
 from tunesmith.data.tokenize import IGNORE, EncodeOptions, encode, encode_all
@@ -72,7 +80,8 @@ class DataReport:
     truncation: str = "truncate_prompt"
     elapsed_s: float = 0.0
     kind: str = "sft"  # "sft", or "pairs" for preference data (lengths then have prompt, chosen, rejected)
-    pairs: dict | None = None  # pairs only: prompt_duplicates [{kind, rows}], and with a max length, truncation
+    pairs: dict | None = None  # pairs only: prompt_duplicates [{kind, rows}], long_shared_prefix {pairs, share},
+    # and with a max length, truncation
     # {over_max_length, prompt_tokens_cut, response_tokens_cut, responses_cut} (each {chosen, rejected})
 
     @property
@@ -484,9 +493,10 @@ def _read_pairs(files: list[str], format, columns, encoding) -> tuple[DataReport
                         duplicates=group_duplicates([pair_text(p) for p in pairs], pairs), char_lengths={},
                         formats=read.formats, kind="pairs")
     report.char_lengths, report.long_examples = pair_char_lengths(pairs)
-    report.pairs = {"prompt_duplicates": group_duplicates([conversation_text(p.prompt) for p in pairs], pairs)}
+    report.pairs = {"prompt_duplicates": group_duplicates([conversation_text(p.prompt) for p in pairs], pairs),
+                    "long_shared_prefix": shared_prefix_count(pairs)}
     report.warnings += duplicate_warnings(report.duplicates, pairs) + contradiction_warnings(pairs)
-    report.warnings += pair_placeholder_warnings(pairs)
+    report.warnings += pair_placeholder_warnings(pairs) + shared_prefix_warning(files, report.pairs)
     return report, pairs
 
 
@@ -503,6 +513,25 @@ def pair_char_lengths(pairs: list[Pair]) -> tuple[dict, int]:
     total = [n + max(c, r) for n, c, r in zip(prompt, sides["chosen"], sides["rejected"], strict=True)]
     stats = {**length_stats(total), "prompt": length_stats(prompt), **{k: length_stats(v) for k, v in sides.items()}}
     return stats, sum(t > LONG_CHARS for t in total)
+
+
+def shared_prefix_count(pairs: list[Pair]) -> dict:
+    """Pairs whose answers share a long prefix (pairs.shares_long_prefix), and their share of all pairs."""
+    count = sum(shares_long_prefix(p) for p in pairs)
+    return {"pairs": count, "share": round(count / len(pairs), 4) if pairs else 0.0}
+
+
+SHARED_PREFIX_WHY = ("DPO's signal is then only the first differing token; keep the SFT term on "
+                     "(--method.sft_weight, 1 by default) or use --objective orpo")
+
+
+def shared_prefix_warning(files: list[str], pairs_report: dict) -> list[DataIssue]:
+    """One warning for the data, not one per pair, when most pairs share a long prefix."""
+    shared = pairs_report["long_shared_prefix"]
+    if shared["share"] <= SHARED_PREFIX_MAJORITY:
+        return []
+    return [DataIssue(files[0], -1, "(answers)", f"{shared['pairs']} pairs ({shared['share']:.0%}) have chosen and "
+                      f"rejected answers sharing a long prefix: {SHARED_PREFIX_WHY}", "warning")]
 
 
 def contradiction_warnings(pairs: list[Pair]) -> list[DataIssue]:
@@ -648,6 +677,7 @@ def print_report(report: DataReport, console=None) -> None:
     _print_lengths(console, report)
     _print_tokens(console, report)
     _print_duplicates(console, report)
+    _print_shared_prefix(console, report)
     _print_preview(console, report.preview, " (chosen side)" if report.kind == "pairs" else "")
     verdict = "[green]clean[/green]" if report.ok else f"[red]{_count(len(report.errors), 'error')}[/red]"
     console.print(f"{verdict}, {_warning_count(report.warnings, grouped)}, checked in {report.elapsed_s:.1f} s")
@@ -734,6 +764,13 @@ def _print_duplicates(console, report: DataReport) -> None:
             rows = group["rows"] if "rows" in group else [group["eval"], *group["train"]]
             console.print(f"  {group.get('kind', 'overlap')}: {', '.join(rows[:6])}" + (" ..." if len(rows) > 6 else ""),
                           soft_wrap=True, markup=False)
+
+
+def _print_shared_prefix(console, report: DataReport) -> None:
+    shared = (report.pairs or {}).get("long_shared_prefix")
+    if shared and shared["pairs"]:
+        console.print(f"answers sharing a long prefix: {shared['pairs']} of {report.num_valid} pairs "
+                      f"({shared['share']:.0%}); {SHARED_PREFIX_WHY}", soft_wrap=True, markup=False)
 
 
 def _print_preview(console, preview: dict | None, side: str = "") -> None:

@@ -58,12 +58,16 @@ from tunesmith.data.readers import (
     raw_rows,
     rename_columns,
 )
-from tunesmith.data.tokenize import Encoded, encode
+from tunesmith.data.tokenize import IGNORE, Encoded, encode
 from tunesmith.errors import UsageError
 from tunesmith.output import progress_bar
 
 PAIR_FORMATS = ("alpaca", "sharegpt", "trl", "openai-preference")
 SIDES = ("chosen", "rejected")
+# Answers that begin with the same more-than-half of the shorter one: DPO's gradient on the shared tokens cancels,
+# so only the first differing token carries the preference (see shares_long_prefix).
+LONG_PREFIX_SHARE = 0.5
+SHARED_PREFIX_MAJORITY = 0.5  # above this share of such pairs, the data doctor and the run plan warn
 
 
 @dataclass
@@ -89,6 +93,13 @@ class Pair:
     def prompt_messages(self) -> list[dict]:
         """The prompt's message dicts (system first): what a model is asked at evaluation."""
         return self.prompt.to_messages()
+
+    def answers(self) -> tuple[str, str]:
+        """The chosen and the rejected answer as text, whitespace collapsed. The data doctor compares answers
+        here, in characters: it runs without a tokenizer too (--no-tokens), and a prefix shared in characters
+        is shared in tokens up to the token where the texts meet. Collapsing whitespace keeps a reflowed line
+        or a trailing newline from hiding a shared prefix."""
+        return tuple(" ".join("\n".join(m.content for m in getattr(self, side)).split()) for side in SIDES)
 
     def _answered(self, response: list[Message]) -> Conversation:
         # Assistant turns of the prompt are context (train=False) and the response's are supervised
@@ -505,6 +516,27 @@ class EncodedPair:
     @property
     def num_supervised(self) -> int:
         return self.chosen.num_supervised + self.rejected.num_supervised
+
+    def answers(self) -> tuple[list[int], list[int]]:
+        """The supervised tokens of each side: the answers exactly as the loss sees them."""
+        return tuple([label for label in side.labels if label != IGNORE] for side in self.sides)
+
+
+def prefix_share(a: Sequence, b: Sequence) -> float:
+    """The length of the common prefix of ``a`` and ``b`` (strings or token lists) over the shorter one's: 1.0
+    when one begins the other, 0.0 when they differ from the start or one is empty."""
+    shorter = min(len(a), len(b))
+    if shorter == 0:
+        return 0.0
+    same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), shorter)
+    return same / shorter
+
+
+def shares_long_prefix(pair: Pair | EncodedPair) -> bool:
+    """Whether the pair's answers (text for a Pair, supervised tokens for an EncodedPair) share more than
+    LONG_PREFIX_SHARE of the shorter one. On shared tokens DPO's gradient for chosen and rejected cancels, so
+    the preference is learned from the first differing token only: likelihood moves, greedy answers do not."""
+    return prefix_share(*pair.answers()) > LONG_PREFIX_SHARE
 
 
 def encode_pairs(pairs: Sequence, tokenizer, options, system_prompt: str | None, what: str,

@@ -62,6 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunesmith.config import Config
+from tunesmith.data.pairs import SHARED_PREFIX_MAJORITY, EncodedPair, shares_long_prefix
 from tunesmith.data.templates import BUILTIN_TEMPLATES, TemplateChoice
 from tunesmith.run import is_adapter
 from tunesmith.train.objectives import DEFAULT_SFT_WEIGHT
@@ -87,13 +88,15 @@ class DataStats:
     longest: int
     val_examples: int = 0
     val_tokens: int = 0
+    long_prefix_pairs: int = 0  # preference pairs whose answer tokens share a long prefix (pairs.shares_long_prefix)
 
     @classmethod
     def of(cls, train: list, val: list) -> DataStats:
         return cls(examples=len(train), tokens=sum(len(e.input_ids) for e in train),
                    supervised_tokens=sum(e.num_supervised for e in train),
                    longest=max((len(e.input_ids) for e in train), default=0), val_examples=len(val),
-                   val_tokens=sum(len(e.input_ids) for e in val))
+                   val_tokens=sum(len(e.input_ids) for e in val),
+                   long_prefix_pairs=sum(isinstance(e, EncodedPair) and shares_long_prefix(e) for e in train))
 
     @property
     def mean_tokens(self) -> float:
@@ -166,6 +169,8 @@ class RunPlan:
     prompts_per_step: int | None = None  # GRPO
     num_generations: int | None = None
     max_completion_length: int | None = None
+    long_prefix_pairs: int = 0  # preference pairs whose answers share a long prefix
+    sft_weight: float | None = None  # dpo/simpo: the resolved method.sft_weight
     measured_tokens_per_s: float | None = None  # filled in after the first steps
     elapsed_s: float | None = None  # filled in at the end
 
@@ -180,7 +185,8 @@ class RunPlan:
         items = "examples" if self.objective == "sft" else "preference pairs (both sides counted in tokens)"
         out = [
             f"data: {self.examples} {items}, {self.tokens:,} tokens, {self.supervised_tokens:,} supervised "
-            f"({100 * self.supervised_tokens / max(self.tokens, 1):.0f}%); {self.val_examples} held out",
+            f"({100 * self.supervised_tokens / max(self.tokens, 1):.0f}%); {self.val_examples} held out"
+            + (f"; {self.long_prefix_pairs} with answers sharing a long prefix" if self.long_prefix_pairs else ""),
             f"batches: {self.rows_per_epoch} {unit} of up to {self.row_length} tokens per epoch; "
             f"{self.micro_batch} per micro-batch x {self.grad_accum} accumulation x {self.processes} process(es) "
             f"= ~{self.tokens_per_step:,.0f} tokens per optimizer step",
@@ -448,7 +454,18 @@ def plan_warnings(plan: RunPlan) -> list[str]:
                    "of all): almost nothing is in the loss; check the template and `tunesmith data check`")
     if plan.warmup_steps > plan.total_steps / 2:
         out.append(f"warmup ({plan.warmup_steps} steps) takes more than half of the {plan.total_steps} steps")
-    return out
+    return out + shared_prefix_warning(plan)
+
+
+def shared_prefix_warning(plan: RunPlan) -> list[str]:
+    """DPO or SimPO without its SFT term on pairs that mostly share a long answer prefix."""
+    share = plan.long_prefix_pairs / max(plan.examples, 1)
+    if plan.objective not in DEFAULT_SFT_WEIGHT or plan.sft_weight != 0 or share <= SHARED_PREFIX_MAJORITY:
+        return []
+    return [f"{share:.0%} of the pairs ({plan.long_prefix_pairs}) have answers sharing a long prefix and the SFT "
+            "term is off: on the shared tokens the chosen and rejected gradients cancel, so only the first "
+            "differing token carries the preference; its likelihood moves, the greedy answers do not. Keep "
+            "--method.sft_weight 1 (the default) or use --objective orpo"]
 
 
 def estimate_seconds(tokens: float, facts: ModelFacts, method: str, device: str) -> float:
@@ -490,7 +507,8 @@ def make_plan(config: Config, stats: DataStats, facts: ModelFacts, processes: in
         tokens_per_step=stats.tokens / max(steps_per_epoch, 1),
         estimate_s=estimate_seconds((trained_tokens + evals) / processes, facts, config.method.name, device),
         estimate_basis=f"rough, from {facts.params / 1e6:.0f}M parameters on {device}; refined after the first steps",
-        choices=choices, objective=config.method.objective,
+        choices=choices, objective=config.method.objective, long_prefix_pairs=stats.long_prefix_pairs,
+        sft_weight=config.method.sft_weight,
         template=template.name if template else None, template_reason=template.reason if template else None)
     if config.method.objective == "grpo":
         m = config.method
