@@ -535,7 +535,7 @@ def prefix_share(a: Sequence, b: Sequence) -> float:
 def shares_long_prefix(pair: Pair | EncodedPair) -> bool:
     """Whether the pair's answers (text for a Pair, supervised tokens for an EncodedPair) share more than
     LONG_PREFIX_SHARE of the shorter one. On shared tokens DPO's gradient for chosen and rejected cancels, so
-    the preference is learned from the first differing token only: likelihood moves, greedy answers do not."""
+    the preference is learned from the first differing token only: likelihood moves, greedy answers may not."""
     return prefix_share(*pair.answers()) > LONG_PREFIX_SHARE
 
 

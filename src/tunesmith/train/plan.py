@@ -464,7 +464,8 @@ def shared_prefix_warning(plan: RunPlan) -> list[str]:
         return []
     return [f"{share:.0%} of the pairs ({plan.long_prefix_pairs}) have answers sharing a long prefix and the SFT "
             "term is off: on the shared tokens the chosen and rejected gradients cancel, so only the first "
-            "differing token carries the preference; its likelihood moves, the greedy answers do not. Keep "
+            "differing token carries the preference; its likelihood moves, the greedy answers may not follow "
+            "(see train/objectives.py). Keep "
             "--method.sft_weight 1 (the default) or use --objective orpo"]
 
 
