@@ -42,4 +42,5 @@ def test_eval_help_names_and_explains_the_pair_metrics():
     text = " ".join(commands.choices["eval"].format_help().split())
     for name in ("preference_accuracy", "closer_to_chosen", "f1_chosen_minus_rejected"):
         assert name in text, name
-    assert "nearer the chosen answer than the rejected one by token F1 (ties count half)" in text
+    assert ("closer_to_chosen: the share of greedy answers nearer the chosen answer than the rejected one by token F1 "
+            "(ties count half)") in text
