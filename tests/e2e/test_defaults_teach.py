@@ -4,13 +4,13 @@ answer them in a phrasing it never saw, and the base model cannot (real default 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from bench.facts import PROFESSIONS, TRAIN_PHRASINGS, correct, people, write_facts
+from tests.conftest import real_model_env
 
 
 def test_the_facts_data_holds_its_phrasing_out(tmp_path):
@@ -40,7 +40,7 @@ def _accuracy(path, held: list[dict]) -> float:
 
 @pytest.mark.slow
 def test_default_training_answers_held_out_phrasings(use_default_model, tmp_path):
-    env = {**os.environ, "TUNESMITH_HOME": str(use_default_model), "HF_HUB_OFFLINE": "1"}
+    env = real_model_env(use_default_model)
     paths = write_facts(tmp_path / "data")
     run, out = tmp_path / "run", tmp_path / "eval"
     trained = _cli("train", "--data", str(paths["train"]), "--output-dir", str(run), env=env)

@@ -17,7 +17,6 @@ shared with other jobs: held-out greedy reward 0.189 (base) -> 0.889 (tuned), th
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import real_model_env
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "grpo"
 
@@ -53,8 +54,7 @@ def _cli(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_grpo_with_defaults_teaches_the_short_answer_to_held_out_prompts(use_default_model, tmp_path):
-    env = {**os.environ, "TUNESMITH_HOME": str(use_default_model), "HF_HUB_OFFLINE": "1"}
-    env.pop("OMP_NUM_THREADS", None)  # the real model uses both cores, as a user's run does
+    env = real_model_env(use_default_model)
     work = tmp_path / "grpo"
     shutil.copytree(EXAMPLE, work)
     started = time.perf_counter()

@@ -11,13 +11,13 @@ reached 1.0 while the greedy answers stayed as they were (train/objectives.py ha
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from bench.preference_pairs import PHRASE, POSITIONS, pairs, shows_property, with_phrase, write_pairs
+from tests.conftest import real_model_env
 
 N_TRAIN, N_HELDOUT = 32, 10
 # Each held-out prompt's answer must reach its end within the cap for a sign-off to be seen at all; the
@@ -78,7 +78,7 @@ CASES = [("start", "trl", "dpo"), ("middle", "trl", "dpo"), ("end", "sharegpt", 
 @pytest.mark.parametrize(("position", "layout", "objective"), CASES, ids=[f"{p}-{o}-{layout}" for p, layout, o in CASES])
 def test_preference_tuning_with_defaults_changes_the_answers(use_default_model, tmp_path, position, layout,
                                                              objective):
-    env = {**os.environ, "TUNESMITH_HOME": str(use_default_model), "HF_HUB_OFFLINE": "1"}
+    env = real_model_env(use_default_model)
     paths = write_pairs(tmp_path / "data", N_TRAIN, N_HELDOUT, position=position, sentences=2, layout=layout)
     run, out = tmp_path / "run", tmp_path / "eval"
     _cli("train", "--data", str(paths["train"]), "--objective", objective, "--output-dir", str(run), env=env)

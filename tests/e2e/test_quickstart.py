@@ -9,7 +9,6 @@ identity.
 """
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -18,6 +17,7 @@ import sys
 
 import pytest
 
+from tests.conftest import real_model_env
 from tunesmith.quickstart import SYSTEM_PROMPT, train_overrides, write_identity_data
 
 NAME, AUTHOR = "Aurora", "Lumen"
@@ -97,7 +97,7 @@ def _generate(model: str, env: dict) -> str:
 @pytest.fixture(scope="module")
 def quickstart(default_model_home, tmp_path_factory):
     """(run directory, stdout, environment) of `tunesmith quickstart --name Aurora --author Lumen`."""
-    env = {**os.environ, "TUNESMITH_HOME": str(default_model_home), "HF_HUB_OFFLINE": "1"}  # stdout: a pipe
+    env = real_model_env(default_model_home)  # stdout: a pipe
     run = tmp_path_factory.mktemp("quickstart") / "run"
     done = _cli("quickstart", "--name", NAME, "--author", AUTHOR, "--out", run, env=env, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]

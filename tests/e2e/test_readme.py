@@ -1,7 +1,6 @@
 """The README's commands stay true: every `tunesmith ...` line in its code blocks parses."""
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, pull_into
+from tests.conftest import REPO, pull_into, real_model_env
 from tests.e2e.clone import fresh_clone
 from tunesmith.cli import build_parser
 from tunesmith.train.commands import parse_train_args
@@ -95,8 +94,7 @@ def walkthrough_home(default_model_home) -> Path:
 @pytest.mark.slow
 def test_walkthrough_runs_from_a_clone(walkthrough_home, tmp_path):
     clone = fresh_clone(tmp_path)
-    env = {**os.environ, "TUNESMITH_HOME": str(walkthrough_home), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(clone / "src")}  # the clone's own code, not the checkout's
+    env = real_model_env(walkthrough_home, PYTHONPATH=str(clone / "src"))  # the clone's own code, not the checkout's
     outputs = {}
     for command in walkthrough_commands():
         argv = shlex.split(command)
