@@ -70,12 +70,16 @@ def _share_showing(predictions, position: str) -> float:
 
 # (position, layout, objective). The sign-off with DPO is kept in LLaMA-Factory's sharegpt layout, as a user of
 # that tool would bring it.
-CASES = [("start", "trl", "dpo"), ("middle", "trl", "dpo"), ("end", "sharegpt", "dpo"), ("end", "trl", "orpo"),
-         ("end", "trl", "simpo")]
+# ORPO and SimPO (about 4 minutes each) run with `-m slow` or `-m long`, outside the default run.
+_OTHER_OBJECTIVE = pytest.mark.long
+CASES = [("start", "trl", "dpo"), ("middle", "trl", "dpo"), ("end", "sharegpt", "dpo"),
+         pytest.param("end", "trl", "orpo", marks=_OTHER_OBJECTIVE, id="end-orpo-trl"),
+         pytest.param("end", "trl", "simpo", marks=_OTHER_OBJECTIVE, id="end-simpo-trl")]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("position", "layout", "objective"), CASES, ids=[f"{p}-{o}-{layout}" for p, layout, o in CASES])
+@pytest.mark.parametrize(("position", "layout", "objective"), CASES,
+                         ids=[f"{c[0]}-{c[2]}-{c[1]}" if isinstance(c, tuple) else None for c in CASES])
 def test_preference_tuning_with_defaults_changes_the_answers(use_default_model, tmp_path, position, layout,
                                                              objective):
     env = real_model_env(use_default_model)

@@ -116,9 +116,9 @@ def test_plan_lowers_the_learning_rate_for_preference_objectives(tiny_model_dir,
         config.train.lr = None
         return prepare_run(config).config.train.lr
 
-    # without its SFT term, DPO trains at a fifth of ORPO's rate; with it (the default), at ORPO's
-    assert planned_lr("dpo", method__sft_weight=0) == pytest.approx(planned_lr("orpo") / 5, rel=0.1)
-    assert planned_lr("dpo") == planned_lr("orpo") == planned_lr("simpo")
+    # ORPO at the SFT rate; DPO and SimPO at half of it with their SFT term (the default), a tenth without
+    assert planned_lr("dpo") == planned_lr("simpo") == pytest.approx(planned_lr("orpo") / 2, rel=0.1)
+    assert planned_lr("dpo", method__sft_weight=0) == pytest.approx(planned_lr("orpo") / 10, rel=0.1)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ same block-diagonal attention as SFT, so one forward pass gives every sequence's
 
 The SFT term (``sft_weight`` w, DPO and SimPO; RPO, Pang et al. 2024; TRL's ``rpo_alpha``): w times the
 chosen answer's NLL per token is added to each pair's loss; the plan sets w = 1 and trains at 0.5x the SFT
-rate, as ORPO (whose loss holds the same term). Why, measured with bench/preference_pairs.py (32 training pairs
+rate (ORPO, whose loss holds the same term, at 1x: see train/plan.py). Why, measured with bench/preference_pairs.py (32 training pairs
 whose chosen answer is the rejected one plus a phrase, 10 held out, SmolLM2-135M, LoRA, plan defaults, 85
 steps) and bench/preference_margins.py:
 
@@ -40,7 +40,7 @@ steps) and bench/preference_margins.py:
 - Which part does it, on the sign-off data (answers closing with it once and stopping, of 10): without the
   term, 4 at 0.1x, 0 at 0.5x (all 10 repeat it to the cap), 0 at beta 0.5 and 0.1x (the answers did not
   change); with the term, 7 at 0.1x (preference accuracy 0.80) and 9 at 0.5x. SimPO: 0 without the term (all
-  repeat), 9 with it; ORPO, whose loss holds it, 9.
+  repeat), 9 with it; ORPO, whose loss holds it, 7 to 9 at 0.5x and 10 at 1x, the rate the plan now gives it.
 - At the start ("Ahoy! ...") 10 of 10 answers carry the phrase with the term; in the middle ("... Mark my
   words: ...") 10 of 10 with it, 1 of 10 without (6 repeat it, preference accuracy 0.70).
 
