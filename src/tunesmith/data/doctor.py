@@ -30,10 +30,10 @@ from jinja2 import TemplateError
 from tunesmith.config import minimum
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.pairs import (
-    SHARED_PREFIX_MAJORITY,
     SIDES,
     Pair,
     is_preference_data,
+    mostly_long_prefix,
     read_pairs,
     shares_long_prefix,
 )
@@ -496,7 +496,7 @@ def _read_pairs(files: list[str], format, columns, encoding) -> tuple[DataReport
     report.pairs = {"prompt_duplicates": group_duplicates([conversation_text(p.prompt) for p in pairs], pairs),
                     "long_shared_prefix": shared_prefix_count(pairs)}
     report.warnings += duplicate_warnings(report.duplicates, pairs) + contradiction_warnings(pairs)
-    report.warnings += pair_placeholder_warnings(pairs) + shared_prefix_warning(files, report.pairs)
+    report.warnings += pair_placeholder_warnings(pairs) + shared_prefix_warning(files, report.pairs, len(pairs))
     return report, pairs
 
 
@@ -525,10 +525,10 @@ SHARED_PREFIX_WHY = ("DPO's signal is then only the first differing token; keep 
                      "(--method.sft_weight, 1 by default) or use --objective orpo")
 
 
-def shared_prefix_warning(files: list[str], pairs_report: dict) -> list[DataIssue]:
+def shared_prefix_warning(files: list[str], pairs_report: dict, total: int) -> list[DataIssue]:
     """One warning for the data, not one per pair, when most pairs share a long prefix."""
     shared = pairs_report["long_shared_prefix"]
-    if shared["share"] <= SHARED_PREFIX_MAJORITY:
+    if not mostly_long_prefix(shared["pairs"], total):
         return []
     return [DataIssue(files[0], -1, "(answers)", f"{shared['pairs']} pairs ({shared['share']:.0%}) have chosen and "
                       f"rejected answers sharing a long prefix: {SHARED_PREFIX_WHY}", "warning")]

@@ -539,6 +539,11 @@ def shares_long_prefix(pair: Pair | EncodedPair) -> bool:
     return prefix_share(*pair.answers()) > LONG_PREFIX_SHARE
 
 
+def mostly_long_prefix(long_prefix_pairs: int, pairs: int) -> bool:
+    """Whether such pairs are most of the data: where the data doctor and the run plan warn."""
+    return pairs > 0 and long_prefix_pairs / pairs > SHARED_PREFIX_MAJORITY
+
+
 def encode_pairs(pairs: Sequence, tokenizer, options, system_prompt: str | None, what: str,
                  progress: bool = True) -> tuple[list[EncodedPair], list[str]]:
     """Both sides of each ``data.pairs.Pair`` encoded with only the answer supervised, and where the pairs that

@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunesmith.config import Config
-from tunesmith.data.pairs import SHARED_PREFIX_MAJORITY, EncodedPair, shares_long_prefix
+from tunesmith.data.pairs import EncodedPair, mostly_long_prefix, shares_long_prefix
 from tunesmith.data.templates import BUILTIN_TEMPLATES, TemplateChoice
 from tunesmith.run import is_adapter
 from tunesmith.train.objectives import DEFAULT_SFT_WEIGHT
@@ -462,9 +462,10 @@ def plan_warnings(plan: RunPlan) -> list[str]:
 
 def shared_prefix_warning(plan: RunPlan) -> list[str]:
     """DPO or SimPO without its SFT term on pairs that mostly share a long answer prefix."""
-    share = plan.long_prefix_pairs / max(plan.examples, 1)
-    if plan.objective not in DEFAULT_SFT_WEIGHT or plan.sft_weight != 0 or share <= SHARED_PREFIX_MAJORITY:
+    if (plan.objective not in DEFAULT_SFT_WEIGHT or plan.sft_weight != 0
+            or not mostly_long_prefix(plan.long_prefix_pairs, plan.examples)):
         return []
+    share = plan.long_prefix_pairs / plan.examples
     return [f"{share:.0%} of the pairs ({plan.long_prefix_pairs}) have answers sharing a long prefix and the SFT "
             "term is off: on the shared tokens the chosen and rejected gradients cancel, so only the first "
             "differing token carries the preference; its likelihood moves, the greedy answers may not follow "
