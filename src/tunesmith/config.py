@@ -80,6 +80,8 @@ class DataConfig:
     last_turn_only: bool = opt(False, "supervise only the last assistant turn of each conversation")
     val_size: float = opt(0.0, "held-out validation split: a fraction (<1) or a number of examples (>=1); 0 disables",
                           minimum=0)
+    max_samples: int = opt(0, "use only the first N training examples, in file order, before the validation split "
+                              "(LLaMA-Factory's max_samples): a small run of a large file; 0 uses them all", minimum=0)
 
 
 @dataclass

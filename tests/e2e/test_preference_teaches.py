@@ -11,6 +11,7 @@ reached 1.0 while the greedy answers stayed as they were (train/objectives.py ha
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -18,6 +19,8 @@ import pytest
 
 from bench.preference_pairs import PHRASE, POSITIONS, pairs, shows_property, with_phrase, write_pairs
 from tests.conftest import real_model_env
+from tests.e2e import readme
+from tests.e2e.clone import fresh_clone
 
 N_TRAIN, N_HELDOUT = 32, 10
 # Each held-out prompt's answer must reach its end within the cap for a sign-off to be seen at all; the
@@ -52,9 +55,9 @@ def test_the_property_is_read_where_it_belongs():
     assert len(pairs(0, "start", 1)) > 500 and PHRASE["start"] == "Ahoy!"
 
 
-def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+def _cli(*args: str, env: dict, cwd=None) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-m", "tunesmith.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=3600)
+                          timeout=3600, cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -68,11 +71,11 @@ def _share_showing(predictions, position: str) -> float:
                for r in rows) / len(rows)
 
 
-# (position, layout, objective). The sign-off with DPO is kept in LLaMA-Factory's sharegpt layout, as a user of
-# that tool would bring it.
+# (position, layout, objective). The sign-off with DPO in LLaMA-Factory's sharegpt layout, as a user of that tool
+# would bring it, is the README's own run: test_the_readmes_preference_run_changes_the_answers.
 # ORPO and SimPO (about 4 minutes each) run with `-m slow` or `-m long`, outside the default run.
 _OTHER_OBJECTIVE = pytest.mark.long
-CASES = [("start", "trl", "dpo"), ("middle", "trl", "dpo"), ("end", "sharegpt", "dpo"),
+CASES = [("start", "trl", "dpo"), ("middle", "trl", "dpo"),
          pytest.param("end", "trl", "orpo", marks=_OTHER_OBJECTIVE, id="end-orpo-trl"),
          pytest.param("end", "trl", "simpo", marks=_OTHER_OBJECTIVE, id="end-simpo-trl")]
 
@@ -91,6 +94,35 @@ def test_preference_tuning_with_defaults_changes_the_answers(use_default_model, 
 
     _cli("eval", str(run), "--data", str(paths["heldout"]), "--compare", "base", "--out", str(out),
          "--metrics", "exact_match", "--max-new-tokens", str(MAX_NEW_TOKENS), env=env)
+    _assert_the_answers_changed(out, position, objective)
+
+
+PREFERENCE = "Preference tuning: SFT, then DPO"
+
+
+@pytest.mark.slow
+def test_the_readmes_preference_run_changes_the_answers(use_default_model, tmp_path):
+    """The README's CPU-sized DPO run, each command as written in a clone: its pairs (the sign-off, sharegpt
+    layout), its training command within its stated time and without a plan warning, its evaluation."""
+    clone = fresh_clone(tmp_path)
+    env = real_model_env(use_default_model, PYTHONPATH=str(clone / "src"))
+    lines = [c.line for c in readme.commands(PREFERENCE)]
+    (make_pairs,) = [line for line in lines if line.startswith("python bench/preference_pairs.py")]
+    position, layout = shlex.split(make_pairs)[3:5]
+    assert (position, layout) == ("end", "sharegpt")
+    subprocess.run([sys.executable, *shlex.split(make_pairs)[1:]], cwd=clone, env=env, check=True,
+                   capture_output=True)
+
+    trained = readme.readme_training_command("--data pairs/train.json")
+    readme.run_timed(trained, clone, env)
+    (evaluate,) = [c for c in readme.commands(PREFERENCE) if c.line.startswith("tunesmith eval runs/dpo ")]
+    _cli(*evaluate.tunesmith_argv, env=env, cwd=clone)
+    argv = evaluate.tunesmith_argv
+    assert argv[argv.index("--max-new-tokens") + 1] == str(MAX_NEW_TOKENS)
+    _assert_the_answers_changed(clone / argv[argv.index("--out") + 1], position, "dpo")
+
+
+def _assert_the_answers_changed(out, position: str, objective: str) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     tuned, base = metrics["metrics"], metrics["compare_metrics"]
     shown = {name: _share_showing(out / file, position)

@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, pull_into, real_model_env
+from tests.e2e import readme
 from tests.e2e.clone import fresh_clone
 from tunesmith.cli import build_parser
 from tunesmith.train.commands import parse_train_args
 
 
 def readme_commands() -> list[str]:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    lines = [line.strip() for block in blocks for line in block.splitlines()]
+    lines = [c.line for c in readme.commands()]
     commands = [line.split("&& ", 1)[-1] for line in lines if "tunesmith " in line]
     return [c for c in commands if c.startswith("tunesmith ")]
 
@@ -67,13 +66,14 @@ def test_readme_files_exist_in_the_repository(command):
 
 # ------------------------------------------------------- the walkthrough, run from a clone
 
+TUTORIAL = "The tutorial, step by step"
+
+
 def walkthrough_commands() -> list[str]:
-    """Every line of every bash block under "The tutorial, step by step", in order, made small."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split("## The tutorial, step by step", 1)[1].split("\n## ", 1)[0]
-    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
-             for line in block.splitlines() if line.strip() and not line.startswith("#")]
-    small = [re.sub(r"--limit \d+", "--limit 3", re.sub(r"--max-steps \d+", "--max-steps 1", line)) for line in lines]
+    """Every line of every bash block under "The tutorial, step by step", in order, but the GPU-sized ones;
+    evaluation made small (the training command runs as written: see test_walkthrough_runs_from_a_clone)."""
+    lines = [c.line for c in readme.commands(TUTORIAL) if not c.gpu_sized]
+    small = [re.sub(r"--limit \d+", "--limit 3", line) for line in lines]
     # Generation is most of the time left: shorter answers (the README's commands use the default).
     return [line + " --max-new-tokens 32" if re.match(r"tunesmith (generate|eval) runs/", line) else line
             for line in small]
@@ -96,7 +96,11 @@ def test_walkthrough_runs_from_a_clone(walkthrough_home, tmp_path):
     clone = fresh_clone(tmp_path)
     env = real_model_env(walkthrough_home, PYTHONPATH=str(clone / "src"))  # the clone's own code, not the checkout's
     outputs = {}
+    trained = readme.readme_training_command("alpaca_zh_demo.json --data.max_samples")
     for command in walkthrough_commands():
+        if command == trained.line:
+            readme.run_timed(trained, clone, env)
+            continue
         argv = shlex.split(command)
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "tunesmith.cli", *argv[1:]], cwd=clone, env=env,
@@ -108,9 +112,47 @@ def test_walkthrough_runs_from_a_clone(walkthrough_home, tmp_path):
     rows = (clone / "zh_chat.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 1000 and (clone / "zh_instruction.jsonl").is_file()
     run = clone / "runs" / "seed"
-    assert (run / "adapter_model.safetensors").is_file() and json.loads((run / "tunesmith.json").read_text())["steps"] == 1
+    assert (run / "adapter_model.safetensors").is_file() and json.loads((run / "tunesmith.json").read_text())["steps"] == 40
     (generated,) = [out for cmd, out in outputs.items() if " generate " in f" {cmd} "]
     assert generated.strip()
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert "base" in json.dumps(metrics) and (run / "eval" / "report.md").is_file()
     assert "bertscore" in outputs[walkthrough_commands()[-1]].lower()
+
+
+# ------------------------------------------------------- training commands sized for a CPU, or said not to be
+
+# The e2e test that runs each timed README training command as written, by a text only that command holds.
+RUN_BY = {"alpaca_zh_demo.json --data.max_samples": "tests/e2e/test_readme.py",
+          "--data pairs/train.json": "tests/e2e/test_preference_teaches.py",
+          "--objective grpo --data prompts.jsonl": "tests/e2e/test_grpo_teaches.py"}
+
+
+def test_every_training_command_states_its_cpu_time_or_that_it_is_not_for_a_cpu():
+    for command in readme.training_commands():
+        kinds = [command.minutes is not None, command.gpu_sized, command.users_own]
+        assert sum(kinds) == 1, f"{command.line!r} ends with {command.comment!r}, not one of the comments in readme.py"
+
+
+def test_every_timed_training_command_is_run_as_written_by_an_e2e_test():
+    timed = [c for c in readme.training_commands() if c.minutes is not None]
+    assert len(timed) == len(RUN_BY)
+    for command in timed:
+        (key,) = [key for key in RUN_BY if key in command.line]
+        text = (REPO / RUN_BY[key]).read_text(encoding="utf-8")
+        assert f"readme_training_command({key!r})" in text.replace('"', "'"), f"{RUN_BY[key]} does not run {key!r}"
+
+
+@pytest.mark.slow
+def test_gpu_sized_commands_plan_without_warnings(default_model_home, tmp_path):
+    """Their plans, on the default model (a merged run of it has the same shapes): no warning there either."""
+    clone = fresh_clone(tmp_path)
+    env = real_model_env(default_model_home, PYTHONPATH=str(clone / "src"))
+    for command in [c for c in readme.training_commands() if c.gpu_sized]:
+        argv = re.sub(r"--model runs/\S+ ", "", shlex.join(command.tunesmith_argv))
+        done = subprocess.run([sys.executable, "-m", "tunesmith.cli", *shlex.split(argv), "--plan", "--json"],
+                              cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{command.line}\n{done.stderr[-3000:]}"
+        plan = json.loads(done.stdout)
+        assert not plan["warnings"], f"{command.line}: {plan['warnings']}"
+        print(f"{plan['estimate_s'] / 60:5.0f} min estimated on this CPU: {command.line}")

@@ -143,6 +143,25 @@ def test_plan_flag_prints_json_and_trains_nothing(tiny_model_dir, chat_file, tmp
     assert not run.exists()  # nothing was trained or written
 
 
+def test_max_samples_plans_on_the_first_examples_and_says_so(tiny_model_dir, chat_file, tmp_path):
+    """The first N rows in file order, before the hold-out: the plan counts N - held out, and the run says so."""
+    argv = ["--model", str(tiny_model_dir), "--data", str(chat_file), "--output-dir", str(tmp_path / "run"),
+            "--data.max_samples", "12", "--data.val_size", "2", "--plan", "--json"]
+    done = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", *argv],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["examples"] == 10 and plan["val_examples"] == 2
+    assert "the first 12 of 40 examples (data.max_samples)" in done.stderr + done.stdout
+
+
+def test_max_samples_keeps_the_rows_in_file_order():
+    from tunesmith.train.loop import _first
+
+    rows = list(range(40))
+    assert _first(rows, 12) == rows[:12] and _first(rows, 0) == rows and _first(rows, 99) == rows
+
+
 def test_run_saves_its_plan_and_reports_the_learning_check(tiny_model_dir, chat_file, tmp_path):
     run = tmp_path / "run"
     result = finetune(tiny_config(tiny_model_dir, chat_file, run, train__max_steps=20, data__val_size=8))

@@ -158,6 +158,14 @@ def _read(paths: list[str], config: Config) -> list:
     return with_system_prompt(convs, config.data.system_prompt)
 
 
+def _first(rows: list, max_samples: int) -> list:
+    """The first ``max_samples`` rows (all when 0), and a line saying how many were left out."""
+    if not max_samples or len(rows) <= max_samples:
+        return rows
+    _print(f"training data: the first {max_samples:,} of {len(rows):,} examples (data.max_samples)")
+    return rows[:max_samples]
+
+
 def _split(convs: list, val_size: float, seed: int) -> tuple[list, list]:
     """A seeded hold-out: a fraction (<1) or a count (>=1) of the conversations."""
     if val_size <= 0:
@@ -198,7 +206,7 @@ def prepare_data(config: Config, tokenizer) -> Data:
     if config.method.objective == "grpo":
         return _prepare_prompts(config, tokenizer)
     read, encode = (_read_pairs, _encode_pairs) if is_preference(config.method.objective) else (_read, _encode)
-    convs = read(config.data.path, config)
+    convs = _first(read(config.data.path, config), config.data.max_samples)
     if config.data.eval_path:
         train_convs, val_convs = convs, read(config.data.eval_path, config)
     else:
@@ -232,7 +240,7 @@ def _prepare_prompts(config: Config, tokenizer) -> Data:
     if d.eval_path or d.val_size:
         raise UsageError("grpo has no held-out loss: drop --eval-data / data.val_size and evaluate the run with "
                          "`tunesmith eval RUN --data PROMPTS --reward ...`")
-    rows = load_prompts(d.path, columns=d.columns, encoding=d.encoding)
+    rows = _first(load_prompts(d.path, columns=d.columns, encoding=d.encoding), d.max_samples)
     train, dropped, cut = grpo.encode_prompts(rows, tokenizer, d.max_length, d.truncation, d.system_prompt)
     if dropped or cut:
         where = ", ".join(dropped[:5]) + (", ..." if len(dropped) > 5 else "")

@@ -212,6 +212,7 @@ FIELD_HELP_ZH = {
     "data.train_on_prompt": "也在提示词（system/user）词元上计算损失",
     "data.last_turn_only": "只监督每段对话的最后一个助手回复",
     "data.val_size": "留出的验证集：比例（<1）或样本数（>=1）；0 表示不留",
+    "data.max_samples": "只用训练数据的前 N 个样本（按文件顺序，在划分验证集之前；即 LLaMA-Factory 的 max_samples）；0 表示全部",
     "method.name": "微调方法",
     "method.r": "LoRA 秩",
     "method.alpha": "LoRA alpha（缩放 = alpha / r，rslora 为 alpha / sqrt(r)）",
