@@ -39,6 +39,7 @@ def _accuracy(path, held: list[dict]) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 4.5 minutes; the quickstart's e2e test covers the defaults in the default run
 def test_default_training_answers_held_out_phrasings(use_default_model, tmp_path):
     env = real_model_env(use_default_model)
     paths = write_facts(tmp_path / "data")

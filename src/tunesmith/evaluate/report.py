@@ -206,11 +206,12 @@ def _block(text: str) -> str:
 
 
 def _short(name: str) -> str:
-    """A label for a chart or column: the last part of a long path ("base (PATH)" keeps its prefix)."""
+    """A label for a chart or column: the last part of a path ("base (PATH)" keeps its prefix); the report's
+    header gives the whole path. (A length threshold here made the label depend on where the run lives.)"""
     if name.startswith("base (") and name.endswith(")"):
         return f"base ({_short(name[6:-1])})"
     path = Path(name)
-    return path.name if len(name) > 40 and path.name else name
+    return path.name if len(path.parts) > 1 and path.name else name
 
 
 def _is_number(value) -> bool:
