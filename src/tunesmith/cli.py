@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tunesmith {__version__}")
     parser.add_argument("--verbose", action="store_true",
                         help="also show the libraries' own progress bars and prints (transformers' 'Loading weights', "
-                             "bert_score's); anywhere on the line")
+                             "bert_score's, lm-eval's); anywhere on the line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("quickstart", help="fine-tune the default model on an identity dataset, end to end")

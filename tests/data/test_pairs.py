@@ -476,9 +476,13 @@ def test_data_check_counts_pairs_sharing_a_long_prefix_and_warns_once_when_most_
     assert "3 pairs (60%)" in warnings[0]["message"] and "--method.sft_weight" in warnings[0]["message"]
     assert main(["data", "check", str(path), "--no-tokens"]) == 0
     out = capsys.readouterr().out
-    assert "answers sharing a long prefix: 3 of 5 pairs (60%); DPO's signal is then only the first differing" in out
+    assert "answers sharing a long prefix: 3 of 5 pairs (60%)" in out
+    assert out.count("DPO's signal is then only the first differing token") == 1  # in the warning, not again
     # a minority is counted, not warned about
     path = write_jsonl(tmp_path / "few.jsonl", shared_prefix_rows()[:1] + check_rows()[:2])
     code, report = check_json(capsys, path, "--no-tokens")
     assert report["pairs"]["long_shared_prefix"] == {"pairs": 1, "share": 0.3333}
     assert not [w for w in report["warnings"] if w["field"] == "(answers)"]
+    assert main(["data", "check", str(path), "--no-tokens"]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 3 pairs (33%); DPO's signal is then only the first differing token" in out  # the reason, once

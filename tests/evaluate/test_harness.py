@@ -235,3 +235,23 @@ def test_the_readme_offline_task_yaml_runs_as_shown(tiny_run, tmp_path, monkeypa
     assert main([args[0], str(tiny_run), *args[2:], "--out", str(tmp_path / "bench")]) == 0
     metrics = json.loads((tmp_path / "bench" / "metrics.json").read_text())["metrics"]
     assert metrics["harness/capitals/n"] == 12 and 0 <= metrics["harness/capitals/acc"] <= 1
+
+
+def test_harness_requests_show_as_our_progress_and_lm_evals_bars_only_with_verbose(tiny_run, tasks, tmp_path,
+                                                                                    capsys, monkeypatch):
+    """stderr to a file: lm-eval's request bar becomes tunesmith's progress line (count, share, ETA) and its
+    bookkeeping bars show nothing; --verbose gives lm-eval's own bars back."""
+    import re
+
+    from tunesmith import output
+
+    monkeypatch.setattr(output, "PIPE_REPORT_S", 0.0)
+    argv = ["eval", str(tiny_run), "--harness", str(tasks / "mc.yaml"), "--harness-limit", "3", "--json"]
+    assert main([*argv, "--out", str(tmp_path / "quiet")]) == 0
+    err = capsys.readouterr().err
+    done = re.findall(r"harness \S+ \(loglikelihood\): (\d+)/(\d+) requests \((\d+)%\)", err)
+    assert done and done[-1][0] == done[-1][1] == str(3 * len(CHOICES)) and done[-1][2] == "100"
+    assert "Running loglikelihood requests" not in err and "it/s]" not in err
+    assert main([*argv, "--verbose", "--out", str(tmp_path / "loud")]) == 0
+    err = capsys.readouterr().err
+    assert "Running loglikelihood requests" in err and not re.search(r"harness \S+ \(loglikelihood\):", err)

@@ -769,8 +769,10 @@ def _print_duplicates(console, report: DataReport) -> None:
 def _print_shared_prefix(console, report: DataReport) -> None:
     shared = (report.pairs or {}).get("long_shared_prefix")
     if shared and shared["pairs"]:
+        # when most pairs share one, the warning below already gives the reason: say it once
+        why = "" if mostly_long_prefix(shared["pairs"], report.num_valid) else f"; {SHARED_PREFIX_WHY}"
         console.print(f"answers sharing a long prefix: {shared['pairs']} of {report.num_valid} pairs "
-                      f"({shared['share']:.0%}); {SHARED_PREFIX_WHY}", soft_wrap=True, markup=False)
+                      f"({shared['share']:.0%}){why}", soft_wrap=True, markup=False)
 
 
 def _print_preview(console, preview: dict | None, side: str = "") -> None:

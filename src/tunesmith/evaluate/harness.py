@@ -40,6 +40,7 @@ from tunesmith.evaluate.pipeline import EvalResult, compare_target, metric_delta
 from tunesmith.evaluate.report import write_report
 from tunesmith.models.load import load
 from tunesmith.models.resolve import resolve
+from tunesmith.output import progress_bar, verbose
 from tunesmith.run import read_run_info, run_system_prompt
 
 INSTALL = "pip install 'tunesmith[harness]'"
@@ -176,15 +177,51 @@ def score_model(name: str, tasks: HarnessTasks, *, chat_template: bool | None, l
     with _quiet("lm_eval.models.huggingface"):  # its warnings about a model passed as an object are ours to know
         lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
     try:
-        output = simple_evaluate(model=lm, tasks=tasks.names, task_manager=tasks.manager, num_fewshot=fewshot,
-                                 limit=limit, apply_chat_template=chat, fewshot_as_multiturn=chat,
-                                 system_instruction=system, log_samples=False)
+        with _lm_eval_bars(name):
+            output = simple_evaluate(model=lm, tasks=tasks.names, task_manager=tasks.manager, num_fewshot=fewshot,
+                                     limit=limit, apply_chat_template=chat, fewshot_as_multiturn=chat,
+                                     system_instruction=system, log_samples=False)
     except (OSError, ImportError) as exc:
         raise TunesmithError(_load_failure(tasks, exc)) from exc
     finally:
         del lm, loaded
         gc.collect()  # two models of a comparison are never in memory together
     return harness_metrics(output), {"chat_template": chat, "system_prompt": system}
+
+
+# lm-eval's modules that draw tqdm bars: building each task's contexts, tokenizing, and the requests themselves.
+_LM_EVAL_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
+@contextlib.contextmanager
+def _lm_eval_bars(model_name: str):
+    """Unless --verbose, lm-eval's bars become one of ours: the requests it runs ("Running loglikelihood
+    requests", "Running generate_until requests") show as tunesmith's progress bar (a line with an ETA in a
+    log), and its short bookkeeping bars (building contexts, tokenizing) show nothing. lm-eval has no switch
+    for this (simple_evaluate passes no disable_tqdm on, a task's context bar has none), so its modules'
+    ``tqdm`` name is replaced for the duration of the call, and put back after."""
+    if verbose():
+        yield
+        return
+    import importlib
+
+    modules = [importlib.import_module(m) for m in _LM_EVAL_BAR_MODULES]
+    label = Path(model_name).name or model_name
+
+    def bar(iterable=None, *args, total=None, desc=None, disable=False, **kwargs):
+        if iterable is not None:
+            return iterable  # a bookkeeping pass over the requests: seconds, not worth a bar
+        what = (desc or "requests").removeprefix("Running ").removesuffix(" requests")
+        return progress_bar(f"harness {label} ({what})", total or 0, enabled=not disable, unit="requests")
+
+    saved = [module.tqdm for module in modules]
+    for module in modules:
+        module.tqdm = bar
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, saved, strict=True):
+            module.tqdm = original
 
 
 @contextlib.contextmanager
