@@ -106,7 +106,7 @@ class MethodConfig:
     rewards: list[str] = opt([], "grpo (and eval): reward functions, each FILE.py:FUNCTION (a Python function "
                              "fn(prompts, completions, **fields) -> list of floats, TRL's convention) or a built-in: "
                              "exact, contains (against the row's `answer`), regex:PATTERN, max_words:N, "
-                             "json_schema:FILE. On the command line, --reward is repeatable")
+                             "json_schema:FILE. On the command line, --reward is repeatable; in the web UI, one a line")
     reward_weights: list[float] = opt([], "grpo: one weight per reward function for their weighted sum; default: 1 each")
     num_generations: int | None = opt(None, "grpo: completions sampled per prompt (the group); default: chosen by "
                                             "the plan", minimum=2)

@@ -60,6 +60,31 @@ def test_the_command_holds_only_what_differs_from_the_defaults_and_is_checked_li
     assert unknown.status_code == 400 and "did you mean 'train.lr'" in unknown.json()["error"]
 
 
+def test_rewards_are_one_a_line_and_a_regex_keeps_its_comma(client, tmp_path):
+    """The form's reward box takes one function a line; the command gives each its own --reward, which the CLI
+    reads back whole (a comma inside a regex is not a separator), and resuming refills the box the same way."""
+    import shlex
+
+    from tunesmith.config import load_config
+    from tunesmith.train.commands import parse_train_args
+    from tunesmith.ui.app import resume_values, train_args
+    from tunesmith.ui.workspace import Workspace
+
+    fields = {f["key"]: f for s in client.get("/api/settings").json()["sections"] for f in s["fields"]}
+    assert fields["method.rewards"]["kind"] == "lines"
+    rewards = ["regex:^\\d{1,3}$", "exact"]
+    command = client.post("/api/train/command", json={"method.rewards": f" {rewards[0]}\n\n{rewards[1]}\n"}).json()["command"]
+    assert command == f"tunesmith train --reward '{rewards[0]}' --reward exact"
+    _, overrides, _ = parse_train_args(shlex.split(command)[2:])
+    assert load_config(None, overrides).method.rewards == rewards
+    run = tmp_path / "runs" / "stopped"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(load_config(None, overrides).to_yaml(), encoding="utf-8")
+    values = resume_values(run, Workspace(tmp_path / "runs", 1 << 20))
+    assert values["method.rewards"] == "\n".join(rewards)
+    assert train_args(values)[:4] == ["--reward", rewards[0], "--reward", "exact"]
+
+
 def test_plan_is_the_real_plan_of_the_tiny_model(client, tiny_model_dir, tmp_path):
     from tests.train.helpers import tiny_config
     from tunesmith.train.loop import prepare_run

@@ -115,8 +115,13 @@ def test_the_journey_in_a_browser(server, browser, tiny_model_dir, tmp_path):
     assert "peak learning rate" in lr_help and "default: automatic" in lr_help
     data = write_chat(tmp_path / "train.jsonl", chat_rows())
     out = runs / "five-steps"
+    _set(browser, "method.rewards", "regex:^\\d{1,3}$\nexact")  # a reward a line; the regex keeps its comma
+    _wait(browser, lambda d: "--reward 'regex:^\\d{1,3}$' --reward exact" in _text(d, "#train-command"), 30,
+          "a --reward for each line")
+    _set(browser, "method.rewards", "")
     _fill_tiny_run(browser, tiny_model_dir, data, out, train__max_steps=5)
     _wait(browser, lambda d: "--train.max_steps 5" in _text(d, "#train-command"), 30, "the command")
+    assert "--reward" not in _text(browser, "#train-command")
     browser.find_element(*_by("#plan-button")).click()
     _wait(browser, lambda d: "= 5 optimizer steps" in _text(d, "#plan-output"), 120, "the plan's steps line")
     assert "--plan" not in _text(browser, "#train-command")  # what Start runs, not the planning command

@@ -40,7 +40,15 @@ from pathlib import Path
 
 from fastapi import Request  # in a route's signature, so FastAPI must find it at module level
 
-from tunesmith.config import UIConfig, fields_info, load_config, parse_value, unknown_key_error
+from tunesmith.config import (
+    FLAG_ALIASES,
+    REPEATABLE_FLAGS,
+    UIConfig,
+    fields_info,
+    load_config,
+    parse_value,
+    unknown_key_error,
+)
 from tunesmith.data.convert import TARGETS
 from tunesmith.data.doctor import check_data
 from tunesmith.errors import TunesmithError, UsageError
@@ -65,42 +73,56 @@ ERROR_STATUS = {TooLarge: 413, Exists: 409}  # other user errors are a 400
 # ---------------------------------------------------------------- the Train form
 
 
+# Fields a repeatable flag sets (--reward): one item per line in the form and one flag per item in the command,
+# since an item may hold a comma (a reward's regex: regex:^\d{1,3}$).
+LINE_FIELDS = {FLAG_ALIASES[flag]: flag for flag in REPEATABLE_FLAGS}
+
+
 def form_schema() -> list[dict]:
     """Every config field, grouped by section, as the page draws it."""
     sections: dict[str, list] = {}
     for info in fields_info():
         sections.setdefault(info.key.split(".")[0], []).append({
             "key": info.key, "help": info.help, "help_zh": FIELD_HELP_ZH.get(info.key, info.help),
-            "default": _shown(info.default), "choices": info.choices,
-            "kind": _kind(info.type), "nullable": "None" in str(info.type)})
+            "default": _shown(info.default, info.key), "choices": info.choices,
+            "kind": _kind(info.key, info.type), "nullable": "None" in str(info.type)})
     return [{"name": name, "fields": fields} for name, fields in sections.items()]
 
 
-def _kind(tp) -> str:
+def _kind(key: str, tp) -> str:
+    if key in LINE_FIELDS:
+        return "lines"
     text = str(tp)
     return next((k for k in ("list", "bool", "int", "float") if k in text), "text")
 
 
-def _shown(value) -> str:
-    """A value as the form and the command line spell it: lists comma separated, None empty."""
+def _shown(value, key: str = "") -> str:
+    """A value as the form spells it: lists comma separated (a line each for LINE_FIELDS), None empty."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, list):
-        return ",".join(map(str, value))
+        return ("\n" if key in LINE_FIELDS else ",").join(map(str, value))
     return str(value)
 
 
 def train_args(values: dict[str, str]) -> list[str]:
-    """``--section.key VALUE`` for every form value that differs from its default (checked as the CLI checks)."""
+    """``--section.key VALUE`` for every form value that differs from its default (checked as the CLI checks);
+    ``--reward ITEM`` for each line of a LINE_FIELDS value."""
     fields = _fields()
     args = []
     for key, raw in values.items():
         if key not in fields:
             raise unknown_key_error(key, "form: ")
+        if key in LINE_FIELDS and isinstance(raw, str):
+            raw = [line.strip() for line in raw.splitlines() if line.strip()]
         value = parse_value(fields[key], raw)
-        if value != fields[key].default:
+        if value == fields[key].default:
+            continue
+        if key in LINE_FIELDS:
+            args += [part for item in value for part in (f"--{LINE_FIELDS[key]}", item)]
+        else:
             args += [f"--{key}", _shown(value)]
     return args
 
@@ -141,7 +163,8 @@ def resume_values(run_dir: Path, workspace: Workspace) -> dict[str, str]:
         raise UsageError(f"{run_dir} has no recorded config (no checkpoint was written): start it again instead")
     workspace.inside(config_file, CONFIG)  # a symlink to a config elsewhere is not this run's
     config = load_config(config_file).to_dict()
-    values = {info.key: _shown(config[info.key.split(".")[0]][info.key.split(".")[1]]) for info in fields_info()}
+    values = {info.key: _shown(config[info.key.split(".")[0]][info.key.split(".")[1]], info.key)
+              for info in fields_info()}
     return {**values, "output.output_dir": str(run_dir), "train.resume": "auto", "output.overwrite": "false"}
 
 

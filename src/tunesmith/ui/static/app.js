@@ -67,6 +67,7 @@ function fieldInput(field, value) {
     select.value = value;
     return select;
   }
+  if (field.kind === "lines") return el("textarea", { ...attrs, rows: 2, cols: 28, text: value });  // an item a line
   return el("input", { ...attrs, value, size: 28 });
 }
 
@@ -95,11 +96,16 @@ function formValues() {
   return values;
 }
 
+let commandAsked = 0;  // each keystroke asks for the command; only the newest answer is shown
+
 async function updateCommand() {
+  const asked = ++commandAsked;
   try {
-    $("#train-command").textContent = (await api("POST", "/api/train/command", formValues())).command;
+    const command = (await api("POST", "/api/train/command", formValues())).command;
+    if (asked !== commandAsked) return;  // an older answer arriving after a newer one
+    $("#train-command").textContent = command;
     $("#train-message").replaceChildren();
-  } catch (error) { showError($("#train-message"), error); }
+  } catch (error) { if (asked === commandAsked) showError($("#train-message"), error); }
 }
 
 async function planRun() {
