@@ -188,11 +188,11 @@ def test_fsdp_metadata_pickles_are_checked_before_torch_reads_them(tmp_path):
              "optim": {"state": {0: {"step": torch.tensor(1.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # single-process save: torch warns that no process group exists
-        dcp.save(state, checkpoint_id=step / "pytorch_model_fsdp_0")
+        dcp.save(state, checkpoint_id=step / ckpt.SHARDED)
     ckpt.check_sharded_metadata(step)
 
     marker = tmp_path / "pwned"
-    (step / "pytorch_model_fsdp_0" / ".metadata").write_bytes(pickle.dumps(WritesMarker(marker)))
+    (step / ckpt.SHARDED / ".metadata").write_bytes(pickle.dumps(WritesMarker(marker)))
     with pytest.raises(UsageError, match=r"\.metadata: refused to load.*io\.open is not allowed"):
         ckpt.check_sharded_metadata(step)
     assert not marker.exists()

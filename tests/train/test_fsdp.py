@@ -80,14 +80,17 @@ def assert_same_curve(ours: list[tuple], theirs: list[tuple]) -> None:
             f"step {a[0]}: {a} against {b}"
 
 
-def assert_written_in_shards(model_dir) -> None:
-    """Each LoRA tensor of the distributed checkpoint: two chunks of rows, in the two processes' files."""
+def assert_written_in_shards(sharded_dir) -> None:
+    """The distributed checkpoint holds the LoRA tensors and their Adam moments and nothing of the frozen base;
+    each LoRA tensor in two chunks of rows, in the two processes' files."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    metadata = FileSystemReader(str(model_dir)).read_metadata()
-    lora = {fqn: meta for fqn, meta in metadata.state_dict_metadata.items() if "lora_" in fqn}
-    assert len(lora) == 28  # 2 layers x 7 projections x (A, B)
-    for fqn, meta in lora.items():
+    metadata = FileSystemReader(str(sharded_dir)).read_metadata()
+    model = {fqn: meta for fqn, meta in metadata.state_dict_metadata.items() if fqn.startswith("model.")}
+    assert len(model) == 28 and all("lora_" in fqn for fqn in model)  # 2 layers x 7 projections x (A, B)
+    moments = [fqn for fqn in metadata.state_dict_metadata if fqn.startswith("optimizer.state.")]
+    assert len(moments) == 3 * 28 and all("lora_" in fqn for fqn in moments)  # step, exp_avg, exp_avg_sq
+    for fqn, meta in model.items():
         assert len(meta.chunks) == 2, fqn
         assert sorted(c.offsets[0] for c in meta.chunks) == [0, meta.size[0] // 2], fqn
     files = {info.relative_path for index, info in metadata.storage_data.items() if "lora_" in index.fqn}
@@ -110,13 +113,16 @@ def test_fsdp_checkpoint_and_unsharded_checkpoint_do_not_resume_each_other(tiny_
     with pytest.raises(ResumeRefused, match="written without sharding .one process or DDP., and this launch runs "
                                             "with sharded parameters .FSDP or DeepSpeed."):
         check_sharding(unsharded, sharded=True)
-    sharded = tmp_path / "sharded"  # what accelerate's save_state writes besides the shards: one RNG file a process
-    sharded.mkdir()
+    fsdp = tmp_path / "fsdp"  # an FSDP checkpoint's distributed checkpoint folder
+    (fsdp / "sharded").mkdir(parents=True)
+    deepspeed = tmp_path / "deepspeed"  # what accelerate's save_state writes besides the shards: an RNG file a process
+    deepspeed.mkdir()
     for rank in (0, 1):
-        (sharded / f"random_states_{rank}.pkl").write_bytes(b"")
-    check_sharding(sharded, sharded=True)
-    with pytest.raises(ResumeRefused, match="written with sharded parameters"):
-        check_sharding(sharded, sharded=False)
+        (deepspeed / f"random_states_{rank}.pkl").write_bytes(b"")
+    for sharded in (fsdp, deepspeed):
+        check_sharding(sharded, sharded=True)
+        with pytest.raises(ResumeRefused, match="written with sharded parameters"):
+            check_sharding(sharded, sharded=False)
 
 
 @needs_launcher
@@ -142,7 +148,7 @@ def test_fsdp2_shards_trains_evaluates_and_resumes_like_one_process(tiny_model_d
     assert "FSDP2: 49 parameter tensors sharded over 2 processes; this one holds 91,808 of 183,616 values" \
         in resumed.stderr
     checkpoint = sharded / "checkpoints" / "step-8"
-    assert_written_in_shards(checkpoint / "pytorch_model_fsdp_0")
+    assert_written_in_shards(checkpoint / "sharded")
     assert (checkpoint / "scheduler.pt").is_file()
 
     # Every step's loss and lr, the held-out losses (before training, steps 4 and 8): as one process.
@@ -186,10 +192,10 @@ def test_fsdp2_early_stopping_loads_the_best_sharded_checkpoint(tiny_model_dir, 
     assert "early stopping at step 4" in done.stderr and "loaded the best checkpoint (step 2," in done.stderr
     best = sharded / "checkpoints" / "step-2"
     assert not (best / "weights.safetensors").exists()
-    dcp_to_torch_save(best / "pytorch_model_fsdp_0", tmp_path / "best.pt")
+    dcp_to_torch_save(best / "sharded", tmp_path / "best.pt")
     saved = torch.load(tmp_path / "best.pt", weights_only=True)["model"]
     adapter = load_file(sharded / "adapter_model.safetensors")
-    assert len(adapter) == 28
+    assert len(adapter) == len(saved) == 28  # the trainable tensors only, no frozen base
     assert all(torch.equal(adapter[k], saved[k.replace(".weight", ".default.weight")]) for k in adapter)
     # and as one process, which loads its own best checkpoint the same way (Adam's first steps amplify the
     # float-sum differences at this lr: 6e-5 measured)

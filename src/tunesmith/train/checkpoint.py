@@ -15,10 +15,13 @@ can run code. Weights are safetensors, RNG states JSON, and the optimizer and sc
 unpickler builds only tensors and plain containers and refuses anything else.
 
 Only the trainable tensors are saved (an adapter is megabytes where the full model is gigabytes);
-the frozen base is reloaded from the base model. Under FSDP or DeepSpeed, where parameters and
-optimizer state are sharded across processes, accelerate's save_state/load_state write and read
-the shards and the RNG states instead; the scheduler (which accelerate is not given) and the data
-position are ours in every checkpoint, so a resumed run continues its learning-rate schedule.
+the frozen base is reloaded from the base model. Under FSDP, where parameters and optimizer state
+are sharded across processes, ``sharded/`` holds them as a torch distributed checkpoint, each
+process writing its own part, and again only the trainable ones: accelerate's save_state would
+also write every frozen base shard (gigabytes per checkpoint for a LoRA of a large model). Under
+DeepSpeed, accelerate's save_state/load_state write and read its engine's files and RNG states.
+The scheduler (which accelerate is not given) and the data position are ours in every checkpoint,
+so a resumed run continues its learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class ResumeRefused(UsageError):
 
 
 WEIGHTS = "weights.safetensors"  # the trainable tensors of a checkpoint
+SHARDED = "sharded"  # FSDP: the trainable parameters' and the optimizer's shards (torch distributed checkpoint)
 
 
 def step_dir(output_dir: str | Path, step: int) -> Path:
@@ -68,6 +72,46 @@ def step_dir(output_dir: str | Path, step: int) -> Path:
 
 def _is_sharded(accelerator) -> bool:
     return accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+
+
+def _is_fsdp(accelerator) -> bool:
+    return accelerator.distributed_type.value == "FSDP"
+
+
+def _trainable_only():
+    """get_state_dict/set_state_dict options: the trainable tensors, each process's shards of them (the frozen
+    base is reloaded from the base model, as without sharding); loading leaves the frozen ones as they are."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _save_fsdp(model, optimizer, folder: Path) -> None:
+    """Every process writes its shards of the trainable parameters and of their optimizer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, moments = get_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=_trainable_only())
+    dcp.save({"model": weights, "optimizer": moments}, checkpoint_id=str(folder))
+
+
+def _load_fsdp(path: Path, model, optimizer) -> None:
+    """Read ``_save_fsdp``'s shards into this process's parts of the model and optimizer; a checkpoint of another
+    model (a tensor it lacks, or one this model trains that it lacks) is refused, naming one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    weights, moments = get_state_dict(model, inner, options=_trainable_only())
+    saved = dcp.FileSystemReader(str(path / SHARDED)).read_metadata().state_dict_metadata
+    names = {key.removeprefix("model.") for key in saved if key.startswith("model.")}
+    if names != set(weights):
+        odd = sorted(names ^ set(weights))[0]
+        raise UsageError(f"{path}: checkpoint weights do not match this model's trainable ones (e.g. {odd})")
+    state = {"model": weights, "optimizer": moments}
+    dcp.load(state, checkpoint_id=str(path / SHARDED))
+    set_state_dict(model, inner, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_trainable_only())
 
 
 def rng_state() -> dict:
@@ -125,8 +169,13 @@ def _write_checkpoint(accelerator, model, optimizer, scheduler, state, config_ya
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save of this same step
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if _is_sharded(accelerator):
-        accelerator.save_state(str(tmp))  # the model's and optimizer's shards, every process's RNG
+    if _is_fsdp(accelerator):
+        _save_fsdp(model, optimizer, tmp / SHARDED)
+        _write_json(tmp / f"rng-{accelerator.process_index}.json", rng_state())
+        if accelerator.is_main_process:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    elif _is_sharded(accelerator):
+        accelerator.save_state(str(tmp))  # DeepSpeed's engine files, every process's RNG
         if accelerator.is_main_process:  # not our scheduler, which accelerate never saw (it is not prepared)
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     else:
@@ -213,7 +262,7 @@ def check_processes(path: Path, processes: int, batch_size: int, grad_accum: int
 def check_sharding(path: Path, sharded: bool) -> None:
     """Refuse to resume a checkpoint of sharded parameters (FSDP, DeepSpeed: accelerate's files) without sharding, or
     the other way round: neither launch can read the other's files."""
-    written_sharded = bool(list(path.glob("random_states_*.pkl")))
+    written_sharded = (path / SHARDED).is_dir() or bool(list(path.glob("random_states_*.pkl")))
     if written_sharded == sharded:
         return
     how = {True: "with sharded parameters (FSDP or DeepSpeed)", False: "without sharding (one process or DDP)"}
@@ -223,13 +272,18 @@ def check_sharding(path: Path, sharded: bool) -> None:
 
 def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG; return the saved training state."""
+    rng_file = f"rng-{accelerator.process_index}.json"
     if _is_sharded(accelerator):
         _require(path, {name: REQUIRED[name] for name in ("scheduler.pt", "state.json")})
         check_sharded_metadata(path)
-        accelerator.load_state(str(path))  # accelerate reads its .bin/.pkl files with weights_only=True too
+        if (path / SHARDED).is_dir():
+            _require(path, {rng_file: "the random number generator state"})
+            _load_fsdp(path, model, optimizer)
+            set_rng_state(_read_json(path / rng_file))
+        else:  # DeepSpeed's files, or an FSDP checkpoint of accelerate's save_state (earlier tunesmith)
+            accelerator.load_state(str(path))  # accelerate reads its .bin/.pkl files with weights_only=True too
         scheduler.load_state_dict(safe_torch_load(path / "scheduler.pt"))
         return _read_json(path / "state.json")
-    rng_file = f"rng-{accelerator.process_index}.json"
     _require(path, {**REQUIRED, rng_file: "the random number generator state"})
     weights = load_file(path / WEIGHTS)
     unwrapped = accelerator.unwrap_model(model)

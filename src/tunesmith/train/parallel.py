@@ -3,15 +3,15 @@
 - DDP (``distributed_type: MULTI_GPU``, or a launch on CPU with no FSDP config): every process holds the whole
   model; gradients are averaged.
 - FSDP2 (``distributed_type: FSDP``, ``fsdp_version: 2``): parameters, gradients and optimizer state are sharded
-  (each parameter a DTensor, each process holding a part); checkpoints hold the shards (torch distributed
-  checkpoint), the run directory the gathered weights.
+  (each parameter a DTensor, each process holding a part); checkpoints hold the trainable tensors' shards (torch
+  distributed checkpoint, train/checkpoint.py), the run directory the gathered weights.
 - DeepSpeed ZeRO-2/3 (``distributed_type: DEEPSPEED``): through accelerate, on CUDA GPUs only.
 
 On CPU (gloo), accelerate 1.16 never enables FSDP: ``AcceleratorState`` switches to ``DistributedType.FSDP`` only
 for GPU-like backends and leaves a CPU launch as ``MULTI_CPU``, which wraps the model in DDP without a word. torch's
 FSDP2 itself runs on gloo, so ``make_accelerator`` sets the state as FSDP, with the plugin accelerate builds from
-the launch's ``FSDP_*`` variables, and everything after that (prepare, save_state/load_state, get_state_dict,
-clip_grad_norm_) is accelerate's own FSDP2 path, the one GPUs take. That is what the CPU tests run.
+the launch's ``FSDP_*`` variables, and everything after that (prepare, get_state_dict, clip_grad_norm_) is
+accelerate's own FSDP2 path, the one GPUs take; checkpoints are torch's distributed checkpoint either way. That is what the CPU tests run.
 DeepSpeed is not forced the same way: it needs its own accelerator and communication backend (deepspeed 0.19.8's
 CPU accelerator, tried with 2 gloo processes, made no progress in accelerate's set-up). A DeepSpeed config on CPU
 trains without DeepSpeed, as DDP across its processes, and the run says so in one line.
