@@ -9,12 +9,6 @@ it runs sdpa's causal kernel on each example's span, so the work is the sum of t
 lengths and nothing of size L x L is made. loss.model_inputs passes it the packed batch that way. Any
 other call (a padding mask, a KV cache, one query token) goes to transformers' sdpa unchanged.
 
-A span whose positions start at p > 0 continues a prompt: it sees the first p tokens of the row's last span that
-started at 0, then itself causally, and not the spans in between. That is how GRPO's backward pass lays out a
-group of completions of one prompt (packing.collate_shared_prompts): the prompt once, each completion after it
-at the prompt's positions, so the prompt's tokens go through the model once per group and not once per
-completion. Nothing else makes such spans (every other packed example starts at position 0).
-
 Sliding-window layers (Gemma 2 and 3, Mistral, Qwen2 with use_sliding_window) pass their window as the
 ``sliding_window`` argument, as they do to every kernel: an example longer than the window gets the
 banded causal mask transformers' own sliding mask makes (packing.causal_window), so training attends as
@@ -67,21 +61,10 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     options = {"dropout_p": dropout, "scale": scaling, **({"enable_gqa": True} if groups > 1 and _GQA else {})}
     window = kwargs.get("sliding_window")
-    starts = positions.expand(query.shape[0], -1)
     rows = []
     for b, spans in enumerate(example_spans(positions, query.shape[0])):
-        parts, prompt = [], None  # prompt: where the row's last span from position 0 begins
-        for s, e in spans:
-            first = int(starts[b, s])
-            if first == 0:
-                prompt = s
-            if first > 0 and prompt is not None and s - prompt >= first:  # a completion continuing that prompt
-                seen = torch.cat([torch.arange(prompt, prompt + first), torch.arange(s, e)]).to(key.device)
-                parts.append(_continued_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, seen],
-                                                  value[b:b + 1, :, seen], first, window, options))
-            else:
-                parts.append(_example_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
-                                                value[b:b + 1, :, s:e], window, options))
+        parts = [_example_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], window,
+                                    options) for s, e in spans]
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
@@ -94,18 +77,6 @@ def _example_attention(query, key, value, window: int | None, options: dict) -> 
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, **options)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=causal_window(length, window, query.device),
                                           **options)
-
-
-def _continued_attention(query, key, value, prompt_length: int, window: int | None, options: dict) -> torch.Tensor:
-    """A completion's attention over its prompt's first ``prompt_length`` keys and then its own, causally (by
-    absolute position: query i sees key j when j <= i, and i - j < ``window`` when there is one)."""
-    length = query.shape[2]
-    query_at = torch.arange(prompt_length, prompt_length + length, device=query.device)[:, None]
-    key_at = torch.arange(prompt_length + length, device=query.device)[None, :]
-    seen = key_at <= query_at
-    if window:
-        seen &= query_at - key_at < window
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=seen, **options)
 
 
 def _mask(attention_mask=None, **kwargs):

@@ -245,16 +245,16 @@ def _greedy_tokens(model, input_ids: torch.Tensor, attention: torch.Tensor, stop
     run on the rows still generating. Position ids count real tokens only, as model.generate's do.
     ``pick(logits) -> tokens`` replaces the argmax (``sample_tokens`` samples through it).
     ``progress(rows)``: after each step, the rows' share of work done in it (see ``generate``)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
     plain = joinable(model)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    distinct = _distinct_rows(input_ids, attention) if plain else None
-    if distinct is None:
-        cache, logits = _prefill(model, input_ids, attention, plain)
-    else:  # rows repeating a prompt (GRPO's groups of completions) share its prefill, then its cache is copied
-        unique_ids, unique_attention, copies = distinct
-        cache, logits = _prefill(model, unique_ids, unique_attention, plain)
-        cache.batch_select_indices(copies)
-        logits = logits[copies]
+    if plain and input_ids.shape[0] > PREFILL_ROWS:
+        cache, logits = _prefill_in_groups(model, input_ids, attention, positions)
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
     stop_ids = torch.tensor(stops, device=input_ids.device, dtype=torch.long)
     rows: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     alive = list(range(input_ids.shape[0]))  # batch position -> row
@@ -282,28 +282,6 @@ def _greedy_tokens(model, input_ids: torch.Tensor, attention: torch.Tensor, stop
         logits = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=positions, cache=cache,
                        use_cache=True).logits[:, -1]
     return rows
-
-
-def _distinct_rows(input_ids: torch.Tensor, attention: torch.Tensor):
-    """(the distinct rows' ids, their attention, each row's index among them), or None when no row repeats."""
-    unique, copies = torch.unique(torch.cat([input_ids, attention], 1), dim=0, return_inverse=True)
-    if len(unique) == len(input_ids):
-        return None
-    unique_ids, unique_attention = unique.split(input_ids.shape[1], dim=1)
-    return unique_ids, unique_attention, copies
-
-
-def _prefill(model, input_ids: torch.Tensor, attention: torch.Tensor, plain: bool):
-    """The prompts' forward pass: its cache and each row's last logits."""
-    from transformers import DynamicCache
-
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    if plain and input_ids.shape[0] > PREFILL_ROWS:
-        return _prefill_in_groups(model, input_ids, attention, positions)
-    cache = DynamicCache(config=model.config)
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
-    return cache, logits
 
 
 def _report_step(progress: Callable[[float], None], was_finished: torch.Tensor, finished: torch.Tensor,

@@ -194,33 +194,3 @@ def test_model_inputs_give_eager_a_float_mask_per_layer_type(family_dirs):
     assert set(masks) == {"sliding_attention", "full_attention"}
     assert all(m.dtype == torch.float32 for m in masks.values())
     assert (masks["sliding_attention"] < 0).sum() > (masks["full_attention"] < 0).sum()
-
-
-@pytest.mark.parametrize("family", ["gemma3", "mistral", "qwen2"])
-def test_completions_sharing_their_prompt_see_it_as_their_own_forward_does(family_dirs, family):
-    """GRPO's layout (collate_shared_prompts: each prompt once, its completions after it) under PACKED_SDPA gives
-    every completion token the log-probability of the model's own forward over prompt + completion, with
-    prompts and completions on both sides of the window; without the shared prompt it differs."""
-    from tunesmith.data.packing import collate_shared_prompts
-    from tunesmith.loss import token_logps
-
-    model = load(family_dirs[family], "packed_sdpa")
-    rng = random.Random(1)
-    ids = lambda n: [rng.randrange(3, VOCAB) for _ in range(n)]  # noqa: E731
-    groups = [(ids(13), [ids(3), ids(11), ids(6)]), (ids(5), [ids(9), ids(1)]), (ids(1), [ids(4)])]
-    expected = []
-    with torch.no_grad():
-        for prompt, completions in groups:
-            for completion in completions:
-                logits = model(input_ids=torch.tensor([prompt + completion]), use_cache=False).logits[0].float()
-                steps = logits[len(prompt) - 1:-1].log_softmax(-1)
-                expected += steps[torch.arange(len(completion)), torch.tensor(completion)].tolist()
-        shared = token_logps(model, collate_shared_prompts(groups)).tolist()
-        alone = token_logps(model, collate_shared_prompts([(p, [c]) for p, cs in groups for c in cs])).tolist()
-    assert shared == pytest.approx(expected, abs=1e-5)
-    assert alone == pytest.approx(expected, abs=1e-5)  # one completion a group: the plain packed layout
-    broken = collate_shared_prompts(groups)  # every completion's positions from 0: it no longer sees its prompt
-    positions = [k for prompt, completions in groups
-                 for k in [*range(len(prompt) - 1), *(j for c in completions for j in range(len(c) + 1))]]
-    broken["position_ids"] = torch.tensor([positions])
-    assert token_logps(model, broken).tolist() != pytest.approx(expected, abs=1e-3)

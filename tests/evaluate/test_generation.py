@@ -194,32 +194,6 @@ def test_one_batch_equals_a_plain_generate_per_prompt(tiny, monkeypatch, prefill
     assert {g.finish_reason for g in batched} == {"stop", "length"}
 
 
-@pytest.mark.parametrize("prefill_rows", [2, 64])
-def test_repeated_prompts_are_prefilled_once_and_answered_as_alone(tiny, monkeypatch, prefill_rows):
-    """GRPO's rollouts repeat each prompt for its group: the prefill runs on the distinct prompts only (in groups of
-    2 rows or all together), and every row's greedy answer is the one its prompt gets alone."""
-    from tunesmith import inference
-
-    monkeypatch.setattr(inference, "PREFILL_ROWS", prefill_rows)
-    _boost_end_of_turn(tiny.model, 2.5)
-    prompts = _prompts(tiny.tokenizer)[:4]
-    order = [0, 1, 0, 0, 2, 3, 1, 2, 3, 3]
-    encoded = [tiny.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    rows = []
-    hook = tiny.model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]),
-                                                with_kwargs=True)
-    try:
-        repeated = inference.sample_tokens(tiny.model, [encoded[i] for i in order], [2], tiny.tokenizer.pad_token_id,
-                                           24, temperature=1e-6)  # as good as greedy
-    finally:
-        hook.remove()
-    prefill = rows[:len(rows) - (max(map(len, repeated)) - 1)]
-    assert sum(prefill) == len(prompts) and rows[len(prefill)] == len(order)  # then the whole batch decodes
-    alone = [_old_path(tiny.model, tiny.tokenizer, [p], 24)[0] for p in prompts]
-    assert [inference._until_stop(row, [2]) for row in repeated] == [alone[i] for i in order]
-    assert len({tuple(row) for row in alone}) == len(prompts)
-
-
 def test_finished_rows_leave_the_batch(tiny):
     _boost_end_of_turn(tiny.model, 3.0)
     rows = []

@@ -74,28 +74,6 @@ def collate_packed(rows: Sequence[Sequence[Encoded]], pad_id: int) -> dict[str, 
             "attention_mask": block_causal_mask(segment_ids), "segment_ids": segment_ids}
 
 
-def collate_shared_prompts(groups: Sequence[tuple[list[int], Sequence[list[int]]]]) -> dict[str, torch.Tensor]:
-    """One packed row of (prompt ids, [completion ids, ...]) groups with each prompt in it once, for
-    attention.PACKED_SDPA only (no mask: other kernels would let completions see each other).
-
-    A group is laid out as the prompt but its last token (positions 0..P-2), then for each completion the
-    prompt's last token and the completion (positions P-1 onwards, continuing the prompt, which PACKED_SDPA
-    lets them see). The completion's tokens are supervised, its first predicted from the prompt's last token,
-    as in ``prompt + completion``; the log-probabilities come out in the same order as those of the groups'
-    ``prompt + completion`` sequences packed one after another."""
-    ids, labels, positions = [], [], []
-    for prompt, completions in groups:
-        ids += prompt[:-1]
-        labels += [IGNORE] * (len(prompt) - 1)
-        positions += range(len(prompt) - 1)
-        for completion in completions:
-            ids += [prompt[-1], *completion]
-            labels += [IGNORE, *completion]
-            positions += range(len(prompt) - 1, len(prompt) + len(completion))
-    as_row = {"input_ids": ids, "labels": labels, "position_ids": positions}
-    return {key: torch.tensor([values], dtype=torch.long) for key, values in as_row.items()}
-
-
 def block_causal_mask(segment_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """[B, 1, L, L] boolean: a token sees earlier tokens of its own segment, the last ``window`` of them
     when given (padding is segment 0, causal among itself, so no row of the mask is empty and softmax

@@ -52,9 +52,8 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.attention import PACKED_SDPA
 from tunesmith.data.conversation import location
-from tunesmith.data.packing import collate_packed, collate_shared_prompts
+from tunesmith.data.packing import collate_packed
 from tunesmith.data.prompt import with_system_prompt
 from tunesmith.data.tokenize import IGNORE, Encoded, generation_prompt
 from tunesmith.errors import UsageError
@@ -194,65 +193,35 @@ def _sequences(examples: Sequence[PromptExample], rollout: Rollout) -> list[Enco
 CPU_ROW_TOKENS = 1024
 
 
-def shares_prompts(model) -> bool:
-    """Whether a group's prompt may go through the model once for all its completions
-    (packing.collate_shared_prompts): attention.PACKED_SDPA, the training kernel in place of sdpa, reads
-    that layout; any other kernel gets ``prompt + completion`` for each completion."""
-    config = getattr(getattr(model, "module", model), "config", None)
-    return getattr(config, "_attn_implementation", None) == PACKED_SDPA
-
-
-class _Layout:
-    """How the completions of a rollout are packed into rows for a forward pass: pieces of consecutive
-    completions (by index) of at most a row's tokens, each one row, its prompts shared when ``shared``."""
-
-    def __init__(self, examples: Sequence[PromptExample], rollout: Rollout, pad_id: int, shared: bool, device):
-        self.examples, self.rollout, self.pad_id, self.shared = examples, rollout, pad_id, shared
-        self.sequences = _sequences(examples, rollout)
-        budget = CPU_ROW_TOKENS if torch.device(device).type == "cpu" else 8 * CPU_ROW_TOKENS
-        self.pieces: list[list[int]] = []
-        used = 0
-        for i, n in enumerate(self._row_tokens()):
-            if self.pieces and used + n <= budget:
-                self.pieces[-1].append(i)
-                used += n
-            else:
-                self.pieces.append([i])
-                used = n
-
-    def _row_tokens(self) -> list[int]:
-        """Each completion's share of a row: with its prompt, or (shared) its prompt only when it starts a group."""
-        if not self.shared:
-            return [len(s.input_ids) for s in self.sequences]
-        prompts, completions = self.rollout.prompts, self.rollout.completions
-        return [len(completions[i]) + 1 + (len(self.examples[p].input_ids) - 1 if i == 0 or p != prompts[i - 1] else 0)
-                for i, p in enumerate(prompts)]
-
-    def batch(self, piece: list[int], device) -> dict[str, torch.Tensor]:
-        if self.shared:
-            groups = []
-            for i in piece:
-                p = self.rollout.prompts[i]
-                if not groups or groups[-1][2] != p:
-                    groups.append((self.examples[p].input_ids, [], p))
-                groups[-1][1].append(self.rollout.completions[i])
-            batch = collate_shared_prompts([(prompt, completions) for prompt, completions, _ in groups])
+def _packed_pieces(sequences: list[Encoded], device) -> list[list[int]]:
+    """Consecutive sequences (by index, in order) packed into rows of at most a row's tokens; a longer
+    sequence is a row of its own."""
+    budget = CPU_ROW_TOKENS if torch.device(device).type == "cpu" else 8 * CPU_ROW_TOKENS
+    pieces: list[list[int]] = []
+    used = 0
+    for i, sequence in enumerate(sequences):
+        n = len(sequence.input_ids)
+        if pieces and used + n <= budget:
+            pieces[-1].append(i)
+            used += n
         else:
-            batch = collate_packed([[self.sequences[i] for i in piece]], self.pad_id)
-        return {k: v.to(device) for k, v in batch.items()}
+            pieces.append([i])
+            used = n
+    return pieces
 
 
 @torch.no_grad()
-def _logps_of(model, layout: _Layout, temperature: float, autocast: Callable) -> list[list[float]]:
+def _logps_of(model, sequences: list[Encoded], pad_id: int, temperature: float, autocast: Callable) -> list[list[float]]:
     """Per-token completion log-probabilities of each sequence, without gradients (pi_old and the reference)."""
     device = next(model.parameters()).device
     out: list[list[float]] = []
-    for piece in layout.pieces:
+    for piece in _packed_pieces(sequences, device):
+        inputs = {k: v.to(device) for k, v in collate_packed([[sequences[i] for i in piece]], pad_id).items()}
         with autocast():
-            flat = token_logps(model, layout.batch(piece, device), temperature).float().cpu().tolist()
+            flat = token_logps(model, inputs, temperature).float().cpu().tolist()
         at = 0
         for i in piece:
-            n = layout.sequences[i].num_supervised
+            n = sequences[i].num_supervised
             out.append(flat[at:at + n])
             at += n
     return out
@@ -283,14 +252,12 @@ def sample_rollout(model, tokenizer, examples: Sequence[PromptExample], prompt_i
     total = (table * torch.tensor([r.weight for r in rewards], dtype=torch.float64)).sum(1)
     advantages, zero_std = group_advantages(total, group, method.scale_rewards)
     rollout = Rollout(prompts, completions, advantages.tolist())
-    device = next(model.parameters()).device
+    sequences = _sequences(examples, rollout)
     if method.num_iterations > 1:
-        layout = _Layout(examples, rollout, pad_id, shares_prompts(model), device)
-        rollout.old_logps = _logps_of(model, layout, method.temperature, autocast)
+        rollout.old_logps = _logps_of(model, sequences, pad_id, method.temperature, autocast)
     if (method.beta or 0) > 0:
         with reference() as frozen:
-            layout = _Layout(examples, rollout, pad_id, shares_prompts(frozen), device)
-            rollout.ref_logps = _logps_of(frozen, layout, method.temperature, autocast)
+            rollout.ref_logps = _logps_of(frozen, sequences, pad_id, method.temperature, autocast)
     model.train(was_training)
     lengths = [len(ids) for ids in completions]
     ended = [bool(ids) and ids[-1] in stops for ids in completions]
@@ -325,17 +292,18 @@ def policy_backward(accelerator, model, examples: Sequence[PromptExample], rollo
                     completions_in_step: int, tokens_in_step: int) -> PolicySums:
     """Forward/backward of the clipped policy loss over this process's completions, in packed pieces; gradients
     end up as d(the step's loss) (see the module docstring)."""
+    sequences = _sequences(examples, rollout)
     lengths = [len(ids) for ids in rollout.completions]
     weights = sequence_weights(method.loss_type, lengths, completions_in_step, method.max_completion_length,
                                tokens_in_step)
     beta = method.beta or 0.0
-    layout = _Layout(examples, rollout, pad_id, shares_prompts(model), accelerator.device)
-    pieces = layout.pieces
+    pieces = _packed_pieces(sequences, accelerator.device)
     sums = PolicySums(0.0, sum(lengths), 0, 0.0)
     for n, piece in enumerate(pieces):
         sync = nullcontext() if n == len(pieces) - 1 else accelerator.no_sync(model)
         with sync:
-            inputs = layout.batch(piece, accelerator.device)
+            inputs = {k: v.to(accelerator.device) for k, v in
+                      collate_packed([[sequences[i] for i in piece]], pad_id).items()}
             with accelerator.autocast():
                 logps = token_logps(model, inputs, method.temperature).float()
             per_token = _per_token(rollout, piece, lengths, weights, logps)
