@@ -169,22 +169,19 @@ def _write_checkpoint(accelerator, model, optimizer, scheduler, state, config_ya
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save of this same step
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    deepspeed = _is_sharded(accelerator) and not _is_fsdp(accelerator)
     if _is_fsdp(accelerator):
         _save_fsdp(model, optimizer, tmp / SHARDED)
-        _write_json(tmp / f"rng-{accelerator.process_index}.json", rng_state())
-        if accelerator.is_main_process:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    elif _is_sharded(accelerator):
+    elif deepspeed:
         accelerator.save_state(str(tmp))  # DeepSpeed's engine files, every process's RNG
-        if accelerator.is_main_process:  # not our scheduler, which accelerate never saw (it is not prepared)
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    else:
+    elif accelerator.is_main_process:
+        save_file(trainable_state_dict(accelerator.unwrap_model(model)), tmp / WEIGHTS)
+        kill_point("during-checkpoint", state["step"])
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if not deepspeed:
         _write_json(tmp / f"rng-{accelerator.process_index}.json", rng_state())
-        if accelerator.is_main_process:
-            save_file(trainable_state_dict(accelerator.unwrap_model(model)), tmp / WEIGHTS)
-            kill_point("during-checkpoint", state["step"])
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if accelerator.is_main_process:  # ours in every checkpoint: accelerate never saw it (it is not prepared)
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(tmp / "state.json", state)
@@ -273,28 +270,33 @@ def check_sharding(path: Path, sharded: bool) -> None:
 def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG; return the saved training state."""
     rng_file = f"rng-{accelerator.process_index}.json"
+    rng = {rng_file: "the random number generator state"}
     if _is_sharded(accelerator):
         _require(path, {name: REQUIRED[name] for name in ("scheduler.pt", "state.json")})
         check_sharded_metadata(path)
         if (path / SHARDED).is_dir():
-            _require(path, {rng_file: "the random number generator state"})
+            _require(path, rng)
             _load_fsdp(path, model, optimizer)
-            set_rng_state(_read_json(path / rng_file))
         else:  # DeepSpeed's files, or an FSDP checkpoint of accelerate's save_state (earlier tunesmith)
-            accelerator.load_state(str(path))  # accelerate reads its .bin/.pkl files with weights_only=True too
-        scheduler.load_state_dict(safe_torch_load(path / "scheduler.pt"))
-        return _read_json(path / "state.json")
-    _require(path, {**REQUIRED, rng_file: "the random number generator state"})
+            accelerator.load_state(str(path))  # its RNG files too; it reads .bin/.pkl with weights_only=True
+            rng = {}
+    else:
+        _require(path, {**REQUIRED, **rng})
+        _load_weights(path, accelerator.unwrap_model(model))
+        optimizer.load_state_dict(safe_torch_load(path / "optimizer.pt"))
+    scheduler.load_state_dict(safe_torch_load(path / "scheduler.pt"))
+    if rng:
+        set_rng_state(_read_json(path / rng_file))
+    return _read_json(path / "state.json")
+
+
+def _load_weights(path: Path, model) -> None:
+    """The trainable tensors of an unsharded checkpoint into ``model``; another model's are refused, naming one."""
     weights = load_file(path / WEIGHTS)
-    unwrapped = accelerator.unwrap_model(model)
-    unknown = set(weights) - set(unwrapped.state_dict())
+    unknown = set(weights) - set(model.state_dict())
     if unknown:
         raise UsageError(f"{path}: checkpoint weights do not match this model (e.g. {sorted(unknown)[0]})")
-    unwrapped.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(safe_torch_load(path / "optimizer.pt"))
-    scheduler.load_state_dict(safe_torch_load(path / "scheduler.pt"))
-    set_rng_state(_read_json(path / rng_file))
-    return _read_json(path / "state.json")
+    model.load_state_dict(weights, strict=False)
 
 
 def _require(path: Path, files: dict[str, str]) -> None:

@@ -11,7 +11,8 @@ On CPU (gloo), accelerate 1.16 never enables FSDP: ``AcceleratorState`` switches
 for GPU-like backends and leaves a CPU launch as ``MULTI_CPU``, which wraps the model in DDP without a word. torch's
 FSDP2 itself runs on gloo, so ``make_accelerator`` sets the state as FSDP, with the plugin accelerate builds from
 the launch's ``FSDP_*`` variables, and everything after that (prepare, get_state_dict, clip_grad_norm_) is
-accelerate's own FSDP2 path, the one GPUs take; checkpoints are torch's distributed checkpoint either way. That is what the CPU tests run.
+accelerate's own FSDP2 path, the one GPUs take; checkpoints (train/checkpoint.py) are the same on both. That is
+what the CPU tests run.
 DeepSpeed is not forced the same way: it needs its own accelerator and communication backend (deepspeed 0.19.8's
 CPU accelerator, tried with 2 gloo processes, made no progress in accelerate's set-up). A DeepSpeed config on CPU
 trains without DeepSpeed, as DDP across its processes, and the run says so in one line.
